@@ -1,0 +1,126 @@
+"""assayer.plot: metrics by step, one line per watch, the best checkpoint marked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from assayer import plot
+
+pytest.importorskip("matplotlib")
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def rec(watch: str, step: int | None, status: str = "ok", finished: str = "", **metrics: Any) -> dict[str, Any]:
+    name = f"step={step}.pt" if step is not None else "last.ckpt"
+    return {
+        "watch": watch,
+        "checkpoint": f"/runs/{watch}/{name}",
+        "status": status,
+        "metrics": metrics if status == "ok" else None,
+        "step": step,
+        "finished_at": finished,
+    }
+
+
+@pytest.fixture
+def records() -> list[dict[str, Any]]:
+    return [
+        rec("digits", 30, loss=0.5, accuracy=0.85),
+        rec("digits", 10, loss=1.2, accuracy=0.60),
+        rec("digits", 20, loss=0.3, accuracy=0.93),  # best by both metrics
+        rec("digits", 40, status="failed"),
+        rec("mnist", 100, loss=0.9, accuracy=0.70),
+        rec("mnist", 200, loss=0.4, accuracy=0.88),  # best
+    ]
+
+
+@pytest.fixture
+def drawn(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Figures plot_results saves, so a test can look at what was drawn."""
+    import matplotlib.figure
+
+    figures: list[Any] = []
+    save = matplotlib.figure.Figure.savefig
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        figures.append(self)
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    return figures
+
+
+def test_png_with_one_line_per_watch_and_best_annotated(records, drawn, tmp_path: Path) -> None:
+    out = plot.plot_results(records, tmp_path / "plots" / "metrics.png", metric="accuracy")
+
+    assert out == tmp_path / "plots" / "metrics.png"
+    data = out.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 5000
+    (ax,) = drawn[0].axes
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == ["digits", "mnist"]
+    notes = sorted(text.get_text() for text in ax.texts)
+    assert notes == ["best accuracy (max): step=20.pt", "best accuracy (max): step=200.pt"]
+    digits_line = next(line for line in ax.lines if line.get_label() == "digits")
+    assert list(digits_line.get_xdata()) == [10, 20, 30]  # sorted by step, failed record left out
+
+
+def test_default_metric_is_first_numeric_and_loss_is_minimised(records, drawn, tmp_path: Path) -> None:
+    records.insert(0, rec("digits", 5, note="text only"))
+    plot.plot_results(records, tmp_path / "m.png")
+
+    (ax,) = drawn[0].axes
+    assert ax.get_ylabel() == "loss"
+    assert sorted(t.get_text() for t in ax.texts) == ["best loss (min): step=20.pt", "best loss (min): step=200.pt"]
+
+
+def test_best_can_use_another_metric_and_direction(records, drawn, tmp_path: Path) -> None:
+    plot.plot_results(records, tmp_path / "m.png", metric="loss", best=("accuracy", "min"))
+
+    (ax,) = drawn[0].axes
+    assert ax.get_ylabel() == "loss"
+    assert sorted(t.get_text() for t in ax.texts) == [
+        "best accuracy (min): step=10.pt",
+        "best accuracy (min): step=100.pt",
+    ]
+
+
+def test_best_points_per_watch(records) -> None:
+    points = plot.series(records, "loss")
+    best = plot.best_points(points, "loss", "min")
+    assert {w: r["checkpoint"] for w, (_, r) in best.items()} == {
+        "digits": "/runs/digits/step=20.pt",
+        "mnist": "/runs/mnist/step=200.pt",
+    }
+    with pytest.raises(ValueError, match="'max' or 'min'"):
+        plot.best_points(points, "loss", "lowest")
+
+
+def test_without_steps_x_is_finish_order() -> None:
+    records = [
+        rec("run", None, finished="2026-01-01T00:00:03", accuracy=0.9),
+        rec("run", None, finished="2026-01-01T00:00:01", accuracy=0.5),
+        rec("run", None, finished="2026-01-01T00:00:02", accuracy=0.7),
+    ]
+    points = plot.series(records, "accuracy")
+    assert [(x, r["metrics"]["accuracy"]) for x, r in points["run"]] == [(1.0, 0.5), (2.0, 0.7), (3.0, 0.9)]
+
+
+def test_stepless_records_left_out_where_the_watch_has_steps(records) -> None:
+    records.append(rec("digits", None, finished="2026-01-01T00:00:09", loss=0.3, accuracy=0.93))
+    points = plot.series(records, "accuracy")
+    assert [x for x, _ in points["digits"]] == [10.0, 20.0, 30.0]
+
+
+def test_missing_metric_names_the_metric_and_what_exists(records, tmp_path: Path) -> None:
+    out = tmp_path / "m.png"
+    with pytest.raises(ValueError, match=r"'bleu'.*numeric metrics: loss, accuracy"):
+        plot.plot_results(records, out, metric="bleu")
+    with pytest.raises(ValueError, match=r"best.*'f1'"):
+        plot.plot_results(records, out, metric="loss", best=("f1", "max"))
+    with pytest.raises(ValueError, match="no successful evaluation"):
+        plot.plot_results([rec("digits", 1, status="failed")], out)
+    assert not out.exists()
