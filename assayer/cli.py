@@ -1,0 +1,318 @@
+"""The ``assayer`` command. Logging is configured here and nowhere else."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import redis
+
+from . import __version__, keys, ledger, results, status, watches
+from .errors import AssayerError, ConfigError, RedisUnavailable, WatchError
+from .scan import Scanner
+from .settings import Settings
+
+log = logging.getLogger("assayer.cli")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+class Context:
+    def __init__(self, **flags: Any) -> None:
+        self.flags = flags
+        self._settings: Settings | None = None
+        self._conn: Any = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = Settings.from_env(**self.flags)
+        return self._settings
+
+    @property
+    def conn(self) -> Any:
+        if self._conn is None:
+            self._conn = connect(self.settings)
+        return self._conn
+
+
+def connect(settings: Settings) -> Any:
+    conn = settings.redis()
+    try:
+        conn.ping()
+    except redis.AuthenticationError as exc:
+        raise RedisUnavailable(f"Redis at {settings.redacted_redis_url} refused the password: {exc}",
+                               "set the password in ASSAYER_REDIS_URL or ASSAYER_REDIS_PASSWORD(_FILE)") from None
+    except redis.ConnectionError as exc:
+        raise RedisUnavailable(
+            f"cannot reach Redis at {settings.redacted_redis_url}: {exc}",
+            "start one with `assayer up`, or point ASSAYER_REDIS_URL (or --redis-url) at yours",
+        ) from None
+    return conn
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="assayer")
+@click.option("--redis-url", help="Redis URL [env ASSAYER_REDIS_URL; default: the local stack, else redis://localhost:6379/0]")
+@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING [env ASSAYER_LOG_LEVEL]")
+@click.pass_context
+def cli(ctx: click.Context, redis_url: str | None, log_level: str | None) -> None:
+    """Evaluate every checkpoint of a training run on Redis Queue workers."""
+    ctx.obj = Context(redis_url=redis_url, log_level=log_level)
+    setup_logging(log_level or os.environ.get("ASSAYER_LOG_LEVEL") or "INFO")
+
+
+# -- workers ---------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("role", type=click.Choice(["watch", "eval"]))
+@click.option("--name", help="Worker name (default: ROLE-HOST-PID-RANDOM)")
+@click.option("--burst", is_flag=True, help="Stop when the queue is empty (tests, batch use)")
+@click.option("--watches-file", type=click.Path(dir_okay=False, path_type=Path), help="[env ASSAYER_WATCHES_FILE]")
+@pass_ctx
+def worker(ctx: Context, role: str, name: str | None, burst: bool, watches_file: Path | None) -> None:
+    """Run a watch or eval worker until shutdown. Reconnects when Redis goes away."""
+    from .workers import WORKERS
+
+    settings = ctx.settings.replace(watches_file=watches_file)
+    delay = 1.0
+    while True:
+        try:
+            conn = connect(settings)
+            w = WORKERS[role](settings, conn, name=name)
+            w.work(burst=burst, logging_level=settings.log_level, with_scheduler=False)
+            return
+        except (RedisUnavailable, redis.ConnectionError, redis.TimeoutError) as exc:
+            if burst:
+                raise
+            log.error("%s; retrying in %.0fs", exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+@cli.command()
+@click.argument("role", type=click.Choice(["watch", "eval"]))
+@pass_ctx
+def health(ctx: Context, role: str) -> None:
+    """Exit 0 when a ROLE worker on this host reported in the last minute (for probes)."""
+    host = socket.gethostname()
+    found = list(ctx.conn.scan_iter(match=keys.health(role, host, 0).rsplit(":", 1)[0] + ":*", count=1000))
+    if not found:
+        click.echo(f"no live {role} worker on {host}", err=True)
+        sys.exit(1)
+    click.echo(f"{len(found)} live {role} worker(s) on {host}")
+
+
+# -- watches ---------------------------------------------------------------------------------
+
+
+@cli.group()
+def watch() -> None:
+    """Add, list, pause, resume and remove watches."""
+
+
+@watch.command("add")
+@click.argument("directory")
+@click.option("--evaluator", "-e", required=True, help="path/to/file.py:fn or package.module.fn")
+@click.option("--name", help="Watch name (default: the directory's name)")
+@click.option("--regex", help="Filter searched in each file's absolute path [default: common checkpoint extensions]")
+@click.option("--eval-existing", is_flag=True, help="Also evaluate checkpoints already there")
+@click.option("--poll-interval", type=float, help="Seconds between scans [default: ASSAYER_POLL_INTERVAL]")
+@click.option("--settle", type=float,
+              help="Seconds a file of unknown format must stay unchanged [default: ASSAYER_SETTLE]. On NFS, "
+                   "set it above the mount's attribute cache time (actimeo).")
+@pass_ctx
+def watch_add(ctx: Context, directory: str, evaluator: str, name: str | None, regex: str | None,
+              eval_existing: bool, poll_interval: float | None, settle: float | None) -> None:
+    """Watch DIRECTORY (recursively) and evaluate each new complete checkpoint."""
+    spec, warnings = watches.build_spec(directory, evaluator, name, regex, eval_existing, poll_interval, settle)
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
+    outcome = ledger.register(ctx.conn, ctx.settings, spec)
+    click.echo(f"watch {spec.name} {outcome}: {spec.directory} -> {spec.evaluator}")
+
+
+@watch.command("list")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@pass_ctx
+def watch_list(ctx: Context, fmt: str) -> None:
+    """List watches."""
+    specs = watches.all_specs(ctx.conn)
+    if fmt == "json":
+        click.echo(json.dumps([json.loads(s.to_json()) for s in specs], indent=2))
+        return
+    for s in specs:
+        click.echo(f"{s.name}{' (paused)' if s.paused else ''}\t{s.directory}\t{s.evaluator}\t{s.regex}")
+    if not specs:
+        click.echo("no watches")
+
+
+def _name_command(verb: str, action: Callable[[Any, str], Any], help_text: str) -> None:
+    @watch.command(verb, help=help_text)
+    @click.argument("name")
+    @pass_ctx
+    def command(ctx: Context, name: str) -> None:
+        action(ctx.conn, name)
+        click.echo(f"watch {name}: {verb}d" if verb.endswith("e") else f"watch {name}: {verb}ed")
+
+
+_name_command("remove", watches.remove, "Stop watching NAME and forget its ledger (results stay).")
+_name_command("pause", lambda c, n: watches.set_paused(c, n, True), "Stop scanning NAME until resumed.")
+_name_command("resume", lambda c, n: watches.set_paused(c, n, False), "Scan NAME again.")
+
+
+@cli.command()
+@click.argument("paths", nargs=-1)
+@click.option("--watch", "watch_name", required=True, help="Watch whose evaluator to use")
+@click.option("--force", is_flag=True, help="Evaluate again even checkpoints that already have a result")
+@pass_ctx
+def evaluate(ctx: Context, paths: tuple[str, ...], watch_name: str, force: bool) -> None:
+    """Evaluate existing checkpoints of a watch now: PATHS, or every complete one not yet evaluated."""
+    spec = watches.require(ctx.conn, watch_name)
+    report = Scanner(spec.directory, spec.regex, spec.settle if spec.settle is not None else ctx.settings.settle).scan(
+        time.time())
+    ready = {c.path: c for c in report.ready}
+    if paths:
+        wanted = [os.path.abspath(p) for p in paths]
+        unknown = [p for p in wanted if p not in ready]
+        if unknown:
+            raise WatchError(f"not a complete checkpoint of watch {spec.name}: {', '.join(unknown)}",
+                             f"give files under {spec.directory} that match {spec.regex} and are fully written")
+        chosen = [ready[p] for p in wanted]
+    else:
+        chosen = list(ready.values())
+        if not force:
+            done = set(ctx.conn.hkeys(keys.results(spec.name)))
+            entries = ctx.conn.hmget(keys.ledger(spec.name), [c.relpath for c in chosen]) if chosen else []
+            chosen = [c for c, e in zip(chosen, entries)
+                      if e is None or (json.loads(e)["job"] or "").encode() not in done]
+    ids = ledger.enqueue_new(ctx.conn, ctx.settings, spec, chosen, force=True)
+    click.echo(f"queued {len(ids)} evaluation(s) for watch {spec.name}")
+
+
+# -- results and status ------------------------------------------------------------------------
+
+
+@cli.command("results")
+@click.argument("watch_name", required=False)
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table")
+@click.option("--best", help="METRIC[:max|min]: mark (table) or keep only (json/csv) the best checkpoint per watch")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG of metrics by step")
+@click.option("--metric", help="Metric to plot [default: the --best metric, else the first one]")
+@click.option("--source", type=click.Choice(["redis", "files"]), default="redis",
+              help="files: read the JSON-lines copies in ASSAYER_RESULTS_DIR (when Redis was lost)")
+@pass_ctx
+def results_command(ctx: Context, watch_name: str | None, fmt: str, best: str | None, plot: Path | None,
+                    metric: str | None, source: str) -> None:
+    """Show evaluation results."""
+    if source == "files":
+        records = results.load_files(ctx.settings.results_path, watch_name)
+    else:
+        names = [watch_name] if watch_name else [s.name for s in watches.all_specs(ctx.conn)]
+        if watch_name and not ctx.conn.exists(keys.results(watch_name)):
+            watches.require(ctx.conn, watch_name)
+        records = results.load(ctx.conn, names)
+    best_pair = _parse_best(best)
+    winners: dict[str, dict[str, Any]] = {}
+    if best_pair:
+        try:
+            winners = results.best(records, *best_pair)
+        except ValueError as exc:
+            raise ConfigError(str(exc), "pick a metric your evaluator returns") from None
+    if plot:
+        from .plot import plot_results
+
+        try:
+            out = plot_results(records, plot, metric or (best_pair[0] if best_pair else None), best_pair)
+        except ValueError as exc:
+            raise ConfigError(str(exc), "pick a metric your evaluator returns") from None
+        click.echo(f"plot written to {out}", err=True)
+    if fmt == "table":
+        click.echo(results.to_table(records, {r["job_id"] for r in winners.values()}))
+        for w, r in winners.items():
+            click.echo(f"best {best_pair[0]} for {w}: {r['metrics'][best_pair[0]]} at {r['checkpoint']}")  # type: ignore[index]
+        return
+    shown = list(winners.values()) if best_pair else records
+    click.echo(results.to_json(shown) if fmt == "json" else results.to_csv(shown), nl=fmt == "json")
+
+
+def _parse_best(best: str | None) -> tuple[str, str] | None:
+    if not best:
+        return None
+    metric, _, mode = best.partition(":")
+    mode = mode or ("min" if "loss" in metric or "error" in metric else "max")
+    if mode not in ("max", "min"):
+        raise ConfigError(f"--best {best}: mode must be max or min", "e.g. --best accuracy:max or --best loss:min")
+    return metric, mode
+
+
+@cli.command("status")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@pass_ctx
+def status_command(ctx: Context, fmt: str) -> None:
+    """Watches and their lag, queue depths, workers, last errors."""
+    info = status.collect(ctx.conn, ctx.settings)
+    click.echo(json.dumps(info, indent=2) if fmt == "json" else status.render(info))
+
+
+@cli.command()
+@click.option("--purge", is_flag=True, help="Also empty the queues (queued evaluations are dropped)")
+@pass_ctx
+def shutdown(ctx: Context, purge: bool) -> None:
+    """Stop every worker after its current job. Queued evaluations stay queued unless --purge."""
+    from .stack import request_shutdown
+
+    stopped = request_shutdown(ctx.conn, ctx.settings, purge)
+    click.echo(f"shutdown requested for {stopped} worker(s)" + ("; queues emptied" if purge else
+                                                               "; queued evaluations resume on restart"))
+
+
+@cli.command()
+@pass_ctx
+def dashboard(ctx: Context) -> None:
+    """Run rq-dashboard (JSON serializer, basic auth, delete actions off unless allowed)."""
+    from .dashboard import run
+
+    run(ctx.settings)
+
+
+def _register_stack_commands() -> None:
+    from .stack import down, up
+
+    cli.add_command(up)
+    cli.add_command(down)
+
+
+_register_stack_commands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="assayer", standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except AssayerError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        click.echo(f"error: lost the connection to Redis: {exc}\n  fix: check that Redis is up (assayer status)",
+                   err=True)
+        sys.exit(RedisUnavailable.exit_code)

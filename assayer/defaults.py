@@ -1,0 +1,86 @@
+"""Defaults and Redis key layout, each named once.
+
+Every key Assayer writes starts with :data:`KEY_PREFIX`; rq's own keys keep
+their ``rq:`` prefix so rq-dashboard and ``rq info`` see the queues and workers.
+"""
+
+KEY_PREFIX = "assayer:"
+"""Prefix of every Redis key Assayer owns."""
+
+REDIS_URL = "redis://localhost:6379/0"
+"""Redis used when neither a flag, ``ASSAYER_REDIS_URL`` nor a local stack says otherwise."""
+
+WATCH_QUEUE = "assayer-watch"
+"""rq queue that carries scan jobs (watch work)."""
+
+EVAL_QUEUE = "assayer-eval"
+"""rq queue that carries evaluation jobs."""
+
+CHECKPOINT_REGEX = r"\.(pt|pth|ckpt|model|state|safetensors)$"
+"""Default filter, searched in the checkpoint's absolute path."""
+
+POLL_INTERVAL = 1.0
+"""Seconds between two scans of an idle watch."""
+
+SETTLE = 2.0
+"""Seconds a file of unknown format must stay unchanged before it counts as complete."""
+
+EVAL_TIMEOUT = 0.0
+"""Seconds an evaluation may run; 0 means no limit (LM-harness runs take hours)."""
+
+RETRIES = 2
+"""Retries after a failed or lost attempt (so three attempts in all)."""
+
+RETRY_BACKOFF = (10, 60)
+"""Seconds to wait before the 1st, 2nd, ... retry; the last value repeats."""
+
+LEASE_TTL = 15
+"""Seconds an eval attempt stays owned without a heartbeat; after that it counts as lost and is retried."""
+
+HEARTBEAT_INTERVAL = 3.0
+"""Seconds between heartbeats of a busy eval worker (well inside :data:`LEASE_TTL`)."""
+
+REAP_INTERVAL = 3.0
+"""Seconds between two sweeps for lost jobs (jobs of killed workers)."""
+
+SCAN_LEASE = 30
+"""Seconds a claimed watch stays claimed; a watch whose scan was lost is scanned again after this."""
+
+FULL_SCAN_INTERVAL = 30.0
+"""Seconds between full re-stats of every known file (catches in-place rewrites of cold files)."""
+
+HOT_WINDOW = 600.0
+"""Files modified within this many seconds are re-stat'ed on every scan, not only on full scans."""
+
+WATCH_TICK = 0.1
+"""Seconds between two looks of a watch worker for due watches."""
+
+RESULT_TTL = -1
+"""rq result TTL of eval jobs: -1 keeps them (the original forgot results after 500 s)."""
+
+SCAN_RESULT_TTL = 60
+"""rq result TTL of scan jobs, long enough to see them in rq-dashboard."""
+
+WORKER_TTL = 60
+"""rq worker key TTL; dead workers leave rq-dashboard within about this long."""
+
+HEALTH_TTL = 60
+"""Seconds a worker's health key lives; ``assayer health`` fails once it is gone."""
+
+MAX_WARM_EVALUATORS = 2
+"""Evaluator processes an eval worker keeps warm at once (one per evaluator reference)."""
+
+DASHBOARD_PORT = 9181
+"""Port of rq-dashboard."""
+
+DASHBOARD_BIND = "127.0.0.1"
+"""Address rq-dashboard binds to: loopback unless asked otherwise."""
+
+DASHBOARD_USER = "assayer"
+"""Basic-auth user of rq-dashboard."""
+
+LOCAL_REDIS_PORT = 6390
+"""Port of the Redis that ``assayer up`` starts on 127.0.0.1 (off 6379 to avoid a system Redis)."""
+
+SUPERVISOR_STOP_WAIT = 3600
+"""Seconds supervisor lets a worker finish its current evaluation on ``assayer down``."""

@@ -1,0 +1,154 @@
+"""Evaluator references: ``path/to/file.py:fn``, ``package.module:fn`` or ``package.module.fn``."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from .errors import EvaluatorError
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """What an evaluator taking a second argument receives."""
+
+    watch: str
+    checkpoint: str
+    step: int | None
+    attempt: int
+    job_id: str
+    version: str
+
+
+@dataclass(frozen=True)
+class EvaluatorRef:
+    file: str | None  # absolute path of a .py file, or None for a module reference
+    module: str | None
+    func: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.func}" if self.file else f"{self.module}:{self.func}"
+
+
+def parse_ref(ref: str, base_dir: str | None = None) -> EvaluatorRef:
+    """Split ``ref`` into file/module and function; a file path is made absolute against ``base_dir``."""
+    ref = ref.strip()
+    hint = "give path/to/file.py:function or package.module.function"
+    if not ref:
+        raise EvaluatorError("the evaluator reference is empty", hint)
+    if ":" in ref:
+        target, _, func = ref.rpartition(":")
+    else:
+        target, _, func = ref.rpartition(".")
+        if target.endswith(".py") or not target:
+            raise EvaluatorError(f"evaluator {ref!r} names no function", hint)
+    if not func.isidentifier():
+        raise EvaluatorError(f"{func!r} in evaluator {ref!r} is not a function name", hint)
+    if target.endswith(".py") or os.sep in target:
+        path = os.path.abspath(os.path.join(base_dir or os.getcwd(), os.path.expanduser(target)))
+        return EvaluatorRef(file=path, module=None, func=func)
+    return EvaluatorRef(file=None, module=target, func=func)
+
+
+def _import_file(path: str) -> ModuleType:
+    if not os.path.isfile(path):
+        raise EvaluatorError(
+            f"evaluator file {path} does not exist",
+            "check the path; in containers it must be a path inside the container (e.g. /evaluators/...)",
+        )
+    name = "assayer_evaluator_" + hashlib.sha1(path.encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise EvaluatorError(f"cannot import {path} as Python", "the evaluator must be a .py file")
+    module = importlib.util.module_from_spec(spec)
+    # The evaluator's own directory comes first so it can import its sibling modules.
+    folder = os.path.dirname(path)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+def load(ref: EvaluatorRef | str) -> Callable[..., Any]:
+    """Import the evaluator and return the callable. Errors in the user's module propagate as they are."""
+    parsed = parse_ref(ref) if isinstance(ref, str) else ref
+    if parsed.file:
+        module = _import_file(parsed.file)
+    else:
+        assert parsed.module is not None
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(parsed.module)
+        except ModuleNotFoundError as exc:
+            if exc.name and parsed.module.startswith(exc.name):
+                raise EvaluatorError(
+                    f"module {parsed.module!r} of evaluator {parsed} cannot be found",
+                    "install it, run from the directory that holds it, or give path/to/file.py:function",
+                ) from None
+            raise
+    fn = getattr(module, parsed.func, None)
+    if fn is None:
+        public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise EvaluatorError(
+            f"{parsed.file or parsed.module} has no function {parsed.func!r}",
+            f"callables defined there: {', '.join(public) or 'none'}",
+        )
+    if not callable(fn):
+        raise EvaluatorError(f"{parsed} is not callable", "point --evaluator at a function")
+    return fn  # type: ignore[no-any-return]
+
+
+def takes_context(fn: Callable[..., Any]) -> bool:
+    """True when ``fn`` can be called as ``fn(path, ctx)``."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return False
+    params = [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    varargs = any(p.kind is p.VAR_POSITIONAL for p in sig.parameters.values())
+    return varargs or len(params) >= 2
+
+
+def validate(ref: str, base_dir: str | None = None) -> str:
+    """Import ``ref`` in this process and check its signature; return the normalised reference."""
+    parsed = parse_ref(ref, base_dir)
+    try:
+        fn = load(parsed)
+    except EvaluatorError:
+        raise
+    except BaseException as exc:  # the user's module failed at import time
+        raise EvaluatorError(
+            f"evaluator {parsed} failed to import: {type(exc).__name__}: {exc}",
+            "run `python -c 'import ...'` on it to see the full traceback, fix it, then add the watch again",
+        ) from None
+    try:
+        sig = inspect.signature(fn)
+        required = [
+            p
+            for p in sig.parameters.values()
+            if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        required = []
+    if len(required) > 2:
+        raise EvaluatorError(
+            f"evaluator {parsed} needs {len(required)} arguments",
+            "it is called as fn(checkpoint_path) or fn(checkpoint_path, ctx)",
+        )
+    if not takes_context(fn) and len(list(inspect.signature(fn).parameters)) == 0:
+        raise EvaluatorError(f"evaluator {parsed} takes no argument", "it is called as fn(checkpoint_path)")
+    return str(parsed)

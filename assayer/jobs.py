@@ -1,0 +1,198 @@
+"""The two rq job functions: ``scan`` (watch queue) and ``evaluate`` (eval queue).
+
+Both take JSON-serialisable keyword arguments only (the queues use rq's JSON serializer).
+They run inside Assayer's workers, which install a :class:`Runtime` holding the settings, the
+connection, the scanner caches and the warm evaluator pool; run by a plain ``rq worker`` they
+build one from the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from rq import get_current_job
+
+from . import keys, ledger, results, watches
+from .errors import EvaluationFailed
+from .evalhost import EvaluatorPool
+from .scan import Scanner, version_of
+from .settings import Settings
+
+log = logging.getLogger("assayer.jobs")
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    conn: Any
+    worker_name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    scanners: dict[str, Scanner] = field(default_factory=dict)
+    last_errors: dict[str, str] = field(default_factory=dict)
+    beat: Callable[[], None] | None = None  # set by the eval worker while a job runs
+    _pool: EvaluatorPool | None = None
+
+    @property
+    def pool(self) -> EvaluatorPool:
+        if self._pool is None:
+            self._pool = EvaluatorPool(self.settings.max_warm_evaluators)
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+
+
+_runtime: Runtime | None = None
+
+
+def install(runtime: Runtime | None) -> None:
+    """Called by Assayer's workers at start (and with None at exit)."""
+    global _runtime
+    _runtime = runtime
+
+
+def runtime() -> Runtime:
+    global _runtime
+    if _runtime is None:
+        settings = Settings.from_env()
+        job = get_current_job()
+        _runtime = Runtime(settings, job.connection if job else settings.redis())
+    return _runtime
+
+
+# -- watch work ----------------------------------------------------------------------------
+
+
+def scan(names: list[str]) -> dict[str, Any]:
+    """Scan each named watch once, enqueue eval jobs for new complete checkpoints, and set the next scan time."""
+    rt = runtime()
+    summary: dict[str, Any] = {}
+    for name in names:
+        try:
+            summary[name] = scan_one(rt, name)
+        except Exception as exc:  # one broken watch must not stop the others, nor itself
+            log.exception("scan of watch %s failed", name)
+            _note_error(rt, name, f"{type(exc).__name__}: {exc}")
+            rt.conn.zadd(keys.DUE, {name: time.time() + rt.settings.poll_interval}, xx=True)
+            summary[name] = {"error": str(exc)}
+    return summary
+
+
+def scan_one(rt: Runtime, name: str) -> dict[str, Any]:
+    spec = watches.get(rt.conn, name)
+    if spec is None or spec.paused:
+        rt.scanners.pop(name, None)
+        return {"skipped": True}
+    settle = spec.settle if spec.settle is not None else rt.settings.settle
+    poll = spec.poll_interval or rt.settings.poll_interval
+    scanner = rt.scanners.get(name)
+    if scanner is None or (scanner.root, scanner.pattern.pattern, scanner.settle) != (spec.directory, spec.regex, settle):
+        scanner = rt.scanners[name] = Scanner(
+            spec.directory, spec.regex, settle, full_scan_interval=rt.settings.full_scan_interval
+        )
+    now = time.time()
+    report = scanner.scan(now)
+    queued = ledger.enqueue_new(rt.conn, rt.settings, spec, report.ready)
+    for cand in report.ready:
+        scanner.mark_done(cand.relpath, cand.version)
+    error = "; ".join(report.errors[:3])
+    if report.missing_root:
+        error = f"{spec.directory} does not exist (yet); waiting for it"
+    _note_error(rt, name, error)
+    next_scan = now + poll if report.next_check is None else min(now + poll, report.next_check)
+    with rt.conn.pipeline() as pipe:
+        pipe.hset(keys.watch_state(name), mapping={
+            "last_scan": now, "files": report.files, "incomplete": len(report.pending), "error": error,
+        })
+        pipe.zadd(keys.DUE, {name: next_scan}, xx=True)
+        pipe.execute()
+    return {"queued": len(queued), "incomplete": len(report.pending), "files": report.files}
+
+
+def _note_error(rt: Runtime, name: str, error: str) -> None:
+    """Log an error when it appears or changes, not on every poll."""
+    if error and rt.last_errors.get(name) != error:
+        log.warning("watch %s: %s", name, error)
+        rt.conn.hset(keys.watch_state(name), mapping={"error": error, "error_at": time.time()})
+    elif not error and rt.last_errors.get(name):
+        log.info("watch %s: recovered", name)
+    rt.last_errors[name] = error
+
+
+# -- eval work -----------------------------------------------------------------------------
+
+
+def evaluate(
+    watch: str, checkpoint: str, relpath: str, version: str, evaluator: str, step: int | None, retries: int
+) -> dict[str, Any]:
+    """Evaluate one checkpoint version in a warm evaluator process and store the outcome."""
+    rt = runtime()
+    job = get_current_job()
+    job_id = job.id if job else f"adhoc-{time.time_ns()}"
+    retries_left = (job.retries_left or 0) if job else 0
+    attempt = retries - retries_left + 1
+    if job and results.has_final(rt.conn, watch, job_id):
+        log.warning("job %s already has a final result; not evaluating %s again", job_id, relpath)
+        return {"status": "duplicate"}
+    rec: dict[str, Any] = {
+        "watch": watch, "checkpoint": checkpoint, "relpath": relpath, "version": version, "step": step,
+        "job_id": job_id, "attempt": attempt, "worker": rt.worker_name, "started_at": results.utcnow(),
+        "evaluator": evaluator, "metrics": {}, "error": None, "traceback": None, "duration": 0.0,
+    }
+    missing = _missing_reason(checkpoint, version)
+    if missing:
+        rec.update(status="missing", error=missing, final=True, finished_at=results.utcnow())
+        results.record(rt.conn, rt.settings.results_path, rec)
+        log.warning("%s: %s", relpath, missing)
+        return {"status": "missing"}
+    context = {"watch": watch, "checkpoint": checkpoint, "step": step, "attempt": attempt,
+               "job_id": job_id, "version": version}
+    outcome = rt.pool.evaluate(evaluator, checkpoint, context, rt.settings.eval_timeout or None, rt.beat)
+    final = outcome.ok or retries_left <= 0
+    rec.update(
+        status="ok" if outcome.ok else "failed", metrics=outcome.metrics or {}, error=outcome.error,
+        traceback=outcome.traceback, duration=round(outcome.duration, 4), final=final,
+        finished_at=results.utcnow(),
+    )
+    results.record(rt.conn, rt.settings.results_path, rec)
+    if not outcome.ok:
+        left = f"retrying ({retries_left} left)" if retries_left > 0 else "no retries left"
+        log.warning("evaluation of %s failed, %s: %s", relpath, left, outcome.error)
+        raise EvaluationFailed(outcome.error or "evaluation failed")
+    log.info("evaluated %s in %.2fs: %s", relpath, outcome.duration, outcome.metrics)
+    return {"status": "ok", "metrics": outcome.metrics}
+
+
+def _missing_reason(checkpoint: str, version: str) -> str | None:
+    try:
+        st = os.stat(checkpoint)
+    except FileNotFoundError:
+        return "the checkpoint was deleted before it could be evaluated"
+    except OSError as exc:
+        return f"the checkpoint cannot be read: {exc.strerror}"
+    if version_of(st) != version:
+        return "the checkpoint was replaced by a newer version before it could be evaluated (that version has its own job)"
+    return None
+
+
+def record_lost(conn: Any, settings: Settings, job: Any) -> None:
+    """Store the attempt of a job whose worker vanished (SIGKILL, OOM, node loss)."""
+    kwargs = job.kwargs or {}
+    retries_left = job.retries_left or 0
+    rec = {
+        "watch": kwargs.get("watch"), "checkpoint": kwargs.get("checkpoint"), "relpath": kwargs.get("relpath"),
+        "version": kwargs.get("version"), "step": kwargs.get("step"), "job_id": job.id,
+        "attempt": kwargs.get("retries", 0) - retries_left + 1, "worker": job.worker_name,
+        "started_at": job.started_at.isoformat() if job.started_at else None, "finished_at": results.utcnow(),
+        "status": "failed", "metrics": {}, "traceback": None, "duration": 0.0, "final": retries_left <= 0,
+        "error": "the eval worker was lost (killed, OOM or node failure) during the evaluation"
+        + ("; retrying" if retries_left > 0 else "; no retries left"),
+    }
+    if rec["watch"]:
+        results.record(conn, settings.results_path, rec)

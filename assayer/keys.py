@@ -1,0 +1,49 @@
+"""Every Redis key Assayer writes, built in one place from :data:`~assayer.defaults.KEY_PREFIX`."""
+
+from __future__ import annotations
+
+from .defaults import KEY_PREFIX as P
+
+WATCHES = P + "watches"
+"""Hash: watch name -> WatchSpec JSON."""
+
+DUE = P + "due"
+"""Sorted set: active watch name -> when its next scan is due (unix seconds)."""
+
+SHUTDOWN = P + "shutdown"
+"""String: unix time of the last ``assayer shutdown``; workers born before it stop."""
+
+
+def ledger(watch: str) -> str:
+    """Hash: checkpoint path relative to the watch root -> JSON {version, job, at}."""
+    return f"{P}ledger:{watch}"
+
+
+def pending(watch: str) -> str:
+    """Set: ids of eval jobs of this watch that have no final result yet."""
+    return f"{P}pending:{watch}"
+
+
+def watch_state(watch: str) -> str:
+    """Hash: last scan time, files, incomplete files, last error of a watch."""
+    return f"{P}state:{watch}"
+
+
+def results(watch: str) -> str:
+    """Hash: eval job id -> final result record JSON."""
+    return f"{P}results:{watch}"
+
+
+def attempts(job_id: str) -> str:
+    """List: every attempt record of one eval job."""
+    return f"{P}attempts:{job_id}"
+
+
+def health(role: str, host: str, pid: int) -> str:
+    """String with TTL: a live worker of ``role`` on ``host``."""
+    return f"{P}health:{role}:{host}:{pid}"
+
+
+def maintenance_lock(queue: str) -> str:
+    """String with TTL: one worker at a time sweeps a queue for lost and due jobs."""
+    return f"{P}lock:maintenance:{queue}"

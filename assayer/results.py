@@ -1,0 +1,166 @@
+"""Evaluation results: every attempt kept in Redis and in an append-only JSON-lines file per watch.
+
+The file copy lets results survive the loss of Redis (``assayer results --source files``).
+Exactly one *final* record exists per eval job: it is written with HSETNX, so a stale worker
+that finishes after its job was taken over cannot add a second one.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import json
+import logging
+import os
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from . import keys
+
+log = logging.getLogger("assayer.results")
+
+STATUSES = ("ok", "failed", "missing")
+FIELDS = ("watch", "checkpoint", "step", "status", "metrics", "attempt", "duration", "worker",
+          "started_at", "finished_at", "error", "job_id", "version")
+
+_RECORD_FINAL = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('SREM', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def record(conn: Any, results_dir: Path, rec: dict[str, Any]) -> bool:
+    """Store one attempt. Returns False when ``rec`` is final but its job already had a final result."""
+    line = json.dumps(rec, sort_keys=True)
+    stored = True
+    if rec.get("final"):
+        stored = bool(
+            conn.eval(_RECORD_FINAL, 2, keys.results(rec["watch"]), keys.pending(rec["watch"]), rec["job_id"], line)
+        )
+        if not stored:
+            log.warning("job %s already has a final result; discarding this late attempt", rec["job_id"])
+            return False
+    conn.rpush(keys.attempts(rec["job_id"]), line)
+    _append(results_dir, rec["watch"], line)
+    return stored
+
+
+def _append(results_dir: Path, watch: str, line: str) -> None:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    with open(results_dir / f"{watch}.jsonl", "a", encoding="utf-8") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # several eval workers may share the directory
+        fh.write(line + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def has_final(conn: Any, watch: str, job_id: str) -> bool:
+    return bool(conn.hexists(keys.results(watch), job_id))
+
+
+def load(conn: Any, watch_names: Iterable[str]) -> list[dict[str, Any]]:
+    """Final records of these watches, from Redis."""
+    out: list[dict[str, Any]] = []
+    for name in watch_names:
+        out.extend(json.loads(v) for v in conn.hvals(keys.results(name)))
+    return sort_records(out)
+
+
+def load_files(results_dir: Path, watch: str | None = None) -> list[dict[str, Any]]:
+    """Final records from the JSON-lines files (when Redis was lost)."""
+    paths = [results_dir / f"{watch}.jsonl"] if watch else sorted(results_dir.glob("*.jsonl"))
+    final: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        if not path.exists():
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a torn last line after a crash
+            if rec.get("final"):
+                final.setdefault(rec["job_id"], rec)
+    return sort_records(list(final.values()))
+
+
+def sort_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(records, key=lambda r: (r["watch"], r.get("step") is None, r.get("step") or 0, r.get("finished_at") or ""))
+
+
+def best(records: list[dict[str, Any]], metric: str, mode: str = "max") -> dict[str, dict[str, Any]]:
+    """The best ok record per watch by ``metric``; raise ValueError if no record has it."""
+    chosen: dict[str, dict[str, Any]] = {}
+    for rec in records:
+        value = (rec.get("metrics") or {}).get(metric)
+        if rec.get("status") != "ok" or not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        current = chosen.get(rec["watch"])
+        if current is None or (value > current["metrics"][metric] if mode == "max" else value < current["metrics"][metric]):
+            chosen[rec["watch"]] = rec
+    if not chosen:
+        names = sorted({k for r in records for k in (r.get("metrics") or {})})
+        raise ValueError(f"no ok result has a numeric metric {metric!r}; metrics present: {', '.join(names) or 'none'}")
+    return chosen
+
+
+# -- formatting ----------------------------------------------------------------------------
+
+
+def to_json(records: list[dict[str, Any]]) -> str:
+    return json.dumps([{k: r.get(k) for k in FIELDS} for r in records], indent=2)
+
+
+def to_csv(records: list[dict[str, Any]]) -> str:
+    metric_names = sorted({k for r in records for k in (r.get("metrics") or {})})
+    columns = [f for f in FIELDS if f != "metrics"] + metric_names
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(columns)
+    for r in records:
+        row = [r.get(c) for c in FIELDS if c != "metrics"] + [(r.get("metrics") or {}).get(m) for m in metric_names]
+        writer.writerow(["" if v is None else v for v in row])
+    return buf.getvalue()
+
+
+def to_table(records: list[dict[str, Any]], marked: set[str] | None = None) -> str:
+    if not records:
+        return "no results yet"
+    metric_names = sorted({k for r in records for k in (r.get("metrics") or {})})
+    header = ["", "watch", "step", "checkpoint", "status", *metric_names, "secs", "worker"]
+    rows = []
+    for r in records:
+        metrics = r.get("metrics") or {}
+        rows.append([
+            "*" if marked and r["job_id"] in marked else "",
+            r["watch"],
+            "" if r.get("step") is None else str(r["step"]),
+            _short(r["checkpoint"], 48),
+            r["status"] if r["status"] == "ok" else f"{r['status']}: {_short(r.get('error') or '', 40)}",
+            *[_fmt(metrics.get(m)) for m in metric_names],
+            f"{r.get('duration') or 0:.2f}",
+            r.get("worker") or "",
+        ])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def _short(text: str, width: int) -> str:
+    text = text.replace("\n", " ")
+    return text if len(text) <= width else "..." + text[-(width - 3):]

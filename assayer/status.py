@@ -1,0 +1,73 @@
+"""``assayer status``: watches, lag, queues, workers and the last error, in one place."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rq import Queue, Worker
+from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from . import keys, watches
+from .settings import Settings
+
+
+def collect(conn: Any, settings: Settings) -> dict[str, Any]:
+    now = time.time()
+    out: dict[str, Any] = {"redis": settings.redacted_redis_url, "watches": [], "queues": [], "workers": []}
+    for spec in watches.all_specs(conn):
+        state = {k.decode(): v.decode() for k, v in conn.hgetall(keys.watch_state(spec.name)).items()}
+        last_scan = float(state["last_scan"]) if state.get("last_scan") else None
+        out["watches"].append({
+            "name": spec.name,
+            "directory": spec.directory,
+            "evaluator": spec.evaluator,
+            "paused": spec.paused,
+            "queued_or_running": conn.scard(keys.pending(spec.name)),
+            "incomplete": int(state.get("incomplete", 0) or 0),
+            "evaluated": conn.hlen(keys.results(spec.name)),
+            "files": int(state.get("files", 0) or 0),
+            "last_scan_ago": None if last_scan is None else round(now - last_scan, 1),
+            "error": state.get("error") or None,
+        })
+    for name in (settings.watch_queue, settings.eval_queue):
+        queue = Queue(name, connection=conn, serializer=JSONSerializer)
+        out["queues"].append({
+            "name": name,
+            "queued": queue.count,
+            "running": StartedJobRegistry(name, conn).count,
+            "retry_wait": ScheduledJobRegistry(name, conn).count,
+            "failed": FailedJobRegistry(name, conn).count,
+        })
+    for worker in Worker.all(connection=conn, serializer=JSONSerializer):
+        names = worker.queue_names()
+        if not set(names) & {settings.watch_queue, settings.eval_queue}:
+            continue
+        out["workers"].append({"name": worker.name, "queues": names, "state": worker.get_state(),
+                               "job": worker.get_current_job_id()})
+    return out
+
+
+def render(info: dict[str, Any]) -> str:
+    lines = [f"redis: {info['redis']}", "", "watches:"]
+    if not info["watches"]:
+        lines.append("  none (add one with `assayer watch add DIR --evaluator file.py:fn`)")
+    for w in info["watches"]:
+        lag = w["queued_or_running"] + w["incomplete"]
+        seen = "never scanned" if w["last_scan_ago"] is None else f"scanned {w['last_scan_ago']}s ago"
+        lines.append(
+            f"  {w['name']}{' (paused)' if w['paused'] else ''}: {w['directory']}  lag {lag} "
+            f"({w['queued_or_running']} queued/running, {w['incomplete']} still being written), "
+            f"{w['evaluated']} evaluated, {seen}"
+        )
+        if w["error"]:
+            lines.append(f"    last error: {w['error']}")
+    lines += ["", "queues:"]
+    for q in info["queues"]:
+        lines.append(f"  {q['name']}: {q['queued']} queued, {q['running']} running, "
+                     f"{q['retry_wait']} waiting to retry, {q['failed']} failed")
+    lines += ["", f"workers: {len(info['workers'])}"]
+    for w in info["workers"]:
+        lines.append(f"  {w['name']} [{', '.join(w['queues'])}] {w['state']}{' ' + w['job'] if w['job'] else ''}")
+    return "\n".join(lines)

@@ -1,0 +1,173 @@
+"""Watch specs: what directory to watch, with which evaluator. They live in Redis so every worker sees them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import defaults, evaluator, keys
+from .errors import ConfigError, WatchError
+
+log = logging.getLogger("assayer.watches")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+@dataclass
+class WatchSpec:
+    name: str
+    directory: str
+    evaluator: str
+    regex: str = defaults.CHECKPOINT_REGEX
+    eval_existing: bool = False
+    poll_interval: float | None = None
+    settle: float | None = None
+    paused: bool = False
+    created_at: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> WatchSpec:
+        data = json.loads(raw)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def same_target(self, other: WatchSpec) -> bool:
+        """True when ``other`` watches the same thing the same way (ignoring pause and creation time)."""
+        skip = {"paused", "created_at", "eval_existing"}
+        return all(getattr(self, f.name) == getattr(other, f.name) for f in fields(self) if f.name not in skip)
+
+
+def default_name(directory: str) -> str:
+    base = os.path.basename(os.path.normpath(directory)) or "root"
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", base).lstrip("._-") or "watch"
+
+
+def build_spec(
+    directory: str,
+    evaluator_ref: str,
+    name: str | None = None,
+    regex: str | None = None,
+    eval_existing: bool = False,
+    poll_interval: float | None = None,
+    settle: float | None = None,
+    import_evaluator: bool = True,
+) -> tuple[WatchSpec, list[str]]:
+    """Check every part of a watch and return it with warnings; raise on the first bad part.
+
+    ``import_evaluator`` imports the evaluator (``watch add`` does, in the CLI process); watches
+    from a file are only checked for the evaluator file's presence, so a watch worker never
+    imports (and never initialises CUDA for) an evaluator.
+    """
+    warnings: list[str] = []
+    directory = os.path.abspath(os.path.expanduser(directory))
+    name = name or default_name(directory)
+    if not NAME_RE.match(name):
+        raise WatchError(
+            f"watch name {name!r} is not valid", "use letters, digits, '.', '_' and '-' (at most 100), e.g. --name run1"
+        )
+    regex = regex or defaults.CHECKPOINT_REGEX
+    try:
+        re.compile(regex)
+    except re.error as exc:
+        raise WatchError(
+            f"regex {regex!r} does not compile: {exc}", "quote it for the shell and escape dots, e.g. '\\.pt$'"
+        ) from None
+    for label, value in (("poll interval", poll_interval), ("settle", settle)):
+        if (value is not None and value < 0) or (label == "poll interval" and value == 0):
+            raise WatchError(f"{label} must be positive, got {value}", f"give --{label.replace(' ', '-')} in seconds")
+    if os.path.exists(directory):
+        if not os.path.isdir(directory):
+            raise WatchError(f"{directory} is not a directory", "watch the directory that holds the checkpoints")
+        if not os.access(directory, os.R_OK | os.X_OK):
+            raise WatchError(f"{directory} is not readable by this user", "fix its permissions or mount it readable")
+    else:
+        warnings.append(f"{directory} does not exist yet; it will be watched once training creates it")
+    if import_evaluator:
+        ref = evaluator.validate(evaluator_ref)
+    else:
+        parsed = evaluator.parse_ref(evaluator_ref)
+        if parsed.file and not os.path.isfile(parsed.file):
+            raise WatchError(f"evaluator file {parsed.file} does not exist", "mount the evaluators directory")
+        ref = str(parsed)
+    spec = WatchSpec(name, directory, ref, regex, eval_existing, poll_interval, settle)
+    return spec, warnings
+
+
+def load_file(path: Path) -> list[dict[str, Any]]:
+    """Read a watches file: ``{watches: [{name, directory, evaluator, ...}, ...]}``."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"watches file {path} cannot be read: {exc.strerror}", "check ASSAYER_WATCHES_FILE") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"watches file {path} is not valid YAML: {exc}", "fix the file") from None
+    entries = data.get("watches") if isinstance(data, dict) else None
+    if entries is None:
+        return []
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError(f"watches file {path}: 'watches' must be a list of mappings", "see README, Watches file")
+    allowed = {"name", "directory", "evaluator", "regex", "eval_existing", "poll_interval", "settle"}
+    for entry in entries:
+        unknown = set(entry) - allowed
+        if unknown:
+            raise ConfigError(
+                f"watches file {path}: unknown key(s) {sorted(unknown)} in {entry.get('name', entry)}",
+                f"allowed keys: {sorted(allowed)}",
+            )
+        if "directory" not in entry or "evaluator" not in entry:
+            raise ConfigError(f"watches file {path}: each watch needs directory and evaluator", "add them")
+    return entries
+
+
+# -- the store ----------------------------------------------------------------
+
+
+def get(conn: Any, name: str) -> WatchSpec | None:
+    raw = conn.hget(keys.WATCHES, name)
+    return WatchSpec.from_json(raw) if raw else None
+
+
+def require(conn: Any, name: str) -> WatchSpec:
+    spec = get(conn, name)
+    if spec is None:
+        names = sorted(n.decode() for n in conn.hkeys(keys.WATCHES))
+        raise WatchError(f"no watch named {name!r}", f"existing watches: {', '.join(names) or 'none'}")
+    return spec
+
+
+def all_specs(conn: Any) -> list[WatchSpec]:
+    return sorted((WatchSpec.from_json(v) for v in conn.hvals(keys.WATCHES)), key=lambda s: s.name)
+
+
+def set_paused(conn: Any, name: str, paused: bool) -> WatchSpec:
+    spec = require(conn, name)
+    spec.paused = paused
+    with conn.pipeline() as pipe:
+        pipe.hset(keys.WATCHES, name, spec.to_json())
+        if paused:
+            pipe.zrem(keys.DUE, name)
+        else:
+            pipe.zadd(keys.DUE, {name: 0})
+        pipe.execute()
+    return spec
+
+
+def remove(conn: Any, name: str) -> None:
+    """Forget the watch and its ledger; results stay."""
+    require(conn, name)
+    conn.delete(keys.ledger(name), keys.pending(name), keys.watch_state(name))
+    with conn.pipeline() as pipe:
+        pipe.hdel(keys.WATCHES, name)
+        pipe.zrem(keys.DUE, name)
+        pipe.execute()

@@ -1,0 +1,242 @@
+"""Assayer's rq workers: ``WatchWorker`` (scans) and ``EvalWorker`` (evaluations).
+
+Both run jobs in their own process (no fork per job): scanners keep their directory caches and
+eval workers keep evaluators warm in a child process (see :mod:`assayer.evalhost`). Each has a
+background thread that
+
+* writes the worker's health key (``assayer health``),
+* stops the worker warmly when ``assayer shutdown`` is issued,
+* for watch workers: claims the watches whose scan is due and enqueues one scan job for them,
+* for eval workers: every few seconds re-queues the jobs of workers that vanished (their
+  heartbeat lease expired in rq's StartedJobRegistry) and enqueues retries whose backoff ended,
+  instead of rq's 10-minute maintenance cycle.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rq import Queue
+from rq.job import Job
+from rq.registry import ScheduledJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+from rq.worker import SimpleWorker
+
+from . import defaults, jobs, keys, ledger, watches
+from .errors import AssayerError
+from .settings import Settings
+
+log = logging.getLogger("assayer.workers")
+
+CLAIM_DUE = """
+local names = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, n in ipairs(names) do
+  redis.call('ZADD', KEYS[1], 'XX', tonumber(ARGV[1]) + tonumber(ARGV[2]), n)
+end
+return names
+"""
+"""Atomically take the watches whose scan is due and push their due time one lease ahead, so a
+scan that is lost (its worker killed) is claimed again once the lease ends."""
+
+MAX_WATCHES_PER_SCAN = 100
+"""Watches scanned by one scan job."""
+
+
+class AssayerWorker(SimpleWorker):
+    role = ""
+    tick = 1.0
+
+    def __init__(self, settings: Settings, connection: Any, queue_name: str, name: str | None = None) -> None:
+        self.settings = settings
+        self.host = socket.gethostname()
+        name = name or f"{self.role}-{self.host}-{os.getpid()}-{secrets.token_hex(2)}"
+        queue = Queue(queue_name, connection=connection, serializer=JSONSerializer)
+        super().__init__([queue], name=name, connection=connection, serializer=JSONSerializer,
+                         worker_ttl=defaults.WORKER_TTL)
+        self.born = time.time()
+        self.runtime = jobs.Runtime(settings, connection, worker_name=name)
+        self._ticker_stop = threading.Event()
+        self._shutdown_sent = False
+
+    # -- background thread ------------------------------------------------------------------
+
+    def work(self, *args: Any, **kwargs: Any) -> bool:
+        jobs.install(self.runtime)
+        thread = threading.Thread(target=self._run_ticker, name=f"{self.role}-ticker", daemon=True)
+        thread.start()
+        try:
+            return bool(super().work(*args, **kwargs))
+        finally:
+            self._ticker_stop.set()
+            thread.join(timeout=5)
+            self.runtime.close()
+            jobs.install(None)
+            self.connection.delete(keys.health(self.role, self.host, os.getpid()))
+
+    def _run_ticker(self) -> None:
+        last_health = 0.0
+        while not self._ticker_stop.wait(self.tick):
+            try:
+                now = time.time()
+                if now - last_health >= min(5.0, defaults.HEALTH_TTL / 3):
+                    self._write_health()
+                    self._check_shutdown()
+                    last_health = now
+                self.on_tick(now)
+            except Exception as exc:  # Redis away, mostly: keep ticking, the main loop reconnects
+                log.warning("%s: background work failed: %s", self.name, exc)
+                self._ticker_stop.wait(1.0)
+
+    def _write_health(self) -> None:
+        if threading.main_thread().is_alive():
+            self.connection.set(keys.health(self.role, self.host, os.getpid()), self.name, ex=defaults.HEALTH_TTL)
+
+    def _check_shutdown(self) -> None:
+        raw = self.connection.get(keys.SHUTDOWN)
+        if raw and float(raw) > self.born and not self._shutdown_sent:
+            self._shutdown_sent = True
+            log.info("%s: shutdown requested; finishing the current job, then stopping", self.name)
+            os.kill(os.getpid(), signal.SIGINT)  # rq's warm shutdown
+
+    def on_tick(self, now: float) -> None:
+        """Per-role background work."""
+
+
+class WatchWorker(AssayerWorker):
+    role = "watch"
+    tick = defaults.WATCH_TICK
+
+    def __init__(self, settings: Settings, connection: Any, name: str | None = None) -> None:
+        super().__init__(settings, connection, settings.watch_queue, name)
+        if settings.watches_file:
+            sync_watches_file(connection, settings)
+
+    def on_tick(self, now: float) -> None:
+        names = self.connection.eval(CLAIM_DUE, 1, keys.DUE, now, defaults.SCAN_LEASE, MAX_WATCHES_PER_SCAN)
+        if names:
+            names = sorted(n.decode() for n in names)
+            self.queues[0].enqueue(
+                "assayer.jobs.scan",
+                kwargs={"names": names},
+                job_timeout=-1,
+                result_ttl=defaults.SCAN_RESULT_TTL,
+                failure_ttl=24 * 3600,
+                description=f"scan {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}",
+            )
+
+
+class EvalWorker(AssayerWorker):
+    role = "eval"
+    tick = 0.5
+
+    def __init__(self, settings: Settings, connection: Any, name: str | None = None) -> None:
+        super().__init__(settings, connection, settings.eval_queue, name)
+        self._last_sweep = 0.0
+        self._last_beat = 0.0
+
+    def get_heartbeat_ttl(self, job: Job) -> int:
+        # rq's StartedJobRegistry score: a job whose worker stops beating is lost after this long.
+        return self.settings.lease_ttl
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        self.runtime.beat = self._beat_for(job)
+        try:
+            super().execute_job(job, queue)
+        finally:
+            self.runtime.beat = None
+
+    def _beat_for(self, job: Job) -> Callable[[], None]:
+        def beat() -> None:
+            now = time.monotonic()
+            if now - self._last_beat >= self.settings.heartbeat_interval:
+                self._last_beat = now
+                try:
+                    self.maintain_heartbeats(job)
+                except Exception as exc:  # Redis briefly away: the lease has room for a few misses
+                    log.warning("%s: heartbeat failed: %s", self.name, exc)
+
+        return beat
+
+    def clean_registries(self) -> None:
+        # rq calls this at start and every maintenance interval; do our sweep instead of rq's.
+        self.sweep()
+        self.last_cleaned_at = self._now()
+
+    def _now(self) -> Any:
+        from rq.utils import now
+
+        return now()
+
+    def on_tick(self, now: float) -> None:
+        if now - self._last_sweep >= self.settings.reap_interval:
+            self._last_sweep = now
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Re-queue lost jobs and enqueue due retries, one worker at a time per queue."""
+        queue = self.queues[0]
+        lock = queue.registry_cleaning_key  # the key rq's own maintenance locks: never both at once
+        if not self.connection.set(lock, self.name, nx=True, px=int(max(self.settings.reap_interval, 1) * 10_000)):
+            return
+        try:
+            StartedJobRegistry(queue.name, self.connection, serializer=JSONSerializer).cleanup(
+                exception_handlers=[self._record_lost]
+            )
+            queue.intermediate_queue.cleanup(self, queue)
+            enqueue_due_retries(queue)
+        finally:
+            self.connection.delete(lock)
+
+    def _record_lost(self, job: Job, *exc_info: Any) -> bool:
+        log.warning("job %s lost its worker %s; re-queueing it", job.id, job.worker_name)
+        jobs.record_lost(self.connection, self.settings, job)
+        return True
+
+
+def enqueue_due_retries(queue: Queue) -> None:
+    """Move jobs whose retry backoff has ended from the ScheduledJobRegistry to the queue."""
+    registry = ScheduledJobRegistry(queue.name, queue.connection, serializer=queue.serializer)
+    job_ids = registry.get_jobs_to_schedule(int(time.time()))
+    if not job_ids:
+        return
+    with queue.connection.pipeline() as pipe:
+        for job in Job.fetch_many(job_ids, connection=queue.connection, serializer=queue.serializer):
+            if job is not None:
+                queue._enqueue_job(job, pipeline=pipe)
+        for job_id in job_ids:
+            registry.remove(job_id, pipeline=pipe)
+        pipe.execute()
+
+
+def sync_watches_file(conn: Any, settings: Settings) -> None:
+    """Register the watches declared in ``settings.watches_file``; a bad entry is logged, the rest still load."""
+    assert settings.watches_file is not None
+    for entry in watches.load_file(settings.watches_file):
+        try:
+            spec, warnings = watches.build_spec(
+                entry["directory"], entry["evaluator"], name=entry.get("name"), regex=entry.get("regex"),
+                eval_existing=bool(entry.get("eval_existing", False)), poll_interval=entry.get("poll_interval"),
+                settle=entry.get("settle"), import_evaluator=False,
+            )
+            for warning in warnings:
+                log.warning("watch %s: %s", spec.name, warning)
+            current = watches.get(conn, spec.name)
+            if current is None:
+                ledger.register(conn, settings, spec)
+            elif not current.same_target(spec):
+                spec.created_at, spec.paused = current.created_at, current.paused
+                ledger.update(conn, spec)
+                log.info("watch %s updated from %s", spec.name, settings.watches_file)
+        except AssayerError as exc:
+            log.error("watches file %s: skipping %s: %s", settings.watches_file, entry.get("name", entry), exc)
+
+
+WORKERS: dict[str, type[AssayerWorker]] = {"watch": WatchWorker, "eval": EvalWorker}
