@@ -1,0 +1,354 @@
+{{/*
+Names, labels, images and the pieces of pod specs that several components share.
+Every helper is namespaced "assayer.".
+*/}}
+
+{{/* Chart name, or nameOverride. */}}
+{{- define "assayer.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* "<release>-<chart>" (or just the release when it already contains the chart name), max 63 chars. */}}
+{{- define "assayer.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* "<chart>-<version>" for the helm.sh/chart label. */}}
+{{- define "assayer.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels that select a component's pods. Call with (dict "ctx" $ "component" "eval"). */}}
+{{- define "assayer.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "assayer.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+{{- if .component }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+{{- end }}
+
+{{/* Every label of a component's objects. Call with (dict "ctx" $ "component" "eval"). */}}
+{{- define "assayer.labels" -}}
+helm.sh/chart: {{ include "assayer.chart" .ctx }}
+{{ include "assayer.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: assayer
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+{{- with .ctx.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Name of the ServiceAccount of every Assayer pod. */}}
+{{- define "assayer.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "assayer.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* storageClassName line for a PVC spec: "" = cluster default (omitted), "-" = no dynamic provisioning. */}}
+{{- define "assayer.storageClass" -}}
+{{- if eq . "-" }}
+storageClassName: ""
+{{- else if . }}
+storageClassName: {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Assayer image reference. Call with (dict "ctx" $ "override" .Values.eval.image) or (dict "ctx" $).
+A digest pins the image and wins over the tag.
+*/}}
+{{- define "assayer.image" -}}
+{{- $image := .ctx.Values.image }}
+{{- $override := default dict .override }}
+{{- $repository := default $image.repository $override.repository }}
+{{- $tag := default (default .ctx.Chart.AppVersion $image.tag) $override.tag }}
+{{- if and $image.digest (not $override.repository) (not $override.tag) }}
+{{- printf "%s@%s" $repository $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $repository (toString $tag) }}
+{{- end }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- Redis */}}
+
+{{/* Name of the in-chart Redis StatefulSet and Service. */}}
+{{- define "assayer.redis.fullname" -}}
+{{- printf "%s-redis" (include "assayer.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Secret holding the Redis password (in-chart Redis) or the URL and password (external Redis). */}}
+{{- define "assayer.redis.secretName" -}}
+{{- if .Values.redis.enabled }}
+{{- default (include "assayer.redis.fullname" .) .Values.redis.auth.existingSecret }}
+{{- else }}
+{{- default (printf "%s-external-redis" (include "assayer.fullname" .)) .Values.externalRedis.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{/* Key of the Redis password in assayer.redis.secretName; empty when there is no password key. */}}
+{{- define "assayer.redis.passwordKey" -}}
+{{- if .Values.redis.enabled }}
+{{- if .Values.redis.auth.existingSecret }}
+{{- .Values.redis.auth.existingSecretPasswordKey }}
+{{- else -}}
+redis-password
+{{- end }}
+{{- else if .Values.externalRedis.existingSecret }}
+{{- .Values.externalRedis.existingSecretPasswordKey }}
+{{- else if .Values.externalRedis.password -}}
+redis-password
+{{- end }}
+{{- end }}
+
+{{/* Key of the Redis URL in the external Redis Secret. */}}
+{{- define "assayer.redis.urlKey" -}}
+{{- if .Values.externalRedis.existingSecret }}
+{{- .Values.externalRedis.existingSecretUrlKey }}
+{{- else -}}
+redis-url
+{{- end }}
+{{- end }}
+
+{{/* URL of the in-chart Redis (no credentials: the password comes separately). */}}
+{{- define "assayer.redis.url" -}}
+{{- printf "redis://%s:6379/0" (include "assayer.redis.fullname" .) }}
+{{- end }}
+
+{{/* The Redis list of an rq queue: rq keeps queue <name> in the list rq:queue:<name>. */}}
+{{- define "assayer.queueKey" -}}
+{{- printf "rq:queue:%s" . }}
+{{- end }}
+
+{{/*
+ASSAYER_REDIS_URL and ASSAYER_REDIS_PASSWORD as container env entries. Credentials always come
+from a secretKeyRef, never as a literal value.
+*/}}
+{{- define "assayer.redis.env" -}}
+{{- $secret := include "assayer.redis.secretName" . }}
+{{- if .Values.redis.enabled }}
+- name: ASSAYER_REDIS_URL
+  value: {{ include "assayer.redis.url" . | quote }}
+{{- else }}
+- name: ASSAYER_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ include "assayer.redis.urlKey" . }}
+{{- end }}
+{{- with include "assayer.redis.passwordKey" . }}
+- name: ASSAYER_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ . }}
+{{- end }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- KEDA */}}
+
+{{/* host:port of Redis for KEDA's redis scaler, which runs in the operator's namespace. */}}
+{{- define "assayer.keda.redisAddress" -}}
+{{- $keda := .Values.eval.keda }}
+{{- if $keda.redisAddress }}
+{{- $keda.redisAddress }}
+{{- else if .Values.redis.enabled }}
+{{- printf "%s.%s.svc.%s:6379" (include "assayer.redis.fullname" .) .Release.Namespace .Values.clusterDomain }}
+{{- else if .Values.externalRedis.url }}
+{{- $url := urlParse .Values.externalRedis.url }}
+{{- $host := regexReplaceAll "^.*@" $url.host "" }}
+{{- if contains ":" $host }}{{ $host }}{{ else }}{{ printf "%s:6379" $host }}{{ end }}
+{{- end }}
+{{- end }}
+
+{{/* Redis database index for KEDA: from externalRedis.url's path, 0 for the in-chart Redis. */}}
+{{- define "assayer.keda.redisDatabase" -}}
+{{- $keda := .Values.eval.keda }}
+{{- if $keda.redisAddress }}
+{{- $keda.redisDatabaseIndex }}
+{{- else if and (not .Values.redis.enabled) .Values.externalRedis.url }}
+{{- $db := trimPrefix "/" (urlParse .Values.externalRedis.url).path }}
+{{- default "0" $db }}
+{{- else -}}
+0
+{{- end }}
+{{- end }}
+
+{{/* "true" when KEDA must talk TLS to Redis (rediss:// URL, or redisEnableTLS with redisAddress). */}}
+{{- define "assayer.keda.redisTLS" -}}
+{{- $keda := .Values.eval.keda }}
+{{- if $keda.redisAddress }}
+{{- $keda.redisEnableTLS | toString }}
+{{- else if and (not .Values.redis.enabled) .Values.externalRedis.url }}
+{{- eq (urlParse .Values.externalRedis.url).scheme "rediss" | toString }}
+{{- else -}}
+false
+{{- end }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- pods */}}
+
+{{/* Name of the ConfigMap of ASSAYER_* settings. */}}
+{{- define "assayer.configMapName" -}}
+{{- printf "%s-config" (include "assayer.fullname" .) }}
+{{- end }}
+
+{{/* Name of the ConfigMap holding watches.yaml. */}}
+{{- define "assayer.watchesConfigMapName" -}}
+{{- printf "%s-watches" (include "assayer.fullname" .) }}
+{{- end }}
+
+{{/* Where watches.yaml is mounted. */}}
+{{- define "assayer.watchesDir" -}}
+/etc/assayer
+{{- end }}
+
+{{/* Name of the checkpoint claim (existing or chart-made); empty for hostPath. */}}
+{{- define "assayer.checkpoints.claimName" -}}
+{{- if .Values.checkpoints.existingClaim }}
+{{- .Values.checkpoints.existingClaim }}
+{{- else if .Values.checkpoints.persistence.enabled }}
+{{- printf "%s-checkpoints" (include "assayer.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/* Name of the results claim (existing or chart-made); empty means an emptyDir. */}}
+{{- define "assayer.results.claimName" -}}
+{{- if .Values.results.existingClaim }}
+{{- .Values.results.existingClaim }}
+{{- else if .Values.results.persistence.enabled }}
+{{- printf "%s-results" (include "assayer.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/* true when evaluator code is mounted (otherwise it comes from the image). */}}
+{{- define "assayer.evaluators.mounted" -}}
+{{- $e := .Values.evaluators }}
+{{- if or $e.files $e.existingConfigMap $e.volume }}true{{ end }}
+{{- end }}
+
+{{/* A watch's directory: a relative one is taken under checkpoints.mountPath. */}}
+{{- define "assayer.watchDirectory" -}}
+{{- if hasPrefix "/" .directory }}
+{{- .directory }}
+{{- else }}
+{{- printf "%s/%s" (trimSuffix "/" .mountPath) .directory }}
+{{- end }}
+{{- end }}
+
+{{/* watches.yaml in the format of the CLI's watches file. */}}
+{{- define "assayer.watchesFile" -}}
+{{- $watches := list }}
+{{- range .Values.watches }}
+{{- $w := deepCopy . }}
+{{- $_ := set $w "directory" (include "assayer.watchDirectory" (dict "directory" .directory "mountPath" $.Values.checkpoints.mountPath)) }}
+{{- $watches = append $watches $w }}
+{{- end }}
+{{- toYaml (dict "watches" $watches) }}
+{{- end }}
+
+{{/* Pod annotations that roll pods when their configuration changes. */}}
+{{- define "assayer.checksumAnnotations" -}}
+checksum/config: {{ include (print .Template.BasePath "/config/config-configmap.yaml") . | sha256sum }}
+checksum/watches: {{ include (print .Template.BasePath "/config/watches-configmap.yaml") . | sha256sum }}
+{{- if .Values.evaluators.files }}
+checksum/evaluators: {{ include (print .Template.BasePath "/config/evaluators-configmap.yaml") . | sha256sum }}
+{{- end }}
+{{- end }}
+
+{{/* Health probes that ask the worker itself. Call with (dict "role" "eval" "probe" .Values.eval.livenessProbe). */}}
+{{- define "assayer.healthProbe" -}}
+exec:
+  command: ["assayer", "health", {{ .role | quote }}]
+periodSeconds: {{ .probe.periodSeconds }}
+timeoutSeconds: {{ .probe.timeoutSeconds }}
+failureThreshold: {{ .probe.failureThreshold }}
+{{- end }}
+
+{{/* Volumes every Assayer worker pod has: its home, /tmp, and the watches file. */}}
+{{- define "assayer.baseVolumes" -}}
+- name: home
+  emptyDir:
+    sizeLimit: {{ .Values.home.sizeLimit }}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.home.sizeLimit }}
+{{- end }}
+
+{{/* Mounts matching assayer.baseVolumes. */}}
+{{- define "assayer.baseVolumeMounts" -}}
+- name: home
+  mountPath: {{ .Values.home.mountPath }}
+- name: tmp
+  mountPath: /tmp
+{{- end }}
+
+{{/* The checkpoint, watches and evaluator volumes of watch and eval pods. */}}
+{{- define "assayer.workerVolumes" -}}
+{{ include "assayer.baseVolumes" . }}
+- name: checkpoints
+{{- if .Values.checkpoints.hostPath.path }}
+  hostPath:
+    path: {{ .Values.checkpoints.hostPath.path }}
+    type: {{ .Values.checkpoints.hostPath.type }}
+{{- else }}
+  persistentVolumeClaim:
+    claimName: {{ include "assayer.checkpoints.claimName" . }}
+    readOnly: true
+{{- end }}
+- name: watches
+  configMap:
+    name: {{ include "assayer.watchesConfigMapName" . }}
+{{- if .Values.evaluators.files }}
+- name: evaluators
+  configMap:
+    name: {{ printf "%s-evaluators" (include "assayer.fullname" .) }}
+{{- else if .Values.evaluators.existingConfigMap }}
+- name: evaluators
+  configMap:
+    name: {{ .Values.evaluators.existingConfigMap }}
+{{- else if .Values.evaluators.volume }}
+- name: evaluators
+{{ toYaml .Values.evaluators.volume | indent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Mounts matching assayer.workerVolumes; checkpoints, watches and evaluators are read-only. */}}
+{{- define "assayer.workerVolumeMounts" -}}
+{{ include "assayer.baseVolumeMounts" . }}
+- name: checkpoints
+  mountPath: {{ .Values.checkpoints.mountPath }}
+  readOnly: true
+{{- with .Values.checkpoints.subPath }}
+  subPath: {{ . }}
+{{- end }}
+- name: watches
+  mountPath: {{ include "assayer.watchesDir" . }}
+  readOnly: true
+{{- if include "assayer.evaluators.mounted" . }}
+- name: evaluators
+  mountPath: {{ .Values.evaluators.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* Env entries every Assayer container gets besides the ConfigMap: Redis and evaluator path. */}}
+{{- define "assayer.commonEnv" -}}
+{{ include "assayer.redis.env" . | trim }}
+{{- if include "assayer.evaluators.mounted" . }}
+- name: PYTHONPATH
+  value: {{ .Values.evaluators.mountPath | quote }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,118 @@
+{{/*
+Checks of combinations of values that the schema cannot express. Every problem found is reported,
+in one failure, with the keys involved and what to do.
+*/}}
+{{- define "assayer.validateValues" -}}
+{{- $v := .Values }}
+{{- $errors := list }}
+
+{{- /* Redis: exactly one of the in-chart Redis or an external one. */}}
+{{- $external := or $v.externalRedis.url $v.externalRedis.existingSecret }}
+{{- if and $v.redis.enabled $external }}
+{{- $errors = append $errors "redis.enabled is true and externalRedis is set: set redis.enabled=false to use the external Redis, or clear externalRedis" }}
+{{- end }}
+{{- if and (not $v.redis.enabled) (not $external) }}
+{{- $errors = append $errors "redis.enabled is false but neither externalRedis.url nor externalRedis.existingSecret is set: Assayer needs a Redis" }}
+{{- end }}
+{{- if and $v.externalRedis.url $v.externalRedis.existingSecret }}
+{{- $errors = append $errors "externalRedis.url and externalRedis.existingSecret are both set: give the URL in values or in the Secret, not both" }}
+{{- end }}
+{{- if and $v.externalRedis.password $v.externalRedis.existingSecret }}
+{{- $errors = append $errors "externalRedis.password and externalRedis.existingSecret are both set: put the password in the Secret (externalRedis.existingSecretPasswordKey)" }}
+{{- end }}
+{{- if and $v.redis.auth.password $v.redis.auth.existingSecret }}
+{{- $errors = append $errors "redis.auth.password and redis.auth.existingSecret are both set: choose one" }}
+{{- end }}
+
+{{- /* Checkpoints: exactly one source. */}}
+{{- $cp := $v.checkpoints }}
+{{- $sources := list }}
+{{- if $cp.existingClaim }}{{ $sources = append $sources "checkpoints.existingClaim" }}{{ end }}
+{{- if $cp.persistence.enabled }}{{ $sources = append $sources "checkpoints.persistence.enabled" }}{{ end }}
+{{- if $cp.hostPath.path }}{{ $sources = append $sources "checkpoints.hostPath.path" }}{{ end }}
+{{- if eq (len $sources) 0 }}
+{{- $errors = append $errors "no checkpoint volume: set one of checkpoints.existingClaim, checkpoints.persistence.enabled=true or checkpoints.hostPath.path" }}
+{{- else if gt (len $sources) 1 }}
+{{- $errors = append $errors (printf "several checkpoint volumes (%s): choose one (to use an existing claim or a hostPath, also set checkpoints.persistence.enabled=false)" (join ", " $sources)) }}
+{{- end }}
+
+{{- /* Results: one source; a claim written by several eval pods must be ReadWriteMany. */}}
+{{- $res := $v.results }}
+{{- if and $res.existingClaim $res.persistence.enabled }}
+{{- $errors = append $errors "results.existingClaim and results.persistence.enabled are both set: set results.persistence.enabled=false to use the existing claim" }}
+{{- end }}
+{{- $evalPods := $v.eval.replicas }}
+{{- if $v.eval.keda.enabled }}{{ $evalPods = $v.eval.keda.maxReplicaCount }}{{ end }}
+{{- if $v.eval.hpa.enabled }}{{ $evalPods = $v.eval.hpa.maxReplicas }}{{ end }}
+{{- if and $res.persistence.enabled (not $res.existingClaim) (ne $res.persistence.accessMode "ReadWriteMany") (gt (int $evalPods) 1) }}
+{{- $errors = append $errors (printf "results.persistence.accessMode is %s but up to %d eval pods write results: use ReadWriteMany, or one eval pod" $res.persistence.accessMode (int $evalPods)) }}
+{{- end }}
+
+{{- /* Evaluators: at most one source. */}}
+{{- $ev := $v.evaluators }}
+{{- $evSources := list }}
+{{- if $ev.files }}{{ $evSources = append $evSources "evaluators.files" }}{{ end }}
+{{- if $ev.existingConfigMap }}{{ $evSources = append $evSources "evaluators.existingConfigMap" }}{{ end }}
+{{- if $ev.volume }}{{ $evSources = append $evSources "evaluators.volume" }}{{ end }}
+{{- if gt (len $evSources) 1 }}
+{{- $errors = append $errors (printf "several evaluator sources (%s): choose one" (join ", " $evSources)) }}
+{{- end }}
+
+{{- /* Watches: unique names, directories inside the checkpoint mount. */}}
+{{- $names := dict }}
+{{- range $i, $w := $v.watches }}
+{{- if hasKey $names $w.name }}
+{{- $errors = append $errors (printf "watches[%d].name %q is used twice: watch names must be unique" $i $w.name) }}
+{{- end }}
+{{- $_ := set $names $w.name true }}
+{{- $mount := trimSuffix "/" $v.checkpoints.mountPath }}
+{{- if and (hasPrefix "/" $w.directory) (ne $w.directory $mount) (not (hasPrefix (printf "%s/" $mount) $w.directory)) }}
+{{- $errors = append $errors (printf "watches[%d].directory %q is outside checkpoints.mountPath %q: watch pods only see the checkpoint volume; use a path under it or a relative one" $i $w.directory $mount) }}
+{{- end }}
+{{- end }}
+
+{{- /* Queues. */}}
+{{- if eq $v.config.watchQueue $v.config.evalQueue }}
+{{- $errors = append $errors (printf "config.watchQueue and config.evalQueue are both %q: scan and evaluation jobs need separate queues" $v.config.evalQueue) }}
+{{- end }}
+
+{{- /* Autoscaling. */}}
+{{- $keda := $v.eval.keda }}
+{{- if and $keda.enabled $v.eval.hpa.enabled }}
+{{- $errors = append $errors "eval.keda.enabled and eval.hpa.enabled are both true: KEDA creates its own HPA, enable only one" }}
+{{- end }}
+{{- if and $keda.enabled (not (.Capabilities.APIVersions.Has "keda.sh/v1alpha1")) }}
+{{- $errors = append $errors "eval.keda.enabled is true but the cluster has no keda.sh/v1alpha1 API: install KEDA first (with `helm template`, pass --api-versions keda.sh/v1alpha1)" }}
+{{- end }}
+{{- if and $keda.enabled (gt (int $keda.minReplicaCount) (int $keda.maxReplicaCount)) }}
+{{- $errors = append $errors (printf "eval.keda.minReplicaCount %d is above eval.keda.maxReplicaCount %d" (int $keda.minReplicaCount) (int $keda.maxReplicaCount)) }}
+{{- end }}
+{{- if and $keda.enabled (not $v.redis.enabled) $v.externalRedis.existingSecret (not $keda.redisAddress) }}
+{{- $errors = append $errors "eval.keda.enabled with externalRedis.existingSecret needs eval.keda.redisAddress (host:port): KEDA cannot read the URL from the Secret" }}
+{{- end }}
+{{- $hpa := $v.eval.hpa }}
+{{- if and $hpa.enabled (gt (int $hpa.minReplicas) (int $hpa.maxReplicas)) }}
+{{- $errors = append $errors (printf "eval.hpa.minReplicas %d is above eval.hpa.maxReplicas %d" (int $hpa.minReplicas) (int $hpa.maxReplicas)) }}
+{{- end }}
+{{- if and $hpa.enabled (not (dig "requests" "cpu" "" $v.eval.resources)) }}
+{{- $errors = append $errors "eval.hpa.enabled needs eval.resources.requests.cpu: the HPA scales on CPU use relative to the request" }}
+{{- end }}
+
+{{- /* Warm shutdown must outlast an evaluation. */}}
+{{- if and (gt (float64 $v.config.evalTimeout) 0.0) (lt (float64 $v.eval.terminationGracePeriodSeconds) (float64 $v.config.evalTimeout)) }}
+{{- $errors = append $errors (printf "eval.terminationGracePeriodSeconds (%v) is shorter than config.evalTimeout (%v): a scaled-down or upgraded eval pod would be killed mid-evaluation; raise the grace period" $v.eval.terminationGracePeriodSeconds $v.config.evalTimeout) }}
+{{- end }}
+
+{{- /* Dashboard. */}}
+{{- $d := $v.dashboard }}
+{{- if and $d.auth.password $d.auth.existingSecret }}
+{{- $errors = append $errors "dashboard.auth.password and dashboard.auth.existingSecret are both set: choose one" }}
+{{- end }}
+{{- if and $d.ingress.enabled (not $d.enabled) }}
+{{- $errors = append $errors "dashboard.ingress.enabled is true but dashboard.enabled is false: the Ingress would have no backend" }}
+{{- end }}
+
+{{- if $errors }}
+{{- fail (printf "\n\nassayer: invalid values (%d problems):\n  - %s\n" (len $errors) (join "\n  - " $errors)) }}
+{{- end }}
+{{- end }}
