@@ -140,7 +140,7 @@ class Scanner:
         seen_dirs: set[str] = set()
         self._scan_dir("", now, full, set(), seen_dirs, report)
         for gone in set(self._dirs) - seen_dirs:
-            del self._dirs[gone]
+            self._forget_dir(gone)
         report.files = len(self._files)
         return report
 
@@ -205,7 +205,7 @@ class Scanner:
     def _forget_dir(self, rel: str) -> None:
         prefix = rel + os.sep if rel else ""
         for name in [d for d in self._dirs if d == rel or d.startswith(prefix)]:
-            del self._dirs[name]
+            self._dirs.pop(name, None)
         for name in [f for f in self._files if f.startswith(prefix)]:
             del self._files[name]
 

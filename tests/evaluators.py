@@ -1,0 +1,65 @@
+"""Evaluators the tests hand to real eval workers (referenced as tests/evaluators.py:NAME)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zipfile
+
+CALLS = 0
+LOADED_AT = time.time()  # set once per import: a warm worker keeps it
+
+
+def record(path: str) -> dict[str, object]:
+    """Checks the file is whole (a zip must open and its members read) and reports who evaluated it."""
+    global CALLS
+    CALLS += 1
+    size = os.path.getsize(path)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+            if bad is not None:
+                raise ValueError(f"corrupt member {bad}")
+    log = os.environ.get("EVAL_LOG")
+    if log:
+        with open(log, "a") as fh:
+            fh.write(json.dumps({"path": path, "size": size, "pid": os.getpid()}) + "\n")
+    return {"size": size, "calls": CALLS, "pid": os.getpid(), "loaded_at": LOADED_AT}
+
+
+def with_context(path: str, ctx) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    return {"watch": ctx.watch, "step": ctx.step, "attempt": ctx.attempt, "same_path": ctx.checkpoint == path}
+
+
+def slow(path: str) -> dict[str, object]:
+    """Takes EVAL_SECONDS (default 3) and leaves a marker when it starts, for kill and shutdown tests."""
+    marker = os.environ.get("EVAL_MARKER")
+    if marker:
+        with open(marker, "a") as fh:
+            fh.write(f"{os.getpid()} {path}\n")
+    time.sleep(float(os.environ.get("EVAL_SECONDS", "3")))
+    return record(path)
+
+
+def boom(path: str) -> dict[str, object]:
+    raise RuntimeError(f"cannot evaluate {os.path.basename(path)}")
+
+
+def not_json(path: str) -> object:
+    return object()
+
+
+def flaky(path: str) -> dict[str, object]:
+    """Fails on the first attempt of each file, then succeeds: counts attempts in a file beside it."""
+    counter = os.environ["FLAKY_DIR"] + "/" + os.path.basename(path) + ".count"
+    n = int(open(counter).read()) + 1 if os.path.exists(counter) else 1
+    with open(counter, "w") as fh:
+        fh.write(str(n))
+    if n == 1:
+        raise RuntimeError("transient failure")
+    return {"tries": n}
+
+
+def crash(path: str) -> dict[str, object]:
+    os._exit(3)
