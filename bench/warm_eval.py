@@ -123,6 +123,12 @@ def span(starts: list[datetime], ends: list[datetime]) -> float:
     return (max(ends) - min(starts)).total_seconds()
 
 
+def timeline(starts: list[datetime], ends: list[datetime]) -> list[list[float]]:
+    """[start, end] of each evaluation in seconds since the first start (for the JSON figures)."""
+    t0 = min(starts)
+    return [[round((a - t0).total_seconds(), 3), round((b - t0).total_seconds(), 3)] for a, b in zip(starts, ends)]
+
+
 # --- the two modes ----------------------------------------------------------------------------
 
 
@@ -144,11 +150,13 @@ def run_fork(url: str, checkpoints: list[Path], env: dict[str, str], timeout: fl
     failed = [j.id for j in done if j is None or j.get_status() != JobStatus.FINISHED]
     if failed:
         raise SystemExit(f"fork mode: {len(failed)} job(s) did not finish; see `rq info --url {url}`")
-    seconds = span([j.started_at for j in done], [j.ended_at for j in done])
+    starts, ends = sorted(j.started_at for j in done), sorted(j.ended_at for j in done)
+    seconds = span(starts, ends)
     return {
         "checkpoints": len(done),
         "span_s": seconds,
         "s_per_checkpoint": seconds / len(done),
+        "timeline_s": timeline(starts, ends),
         "metrics": {str(p): j.return_value() for p, j in zip(checkpoints, done, strict=True)},
     }
 
@@ -157,18 +165,22 @@ def run_warm(url: str, folder: Path, n: int, env: dict[str, str], timeout: float
     assayer = [sys.executable, "-m", "assayer"]
     add = ["watch", "add", str(folder), "--name", WATCH, "--evaluator", f"{EVALUATOR}:evaluate"]
     subprocess.run([*assayer, *add, "--regex", r"\.pt$", "--eval-existing"], env=env, check=True)
-    workers = [subprocess.Popen([*assayer, "worker", role], env=env) for role in ("eval", "watch")]
+    logs = {role: folder.parent / f"{role}-worker.log" for role in ("eval", "watch")}
+    workers = [
+        subprocess.Popen([*assayer, "worker", role], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+        for role, log in logs.items()
+    ]
     try:
         deadline = time.monotonic() + timeout
         while True:
-            out = subprocess.run(
-                [*assayer, "results", WATCH, "--format", "json"], env=env, check=True, stdout=subprocess.PIPE
-            )
+            out = subprocess.run([*assayer, "results", WATCH, "--format", "json"], env=env, check=True, stdout=subprocess.PIPE)
             records = json.loads(out.stdout)
             if len(records) >= n or time.monotonic() > deadline:
                 break
-            if any(w.poll() is not None for w in workers):
-                raise SystemExit("warm mode: an assayer worker exited early")
+            for (role, log), worker in zip(logs.items(), workers, strict=True):
+                if worker.poll() is not None:
+                    tail = log.read_text(errors="replace")[-3000:]
+                    raise SystemExit(f"warm mode: assayer worker {role} exited {worker.returncode}:\n{tail}")
             time.sleep(0.5)
     finally:
         for worker in workers:
@@ -186,7 +198,9 @@ def run_warm(url: str, folder: Path, n: int, env: dict[str, str], timeout: float
         "checkpoints": len(records),
         "span_s": seconds,
         "s_per_checkpoint": seconds / n,
+        "first_s": (ends[0] - starts[0]).total_seconds(),
         "s_per_checkpoint_after_first": after_first,
+        "timeline_s": timeline(starts, ends),
         "metrics": {r["checkpoint"]: r["metrics"] for r in records},
     }
 
