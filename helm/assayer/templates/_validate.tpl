@@ -113,6 +113,7 @@ in one failure, with the keys involved and what to do.
 {{- end }}
 
 {{- if $errors }}
-{{- fail (printf "\n\nassayer: invalid values (%d problems):\n  - %s\n" (len $errors) (join "\n  - " $errors)) }}
+{{- $count := printf "%d %s" (len $errors) (ternary "problem" "problems" (eq (len $errors) 1)) }}
+{{- fail (printf "\n\nassayer: invalid values (%s):\n  - %s\n" $count (join "\n  - " $errors)) }}
 {{- end }}
 {{- end }}
