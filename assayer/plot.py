@@ -58,9 +58,7 @@ def series(records: Iterable[Record], metric: str) -> dict[str, list[tuple[float
     return out
 
 
-def best_points(
-    points: dict[str, list[tuple[float, Record]]], metric: str, mode: str
-) -> dict[str, tuple[float, Record]]:
+def best_points(points: dict[str, list[tuple[float, Record]]], metric: str, mode: str) -> dict[str, tuple[float, Record]]:
     """Per watch, the point whose record is best by ``metric`` (``max`` or ``min``); ties go to the earliest x."""
     if mode not in ("max", "min"):
         raise ValueError(f"best mode must be 'max' or 'min', not {mode!r}")
@@ -110,21 +108,22 @@ def plot_results(
     fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
     try:
         for watch, rows in sorted(points.items()):
-            xs = [x for x, _ in rows]
             ys = [r["metrics"][metric] for _, r in rows]
-            (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=watch)
+            (line,) = ax.plot([x for x, _ in rows], ys, marker="o", markersize=3, label=watch)
             if watch in marked:
                 x, record = marked[watch]
                 y = record["metrics"][metric]
-                ax.plot([x], [y], marker="*", markersize=14, color=line.get_color(), markeredgecolor="black")
-                label = f"best {best_metric} ({mode}): {os.path.basename(str(record.get('checkpoint')))}"
-                ax.annotate(label, (x, y), xytext=(8, 8), textcoords="offset points", fontsize=8)
+                ax.plot([x], [y], marker="*", markersize=15, color=line.get_color(), markeredgecolor="black", zorder=3)
+                # The best goes into the legend: text on the plot collides once the lines converge.
+                name = os.path.basename(str(record.get("checkpoint")))
+                line.set_label(f"{watch}: best {best_metric} {record['metrics'][best_metric]:.4g} at {name}")
         stepped = all(any(r.get("step") is not None for _, r in rows) for rows in points.values())
         ax.set_xlabel("step" if stepped else "step (finish order where a watch has no steps)")
         ax.set_ylabel(metric)
-        ax.set_title(f"{metric} by training step")
+        ax.set_title(f"{metric} by training step (\u2605 best {best_metric}, {mode})")
         ax.grid(alpha=0.3)
-        ax.legend(title="watch")
+        ax.margins(x=0.05, y=0.12)
+        ax.legend(title="watch", fontsize=8)
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=100)

@@ -54,6 +54,10 @@ def drawn(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     return figures
 
 
+def legend(ax: Any) -> list[str]:
+    return [text.get_text() for text in ax.get_legend().get_texts()]
+
+
 def test_png_with_one_line_per_watch_and_best_annotated(records, drawn, tmp_path: Path) -> None:
     out = plot.plot_results(records, tmp_path / "plots" / "metrics.png", metric="accuracy")
 
@@ -61,10 +65,13 @@ def test_png_with_one_line_per_watch_and_best_annotated(records, drawn, tmp_path
     data = out.read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 5000
     (ax,) = drawn[0].axes
-    assert [text.get_text() for text in ax.get_legend().get_texts()] == ["digits", "mnist"]
-    notes = sorted(text.get_text() for text in ax.texts)
-    assert notes == ["best accuracy (max): step=20.pt", "best accuracy (max): step=200.pt"]
-    digits_line = next(line for line in ax.lines if line.get_label() == "digits")
+    assert legend(ax) == [
+        "digits: best accuracy 0.93 at step=20.pt",
+        "mnist: best accuracy 0.88 at step=200.pt",
+    ]
+    stars = [(line.get_xdata()[0], line.get_ydata()[0]) for line in ax.lines if line.get_marker() == "*"]
+    assert stars == [(20, 0.93), (200, 0.88)]
+    digits_line = next(line for line in ax.lines if line.get_label().startswith("digits:"))
     assert list(digits_line.get_xdata()) == [10, 20, 30]  # sorted by step, failed record left out
 
 
@@ -74,7 +81,7 @@ def test_default_metric_is_first_numeric_and_loss_is_minimised(records, drawn, t
 
     (ax,) = drawn[0].axes
     assert ax.get_ylabel() == "loss"
-    assert sorted(t.get_text() for t in ax.texts) == ["best loss (min): step=20.pt", "best loss (min): step=200.pt"]
+    assert legend(ax) == ["digits: best loss 0.3 at step=20.pt", "mnist: best loss 0.4 at step=200.pt"]
 
 
 def test_best_can_use_another_metric_and_direction(records, drawn, tmp_path: Path) -> None:
@@ -82,10 +89,7 @@ def test_best_can_use_another_metric_and_direction(records, drawn, tmp_path: Pat
 
     (ax,) = drawn[0].axes
     assert ax.get_ylabel() == "loss"
-    assert sorted(t.get_text() for t in ax.texts) == [
-        "best accuracy (min): step=10.pt",
-        "best accuracy (min): step=100.pt",
-    ]
+    assert legend(ax) == ["digits: best accuracy 0.6 at step=10.pt", "mnist: best accuracy 0.7 at step=100.pt"]
 
 
 def test_best_points_per_watch(records) -> None:

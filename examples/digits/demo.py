@@ -40,9 +40,7 @@ def finished(out: Path, records: list[dict[str, Any]]) -> bool:
 
 def show(record: dict[str, Any], out: Path) -> None:
     name = Path(record["checkpoint"]).resolve().relative_to(out.resolve())
-    metrics = " ".join(
-        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in (record["metrics"] or {}).items()
-    )
+    metrics = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in (record["metrics"] or {}).items())
     print(f"  evaluated {name}: {record['status']} {metrics or record.get('error') or ''}", flush=True)
 
 
@@ -90,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print("== results (best by accuracy)", flush=True)
         assayer("results", watch, "--best", "accuracy")
-        assayer("results", watch, "--best", "accuracy", "--plot", str(plot))
+        assayer("results", watch, "--best", "accuracy", "--plot", str(plot), capture=True)  # table already shown
         print(f"== plot of the metrics by step: {plot}", flush=True)
         return 0
     finally:
