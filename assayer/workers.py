@@ -49,6 +49,9 @@ scan that is lost (its worker killed) is claimed again once the lease ends."""
 MAX_WATCHES_PER_SCAN = 100
 """Watches scanned by one scan job."""
 
+SHUTDOWN_CHECK_INTERVAL = 0.5
+"""Seconds between two looks at the shutdown flag."""
+
 
 class AssayerWorker(SimpleWorker):
     role = ""
@@ -82,13 +85,15 @@ class AssayerWorker(SimpleWorker):
             self.connection.delete(keys.health(self.role, self.host, os.getpid()))
 
     def _run_ticker(self) -> None:
-        last_health = 0.0
+        last_health = last_flag = 0.0
         while not self._ticker_stop.wait(self.tick):
             try:
                 now = time.time()
-                if now - last_health >= min(5.0, defaults.HEALTH_TTL / 3):
-                    self._write_health()
+                if now - last_flag >= SHUTDOWN_CHECK_INTERVAL:
                     self._check_shutdown()
+                    last_flag = now
+                if now - last_health >= defaults.HEALTH_TTL / 6:
+                    self._write_health()
                     last_health = now
                 self.on_tick(now)
             except Exception as exc:  # Redis away, mostly: keep ticking, the main loop reconnects
