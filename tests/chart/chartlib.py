@@ -152,9 +152,7 @@ def _run_helm(
 
 
 @functools.lru_cache(maxsize=256)
-def _render_cached(
-    helm: str, values: tuple[str, ...], api_versions: tuple[str, ...], kube_version: str | None
-) -> Rendered:
+def _render_cached(helm: str, values: tuple[str, ...], api_versions: tuple[str, ...], kube_version: str | None) -> Rendered:
     proc = _run_helm(helm, values, api_versions, kube_version)
     if proc.returncode != 0:
         raise AssertionError(f"helm template failed:\n{proc.stderr}")

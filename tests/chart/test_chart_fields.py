@@ -94,9 +94,10 @@ def test_checkpoint_volume_choices(helm: str) -> None:
     pvc = default.get("PersistentVolumeClaim", f"{FULLNAME}-checkpoints")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
-    assert volumes_of(default.get("Deployment", EVAL))["checkpoints"]["persistentVolumeClaim"]["claimName"] == pvc[
-        "metadata"
-    ]["name"]
+    assert (
+        volumes_of(default.get("Deployment", EVAL))["checkpoints"]["persistentVolumeClaim"]["claimName"]
+        == pvc["metadata"]["name"]
+    )
 
     existing = render(helm, files=case("existing-claim"))
     assert existing.find("PersistentVolumeClaim", f"{FULLNAME}-checkpoints") is None
@@ -105,9 +106,7 @@ def test_checkpoint_volume_choices(helm: str) -> None:
         obj = existing.get("Deployment", name)
         assert volumes_of(obj)["checkpoints"]["persistentVolumeClaim"]["claimName"] == "training-checkpoints"
         assert mounts_of(container(obj))["checkpoints"]["subPath"] == "runs"
-    assert volumes_of(existing.get("Deployment", EVAL))["results"]["persistentVolumeClaim"]["claimName"] == (
-        "assayer-results"
-    )
+    assert volumes_of(existing.get("Deployment", EVAL))["results"]["persistentVolumeClaim"]["claimName"] == ("assayer-results")
 
     host = render(helm, files=case("hostpath"))
     assert host.of_kind("PersistentVolumeClaim") == []
@@ -204,9 +203,11 @@ def test_evaluator_code_sources(helm: str) -> None:
     assert "def evaluate(path):" in cm["data"]["digits_eval.py"]
     existing = render(helm, files=case("existing-claim"))
     pvc = render(helm, {"evaluators": {"volume": {"persistentVolumeClaim": {"claimName": "evals"}}}})
-    for r, source in ((inline, {"configMap": {"name": f"{FULLNAME}-evaluators"}}),
-                      (existing, {"configMap": {"name": "my-evaluators"}}),
-                      (pvc, {"persistentVolumeClaim": {"claimName": "evals"}})):
+    for r, source in (
+        (inline, {"configMap": {"name": f"{FULLNAME}-evaluators"}}),
+        (existing, {"configMap": {"name": "my-evaluators"}}),
+        (pvc, {"persistentVolumeClaim": {"claimName": "evals"}}),
+    ):
         obj = r.get("Deployment", EVAL)
         assert volumes_of(obj)["evaluators"] == {"name": "evaluators", **source}
         c = container(obj)
@@ -237,8 +238,13 @@ def test_config_map_carries_the_contract_defaults(helm: str) -> None:
 def test_config_values_parse_as_the_settings_object_expects(helm: str) -> None:
     from assayer.settings import Settings
 
-    r = render(helm, {"config": {"pollInterval": 0.5, "evalTimeout": 7200, "retryBackoff": "5,30,120"},
-                      "eval": {"terminationGracePeriodSeconds": 7300}})
+    r = render(
+        helm,
+        {
+            "config": {"pollInterval": 0.5, "evalTimeout": 7200, "retryBackoff": "5,30,120"},
+            "eval": {"terminationGracePeriodSeconds": 7300},
+        },
+    )
     settings = Settings.from_env(r.config())
     assert settings.poll_interval == 0.5
     assert settings.eval_timeout == 7200
@@ -391,11 +397,18 @@ def test_secrets_come_from_secret_refs_only(helm: str, values_file: Path) -> Non
         assert not any("PASSWORD" in k for k in cm.get("data", {})), cm["metadata"]["name"]
 
 
-@pytest.mark.parametrize("overrides", [
-    {"redis": {"auth": {"password": SENTINELS["redis"]}}, "dashboard": {"auth": {"password": SENTINELS["dashboard"]}}},
-    {"redis": {"enabled": False}, "externalRedis": {"url": "redis://r.example:6379/0", "password": SENTINELS["external"]},
-     "dashboard": {"auth": {"password": SENTINELS["dashboard"]}}},
-], ids=["in-chart", "external"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"redis": {"auth": {"password": SENTINELS["redis"]}}, "dashboard": {"auth": {"password": SENTINELS["dashboard"]}}},
+        {
+            "redis": {"enabled": False},
+            "externalRedis": {"url": "redis://r.example:6379/0", "password": SENTINELS["external"]},
+            "dashboard": {"auth": {"password": SENTINELS["dashboard"]}},
+        },
+    ],
+    ids=["in-chart", "external"],
+)
 def test_passwords_appear_only_in_secrets(helm: str, overrides: dict[str, Any]) -> None:
     r = render(helm, overrides, {"eval": {"keda": {"enabled": True}}})
     in_secrets = set()

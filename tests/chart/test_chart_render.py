@@ -85,7 +85,10 @@ def test_helm_lint_strict(helm: str, values_file: Path) -> None:
     # --api-versions, are refused by helm template instead: see test_chart_values.py).
     proc = subprocess.run(
         [helm, "lint", "--strict", str(CHART), "-f", str(values_file)],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 chart(s) linted, 0 chart(s) failed" in proc.stdout

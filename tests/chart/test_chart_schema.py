@@ -101,9 +101,7 @@ def test_every_schema_property_exists_in_values(values: dict[str, Any], schema: 
     assert declared - paths == set()
 
 
-def test_every_property_has_a_description_and_the_values_default(
-    values: dict[str, Any], schema: dict[str, Any]
-) -> None:
+def test_every_property_has_a_description_and_the_values_default(values: dict[str, Any], schema: dict[str, Any]) -> None:
     flat = {".".join(p): v for p, v in value_paths(values)}
     problems = []
     for path, node in schema_properties(schema):

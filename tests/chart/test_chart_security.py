@@ -40,7 +40,10 @@ def scan(checkov: str, *target: str) -> list[dict[str, Any]]:
     """Run checkov with the project's configuration; one report per framework."""
     proc = subprocess.run(
         [checkov, "--config-file", str(CONFIG), *target, "-o", "json"],
-        capture_output=True, text=True, timeout=600, check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
         env={**os.environ, "BC_SKIP_MAPPING": "TRUE"},
     )
     assert proc.returncode in (0, 1), proc.stderr[-2000:]
@@ -107,4 +110,3 @@ def test_every_skipped_check_has_a_reason() -> None:
     assert annotations
     for value in annotations:
         assert re.fullmatch(r"CKV_\w+=\S.{30,}", value), f"annotation without a reason: {value}"
-

@@ -13,58 +13,130 @@ pytestmark = pytest.mark.chart
 NO_CHECKPOINTS = {"checkpoints": {"persistence": {"enabled": False}}}
 
 COMBINATIONS: list[tuple[str, dict[str, Any], tuple[str, ...], str]] = [
-    ("keda-and-hpa", {"eval": {"keda": {"enabled": True}, "hpa": {"enabled": True}}}, (KEDA_API,),
-     "eval.keda.enabled and eval.hpa.enabled are both true"),
-    ("keda-without-api", {"eval": {"keda": {"enabled": True}}}, (),
-     "no keda.sh/v1alpha1 API: install KEDA first"),
-    ("keda-min-above-max", {"eval": {"keda": {"enabled": True, "minReplicaCount": 5, "maxReplicaCount": 2}}},
-     (KEDA_API,), "eval.keda.minReplicaCount 5 is above eval.keda.maxReplicaCount 2"),
-    ("keda-external-secret-without-address",
-     {"redis": {"enabled": False}, "externalRedis": {"existingSecret": "r"}, "eval": {"keda": {"enabled": True}}},
-     (KEDA_API,), "needs eval.keda.redisAddress"),
-    ("hpa-min-above-max", {"eval": {"hpa": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}}, (),
-     "eval.hpa.minReplicas 5 is above eval.hpa.maxReplicas 2"),
-    ("hpa-without-cpu-request", {"eval": {"hpa": {"enabled": True}, "resources": {"requests": {"cpu": None}}}},
-     (), "eval.hpa.enabled needs eval.resources.requests.cpu"),
+    (
+        "keda-and-hpa",
+        {"eval": {"keda": {"enabled": True}, "hpa": {"enabled": True}}},
+        (KEDA_API,),
+        "eval.keda.enabled and eval.hpa.enabled are both true",
+    ),
+    ("keda-without-api", {"eval": {"keda": {"enabled": True}}}, (), "no keda.sh/v1alpha1 API: install KEDA first"),
+    (
+        "keda-min-above-max",
+        {"eval": {"keda": {"enabled": True, "minReplicaCount": 5, "maxReplicaCount": 2}}},
+        (KEDA_API,),
+        "eval.keda.minReplicaCount 5 is above eval.keda.maxReplicaCount 2",
+    ),
+    (
+        "keda-external-secret-without-address",
+        {"redis": {"enabled": False}, "externalRedis": {"existingSecret": "r"}, "eval": {"keda": {"enabled": True}}},
+        (KEDA_API,),
+        "needs eval.keda.redisAddress",
+    ),
+    (
+        "hpa-min-above-max",
+        {"eval": {"hpa": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}},
+        (),
+        "eval.hpa.minReplicas 5 is above eval.hpa.maxReplicas 2",
+    ),
+    (
+        "hpa-without-cpu-request",
+        {"eval": {"hpa": {"enabled": True}, "resources": {"requests": {"cpu": None}}}},
+        (),
+        "eval.hpa.enabled needs eval.resources.requests.cpu",
+    ),
     ("no-redis", {"redis": {"enabled": False}}, (), "neither externalRedis.url nor externalRedis.existingSecret"),
-    ("two-redis", {"externalRedis": {"url": "redis://r:6379/0"}}, (),
-     "redis.enabled is true and externalRedis is set"),
-    ("external-url-and-secret",
-     {"redis": {"enabled": False}, "externalRedis": {"url": "redis://r:6379/0", "existingSecret": "s"}}, (),
-     "externalRedis.url and externalRedis.existingSecret are both set"),
-    ("external-password-and-secret",
-     {"redis": {"enabled": False}, "externalRedis": {"existingSecret": "s", "password": "p"}}, (),
-     "externalRedis.password and externalRedis.existingSecret are both set"),
-    ("redis-password-and-secret", {"redis": {"auth": {"password": "p", "existingSecret": "s"}}}, (),
-     "redis.auth.password and redis.auth.existingSecret are both set"),
+    ("two-redis", {"externalRedis": {"url": "redis://r:6379/0"}}, (), "redis.enabled is true and externalRedis is set"),
+    (
+        "external-url-and-secret",
+        {"redis": {"enabled": False}, "externalRedis": {"url": "redis://r:6379/0", "existingSecret": "s"}},
+        (),
+        "externalRedis.url and externalRedis.existingSecret are both set",
+    ),
+    (
+        "external-password-and-secret",
+        {"redis": {"enabled": False}, "externalRedis": {"existingSecret": "s", "password": "p"}},
+        (),
+        "externalRedis.password and externalRedis.existingSecret are both set",
+    ),
+    (
+        "redis-password-and-secret",
+        {"redis": {"auth": {"password": "p", "existingSecret": "s"}}},
+        (),
+        "redis.auth.password and redis.auth.existingSecret are both set",
+    ),
     ("no-checkpoints", NO_CHECKPOINTS, (), "no checkpoint volume: set one of checkpoints.existingClaim"),
-    ("two-checkpoint-sources", {"checkpoints": {"existingClaim": "c"}}, (),
-     "several checkpoint volumes (checkpoints.existingClaim, checkpoints.persistence.enabled)"),
-    ("results-claim-twice", {"results": {"existingClaim": "r"}}, (),
-     "results.existingClaim and results.persistence.enabled are both set"),
-    ("results-rwo-with-many-eval-pods",
-     {"results": {"persistence": {"accessMode": "ReadWriteOnce"}}, "eval": {"replicas": 3}}, (),
-     "results.persistence.accessMode is ReadWriteOnce but up to 3 eval pods write results"),
-    ("results-rwo-with-keda",
-     {"results": {"persistence": {"accessMode": "ReadWriteOnce"}}, "eval": {"keda": {"enabled": True}}}, (KEDA_API,),
-     "up to 4 eval pods write results"),
-    ("two-evaluator-sources", {"evaluators": {"existingConfigMap": "e", "volume": {"emptyDir": {}}}}, (),
-     "several evaluator sources (evaluators.existingConfigMap, evaluators.volume)"),
-    ("duplicate-watch",
-     {"watches": [{"name": "a", "directory": "x", "evaluator": "m:f"}, {"name": "a", "directory": "run-b", "evaluator": "m:f"}]},
-     (), 'watches[1].name "a" is used twice'),
-    ("watch-outside-mount", {"watches": [{"name": "a", "directory": "/data/run", "evaluator": "m:f"}]}, (),
-     'watches[0].directory "/data/run" is outside checkpoints.mountPath "/checkpoints"'),
-    ("watch-prefix-is-not-inside", {"watches": [{"name": "a", "directory": "/checkpoints2/run", "evaluator": "m:f"}]},
-     (), "is outside checkpoints.mountPath"),
-    ("same-queue", {"config": {"watchQueue": "q", "evalQueue": "q"}}, (),
-     'config.watchQueue and config.evalQueue are both "q"'),
-    ("grace-shorter-than-eval-timeout", {"config": {"evalTimeout": 7200}}, (),
-     "eval.terminationGracePeriodSeconds (3600) is shorter than config.evalTimeout (7200)"),
-    ("dashboard-password-and-secret", {"dashboard": {"auth": {"password": "p", "existingSecret": "s"}}}, (),
-     "dashboard.auth.password and dashboard.auth.existingSecret are both set"),
-    ("ingress-without-dashboard", {"dashboard": {"enabled": False, "ingress": {"enabled": True}}}, (),
-     "dashboard.ingress.enabled is true but dashboard.enabled is false"),
+    (
+        "two-checkpoint-sources",
+        {"checkpoints": {"existingClaim": "c"}},
+        (),
+        "several checkpoint volumes (checkpoints.existingClaim, checkpoints.persistence.enabled)",
+    ),
+    (
+        "results-claim-twice",
+        {"results": {"existingClaim": "r"}},
+        (),
+        "results.existingClaim and results.persistence.enabled are both set",
+    ),
+    (
+        "results-rwo-with-many-eval-pods",
+        {"results": {"persistence": {"accessMode": "ReadWriteOnce"}}, "eval": {"replicas": 3}},
+        (),
+        "results.persistence.accessMode is ReadWriteOnce but up to 3 eval pods write results",
+    ),
+    (
+        "results-rwo-with-keda",
+        {"results": {"persistence": {"accessMode": "ReadWriteOnce"}}, "eval": {"keda": {"enabled": True}}},
+        (KEDA_API,),
+        "up to 4 eval pods write results",
+    ),
+    (
+        "two-evaluator-sources",
+        {"evaluators": {"existingConfigMap": "e", "volume": {"emptyDir": {}}}},
+        (),
+        "several evaluator sources (evaluators.existingConfigMap, evaluators.volume)",
+    ),
+    (
+        "duplicate-watch",
+        {
+            "watches": [
+                {"name": "a", "directory": "x", "evaluator": "m:f"},
+                {"name": "a", "directory": "run-b", "evaluator": "m:f"},
+            ]
+        },
+        (),
+        'watches[1].name "a" is used twice',
+    ),
+    (
+        "watch-outside-mount",
+        {"watches": [{"name": "a", "directory": "/data/run", "evaluator": "m:f"}]},
+        (),
+        'watches[0].directory "/data/run" is outside checkpoints.mountPath "/checkpoints"',
+    ),
+    (
+        "watch-prefix-is-not-inside",
+        {"watches": [{"name": "a", "directory": "/checkpoints2/run", "evaluator": "m:f"}]},
+        (),
+        "is outside checkpoints.mountPath",
+    ),
+    ("same-queue", {"config": {"watchQueue": "q", "evalQueue": "q"}}, (), 'config.watchQueue and config.evalQueue are both "q"'),
+    (
+        "grace-shorter-than-eval-timeout",
+        {"config": {"evalTimeout": 7200}},
+        (),
+        "eval.terminationGracePeriodSeconds (3600) is shorter than config.evalTimeout (7200)",
+    ),
+    (
+        "dashboard-password-and-secret",
+        {"dashboard": {"auth": {"password": "p", "existingSecret": "s"}}},
+        (),
+        "dashboard.auth.password and dashboard.auth.existingSecret are both set",
+    ),
+    (
+        "ingress-without-dashboard",
+        {"dashboard": {"enabled": False, "ingress": {"enabled": True}}},
+        (),
+        "dashboard.ingress.enabled is true but dashboard.enabled is false",
+    ),
 ]
 
 
@@ -96,8 +168,14 @@ def test_valid_neighbours_of_the_bad_combinations_render(helm: str) -> None:
     render(helm, {"watches": [{"name": "a", "directory": "/checkpoints", "evaluator": "m:f"}]})
     render(helm, {"config": {"evalTimeout": 600}})
     render(helm, {"results": {"persistence": {"accessMode": "ReadWriteOnce"}}, "eval": {"replicas": 1}})
-    render(helm, {"redis": {"enabled": False}, "externalRedis": {"existingSecret": "r"},
-                  "eval": {"keda": {"enabled": True, "redisAddress": "redis.db:6379"}}})
+    render(
+        helm,
+        {
+            "redis": {"enabled": False},
+            "externalRedis": {"existingSecret": "r"},
+            "eval": {"keda": {"enabled": True, "redisAddress": "redis.db:6379"}},
+        },
+    )
 
 
 SCHEMA_ERRORS: list[tuple[str, dict[str, Any], str]] = [
@@ -110,8 +188,7 @@ SCHEMA_ERRORS: list[tuple[str, dict[str, Any], str]] = [
     ("relative-mount-path", {"checkpoints": {"mountPath": "checkpoints"}}, "mountPath"),
     ("redis-url-without-scheme", {"redis": {"enabled": False}, "externalRedis": {"url": "r:6379"}}, "url"),
     ("watch-without-evaluator", {"watches": [{"name": "a", "directory": "x"}]}, "evaluator"),
-    ("watch-unknown-field", {"watches": [{"name": "a", "directory": "x", "evaluator": "m:f", "evaluater": "m:f"}]},
-     "evaluater"),
+    ("watch-unknown-field", {"watches": [{"name": "a", "directory": "x", "evaluator": "m:f", "evaluater": "m:f"}]}, "evaluater"),
     ("bad-evaluator-file-name", {"evaluators": {"files": {"a/b.py": "x"}}}, "a/b.py"),
     ("bad-retry-backoff", {"config": {"retryBackoff": "10s,60s"}}, "retryBackoff"),
     ("bad-log-level", {"config": {"logLevel": "LOUD"}}, "logLevel"),
