@@ -44,6 +44,8 @@ def parse_ref(ref: str, base_dir: str | None = None) -> EvaluatorRef:
     hint = "give path/to/file.py:function or package.module.function"
     if not ref:
         raise EvaluatorError("the evaluator reference is empty", hint)
+    if ref.endswith(".py"):
+        raise EvaluatorError(f"evaluator {ref!r} names no function", hint)
     if ":" in ref:
         target, _, func = ref.rpartition(":")
     else:
