@@ -23,6 +23,9 @@ from torch import nn
 DEVICE_ENV = "DIGITS_DEVICE"
 """Set to ``cpu`` or ``cuda`` to override the default (cuda when available, else cpu)."""
 
+THREADS_ENV = "DIGITS_THREADS"
+"""CPU threads for evaluation (default 1: the model is tiny, and the CPU is shared with training)."""
+
 _cache: dict[str, Any] = {}
 """Built on the first call: device, held-out tensors on that device, model skeleton."""
 
@@ -49,6 +52,8 @@ def _setup() -> dict[str, Any]:
     if not _cache:
         model_module = _sibling("model")
         device = torch.device(os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # More threads than this buys nothing on 359 8x8 images and stalls when the cores are busy.
+        torch.set_num_threads(int(os.environ.get(THREADS_ENV) or 1))
         _, (x, y) = model_module.load_split()
         stats["dataset_loads"] += 1
         model = model_module.DigitsCNN().to(device).eval()
