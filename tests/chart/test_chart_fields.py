@@ -146,17 +146,24 @@ def test_results_in_an_emptydir_come_with_a_warning(helm: str) -> None:
 
 
 def test_home_and_tmp_are_writable_emptydirs(helm: str) -> None:
-    """The root filesystem is read-only, so ASSAYER_HOME and /tmp must be volumes."""
+    """The root filesystem is read-only, so ASSAYER_HOME and /tmp must lie on writable volumes."""
     r = render(helm)
     home = r.config()["ASSAYER_HOME"]
-    for obj in r.of_kind("Deployment"):
-        if obj["metadata"]["name"] == DASHBOARD or obj["metadata"]["name"] in (WATCH, EVAL):
-            volumes = volumes_of(obj)
-            by_path = {m["mountPath"]: m for m in container(obj).get("volumeMounts", [])}
-            for path in (home, "/tmp"):
-                assert path in by_path, f"{obj['metadata']['name']} lacks a volume at {path}"
-                assert "emptyDir" in volumes[by_path[path]["name"]]
-                assert not by_path[path].get("readOnly", False)
+    assert home == "/home/assayer/.assayer"
+    for obj in r.workloads():
+        c = containers(obj)[0]
+        if not c["image"].startswith("assayer"):
+            continue
+        volumes = volumes_of(obj)
+        for path in (home, "/tmp"):
+            mount = max(
+                (m for m in c["volumeMounts"] if path == m["mountPath"] or path.startswith(m["mountPath"] + "/")),
+                key=lambda m: len(m["mountPath"]),
+                default=None,
+            )
+            assert mount is not None, f"{obj['metadata']['name']}: nothing writable at {path}"
+            assert "emptyDir" in volumes[mount["name"]]
+            assert not mount.get("readOnly", False)
 
 
 # ---------------------------------------------------------------- watches and evaluators
@@ -231,6 +238,9 @@ def test_config_map_carries_the_contract_defaults(helm: str) -> None:
     assert tuple(int(x) for x in cfg["ASSAYER_RETRY_BACKOFF"].split(",")) == defaults.RETRY_BACKOFF
     assert int(cfg["ASSAYER_LEASE_TTL"]) == defaults.LEASE_TTL
     assert int(cfg["ASSAYER_MAX_WARM_EVALUATORS"]) == defaults.MAX_WARM_EVALUATORS
+    assert float(cfg["ASSAYER_HEARTBEAT_INTERVAL"]) == defaults.HEARTBEAT_INTERVAL
+    assert float(cfg["ASSAYER_REAP_INTERVAL"]) == defaults.REAP_INTERVAL
+    assert float(cfg["ASSAYER_FULL_SCAN_INTERVAL"]) == defaults.FULL_SCAN_INTERVAL
     assert cfg["ASSAYER_LOG_LEVEL"] == "INFO"
     assert all(k.startswith("ASSAYER_") for k in cfg)
 

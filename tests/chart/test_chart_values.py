@@ -126,6 +126,12 @@ COMBINATIONS: list[tuple[str, dict[str, Any], tuple[str, ...], str]] = [
         "eval.terminationGracePeriodSeconds (3600) is shorter than config.evalTimeout (7200)",
     ),
     (
+        "heartbeat-too-slow-for-lease",
+        {"config": {"heartbeatInterval": 10.0}},
+        (),
+        "config.heartbeatInterval (10) must be at most half of config.leaseTTL (15)",
+    ),
+    (
         "dashboard-password-and-secret",
         {"dashboard": {"auth": {"password": "p", "existingSecret": "s"}}},
         (),

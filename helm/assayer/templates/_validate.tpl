@@ -76,6 +76,11 @@ in one failure, with the keys involved and what to do.
 {{- $errors = append $errors (printf "config.watchQueue and config.evalQueue are both %q: scan and evaluation jobs need separate queues" $v.config.evalQueue) }}
 {{- end }}
 
+{{- /* Leases: a busy worker must heartbeat at least twice per lease (the settings refuse it otherwise). */}}
+{{- if gt (mulf 2.0 (float64 $v.config.heartbeatInterval)) (float64 $v.config.leaseTTL) }}
+{{- $errors = append $errors (printf "config.heartbeatInterval (%v) must be at most half of config.leaseTTL (%v): raise leaseTTL or lower heartbeatInterval" $v.config.heartbeatInterval $v.config.leaseTTL) }}
+{{- end }}
+
 {{- /* Autoscaling. */}}
 {{- $keda := $v.eval.keda }}
 {{- if and $keda.enabled $v.eval.hpa.enabled }}
