@@ -22,6 +22,7 @@ from chartlib import (
     ci_values_files,
     in_ci,
     render,
+    require_tool,
 )
 
 pytestmark = pytest.mark.chart
@@ -150,3 +151,13 @@ def test_keda_objects_render_only_with_the_keda_api(helm: str) -> None:
     assert with_api.of_kind("ScaledObject") and with_api.of_kind("TriggerAuthentication")
     without = render(helm, api_versions=(KEDA_API,))
     assert not without.of_kind("ScaledObject") and not without.of_kind("TriggerAuthentication")
+
+
+def test_missing_tools_fail_in_ci_and_skip_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="helm not found"):
+        require_tool("helm", None, "test")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="helm not found"):
+        require_tool("helm", None, "test")
+    assert require_tool("helm", "/usr/bin/helm", "test") == "/usr/bin/helm"

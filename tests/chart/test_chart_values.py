@@ -33,6 +33,22 @@ COMBINATIONS: list[tuple[str, dict[str, Any], tuple[str, ...], str]] = [
         "needs eval.keda.redisAddress",
     ),
     (
+        "keda-password-inside-url",
+        {
+            "redis": {"enabled": False},
+            "externalRedis": {"url": "redis://:pw@r.example:6379/0"},
+            "eval": {"keda": {"enabled": True}},
+        },
+        (KEDA_API,),
+        "move it to externalRedis.password so KEDA can authenticate too",
+    ),
+    (
+        "keda-unix-socket",
+        {"redis": {"enabled": False}, "externalRedis": {"url": "unix:///run/redis.sock"}, "eval": {"keda": {"enabled": True}}},
+        (KEDA_API,),
+        "KEDA's operator cannot reach a socket",
+    ),
+    (
         "hpa-min-above-max",
         {"eval": {"hpa": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}},
         (),

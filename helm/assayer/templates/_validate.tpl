@@ -95,6 +95,15 @@ in one failure, with the keys involved and what to do.
 {{- if and $keda.enabled (not $v.redis.enabled) $v.externalRedis.existingSecret (not $keda.redisAddress) }}
 {{- $errors = append $errors "eval.keda.enabled with externalRedis.existingSecret needs eval.keda.redisAddress (host:port): KEDA cannot read the URL from the Secret" }}
 {{- end }}
+{{- if and $keda.enabled (not $v.redis.enabled) $v.externalRedis.url (not $keda.redisAddress) }}
+{{- $url := urlParse $v.externalRedis.url }}
+{{- if eq $url.scheme "unix" }}
+{{- $errors = append $errors "eval.keda.enabled with a unix:// externalRedis.url: KEDA's operator cannot reach a socket; set eval.keda.redisAddress (host:port)" }}
+{{- end }}
+{{- if and (contains ":" (default "" $url.userinfo)) (not $v.externalRedis.password) }}
+{{- $errors = append $errors "eval.keda.enabled and externalRedis.url carries the password: move it to externalRedis.password so KEDA can authenticate too" }}
+{{- end }}
+{{- end }}
 {{- $hpa := $v.eval.hpa }}
 {{- if and $hpa.enabled (gt (int $hpa.minReplicas) (int $hpa.maxReplicas)) }}
 {{- $errors = append $errors (printf "eval.hpa.minReplicas %d is above eval.hpa.maxReplicas %d" (int $hpa.minReplicas) (int $hpa.maxReplicas)) }}
