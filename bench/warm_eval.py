@@ -105,7 +105,7 @@ def machine(device: str) -> dict[str, Any]:
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
         cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
     info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "torch": importlib.metadata.version("torch")}
-    info["device"] = device
+    info.update(device=device, load_avg_1m=round(os.getloadavg()[0], 2))  # other work on the box skews figures
     if device == "cuda":
         query = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]
         with contextlib.suppress(OSError, subprocess.CalledProcessError):
@@ -234,6 +234,7 @@ def report(fork: dict[str, Any], warm: dict[str, Any], info: dict[str, Any], com
     target = TARGETS[info["device"]]
     gpu = f", GPU {info['gpu']}" if info.get("gpu") else ""
     print(f"\nmachine: {info['cpu']} ({info['cores']} cores){gpu}, torch {info['torch']}, device {info['device']}")
+    print(f"load average (1 min) when the run ended: {info['load_avg_1m']}")
     print(f"target: warm >= {target:.0f}x faster per checkpoint: {'met' if ratio >= target else 'NOT met'}")
     metrics_agree = agree(fork["metrics"], warm["metrics"])
     print(f"metrics of both modes agree: {'yes' if metrics_agree else 'NO'}")
