@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# End-to-end tests of the container bundle on a real Docker engine: what `make e2e` and CI run.
+#
+#   bash docker/e2e.sh [PYTEST ARGS...]
+#
+# 1. an engine, docker compose v2, hadolint, chromium (.ci/install-docker.sh)
+# 2. local base images (no image registry here: docker/build-local-bases.sh)
+# 3. the wheelhouse (pip inside builds cannot verify TLS here: docker/wheelhouse.sh)
+# 4. the image from the repo's own Dockerfile, classic builder: assayer:local
+# 5. pytest -m e2e tests/e2e (compose.yaml up --scale eval=4, and the rest)
+# Every compose project of this run is removed at the end, whatever happened.
+# Env: PYTHON (default .venv/bin/python), ASSAYER_E2E_IMAGE (assayer:local).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+python="${PYTHON:-}"
+if [[ -z "$python" ]]; then
+    if [[ -x .venv/bin/python ]]; then python=.venv/bin/python; else python=python3; fi
+fi
+export ASSAYER_E2E_IMAGE="${ASSAYER_E2E_IMAGE:-assayer:local}"
+export ASSAYER_E2E_REDIS_IMAGE="${ASSAYER_E2E_REDIS_IMAGE:-assayer-redis:7}"
+# The tests name their compose projects with this prefix, so the cleanup below finds them all.
+export ASSAYER_E2E_PREFIX="assayer-e2e-$$-"
+artifacts="$root/tests/artifacts"
+mkdir -p "$artifacts"
+
+step_started=$SECONDS
+step() {
+    echo "e2e: [$((SECONDS - step_started))s] $*"
+}
+
+cleanup() {
+    local project
+    for project in $(docker ps -a --format '{{.Label "com.docker.compose.project"}}' 2>/dev/null | sort -u); do
+        [[ "$project" == "$ASSAYER_E2E_PREFIX"* ]] || continue
+        echo "e2e: removing leftover compose project $project"
+        docker ps -aq --filter "label=com.docker.compose.project=$project" | xargs -r docker rm -f >/dev/null
+        docker volume ls -q --filter "label=com.docker.compose.project=$project" | xargs -r docker volume rm >/dev/null
+        docker network ls -q --filter "label=com.docker.compose.project=$project" | xargs -r docker network rm >/dev/null
+    done
+}
+trap cleanup EXIT
+
+step "engine, compose, tools"
+bash .ci/install-docker.sh
+
+step "local base images"
+bash docker/build-local-bases.sh
+
+step "wheelhouse"
+PYTHON="$python" bash docker/wheelhouse.sh
+
+step "image $ASSAYER_E2E_IMAGE (classic builder; log: tests/artifacts/build.log)"
+if ! DOCKER_BUILDKIT=0 docker build --force-rm -f docker/Dockerfile \
+    --build-arg BASE_IMAGE=assayer-base:bookworm -t "$ASSAYER_E2E_IMAGE" . >"$artifacts/build.log" 2>&1; then
+    tail -n 40 "$artifacts/build.log" >&2
+    exit 1
+fi
+
+step "pytest -m e2e tests/e2e"
+status=0
+"$python" -m pytest -m e2e tests/e2e -p no:cacheprovider "$@" || status=$?
+step "done (pytest exit $status)"
+exit "$status"

@@ -1,0 +1,88 @@
+"""Fixtures of the end-to-end tests: a real compose project of the repo's compose.yaml.
+
+docker/e2e.sh prepares what they need (engine, compose v2, local base images, the image
+``assayer:local``); under CI=true a missing piece fails the run instead of skipping it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from e2elib import (
+    DASHBOARD_USER,
+    EVAL_REPLICAS,
+    HERE,
+    IMAGE,
+    REDIS_IMAGE,
+    Compose,
+    Stack,
+    engine_running,
+    free_port,
+    image_present,
+    project_name,
+    write_checkpoint,
+)
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    """compose.yaml up with ``--scale eval=4`` on a temp CHECKPOINT_DIR; always torn down."""
+    engine_running()
+    image_present(IMAGE)
+    image_present(REDIS_IMAGE)
+
+    workdir = Path(tempfile.mkdtemp(prefix="assayer-e2e-"))
+    checkpoints = workdir / "checkpoints"
+    checkpoints.mkdir()
+    # The containers run as uid 10001: the mounted directories must be readable by others.
+    for path in (workdir, checkpoints):
+        path.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+    # A watch declared in a watches file (the other way in is `assayer watch add`, in the tests),
+    # with a checkpoint already there for eval_existing.
+    watches_file = workdir / "watches.yaml"
+    watches_file.write_text(
+        "watches:\n"
+        "  - name: declared\n"
+        "    directory: /checkpoints/declared\n"
+        "    evaluator: /evaluators/probe.py:evaluate\n"
+        "    eval_existing: true\n"
+    )
+    watches_file.chmod(0o644)
+    declared_sum = write_checkpoint(checkpoints / "declared" / "step_000001.pt", tag=1)
+
+    password = "dash-" + os.urandom(6).hex()
+    port = free_port()
+    compose = Compose(
+        project=project_name(),
+        env={
+            "CHECKPOINT_DIR": str(checkpoints),
+            "ASSAYER_REDIS_PASSWORD": "redis-" + os.urandom(6).hex(),
+            "ASSAYER_DASHBOARD_USER": DASHBOARD_USER,
+            "ASSAYER_DASHBOARD_PASSWORD": password,
+            "ASSAYER_DASHBOARD_PORT": str(port),
+            "ASSAYER_EVALUATORS_DIR": str(HERE / "evaluators"),
+            "ASSAYER_WATCHES_FILE": str(watches_file),
+            "ASSAYER_IMAGE": IMAGE,
+            "REDIS_IMAGE": REDIS_IMAGE,
+            "ASSAYER_LOG_LEVEL": "INFO",
+        },
+    )
+    try:
+        compose("up", "--detach", "--scale", f"eval={EVAL_REPLICAS}", "--wait", "--wait-timeout", "150",
+                "--no-build", "--pull", "never", timeout=240)
+        yield Stack(compose, checkpoints, f"http://127.0.0.1:{port}", password, declared_sum)
+    finally:
+        log = compose.save_logs()
+        compose.down()
+        shutil.rmtree(workdir, ignore_errors=True)
+        print(f"\ncompose logs of {compose.project}: {log}")

