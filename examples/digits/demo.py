@@ -22,8 +22,14 @@ HERE = Path(__file__).resolve().parent
 ASSAYER = [sys.executable, "-m", "assayer"]
 
 
-def assayer(*args: str, capture: bool = False) -> str:
-    done = subprocess.run([*ASSAYER, *args], check=True, text=True, stdout=subprocess.PIPE if capture else None)
+def assayer(*args: str, capture: bool = False, quiet: bool = False) -> str:
+    """Run the assayer CLI; ``capture`` returns its stdout, ``quiet`` shows its output only if it fails."""
+    piped = subprocess.PIPE if capture or quiet else None
+    done = subprocess.run([*ASSAYER, *args], text=True, stdout=piped, stderr=subprocess.PIPE if quiet else None)
+    if done.returncode != 0:
+        if quiet:
+            sys.stderr.write((done.stdout or "") + (done.stderr or ""))
+        raise SystemExit(f"demo: `assayer {' '.join(args)}` exited {done.returncode}")
     return done.stdout or ""
 
 
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print("== results (best by accuracy)", flush=True)
         assayer("results", watch, "--best", "accuracy")
-        assayer("results", watch, "--best", "accuracy", "--plot", str(plot), capture=True)  # table already shown
+        assayer("results", watch, "--best", "accuracy", "--plot", str(plot), quiet=True)  # table already shown
         print(f"== plot of the metrics by step: {plot}", flush=True)
         return 0
     finally:
