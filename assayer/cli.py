@@ -111,11 +111,11 @@ def worker(ctx: Context, role: str, name: str | None, burst: bool, watches_file:
 def health(ctx: Context, role: str) -> None:
     """Exit 0 when a ROLE worker on this host reported in the last minute (for probes)."""
     host = socket.gethostname()
-    found = list(ctx.conn.scan_iter(match=keys.health(role, host, 0).rsplit(":", 1)[0] + ":*", count=1000))
-    if not found:
+    name = ctx.conn.get(keys.host_health(role, host))
+    if not name:
         click.echo(f"no live {role} worker on {host}", err=True)
         sys.exit(1)
-    click.echo(f"{len(found)} live {role} worker(s) on {host}")
+    click.echo(f"live {role} worker on {host}: {name.decode()}")
 
 
 # -- watches ---------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ may print to, and never pickle).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -113,16 +114,12 @@ class EvaluatorProcess:
 
     def close(self) -> None:
         if self.alive():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self.proc.wait()
         for fd in (self._to_child, self._from_child):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         self._to_child = self._from_child = -1
 
 

@@ -26,6 +26,9 @@ from .settings import Settings
 
 log = logging.getLogger("assayer.jobs")
 
+STATE_REFRESH = 5.0
+"""Seconds between two writes of an unchanged watch state (``assayer status`` shows its age)."""
+
 
 @dataclass
 class Runtime:
@@ -34,6 +37,7 @@ class Runtime:
     worker_name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     scanners: dict[str, Scanner] = field(default_factory=dict)
     last_errors: dict[str, str] = field(default_factory=dict)
+    state_written: dict[str, tuple[tuple[Any, ...], float]] = field(default_factory=dict)
     beat: Callable[[], None] | None = None  # set by the eval worker while a job runs
     _pool: EvaluatorPool | None = None
 
@@ -70,59 +74,74 @@ def runtime() -> Runtime:
 
 
 def scan(names: list[str]) -> dict[str, Any]:
-    """Scan each named watch once, enqueue eval jobs for new complete checkpoints, and set the next scan time."""
+    """Scan each named watch once, enqueue eval jobs for new complete checkpoints, and set the next scan time.
+
+    Redis work is batched over the watches (one read of the specs, one pipeline of due times and
+    states), so an idle watch costs a few stats and no round trip of its own.
+    """
     rt = runtime()
     summary: dict[str, Any] = {}
-    for name in names:
+    due: dict[str, float] = {}
+    states: dict[str, dict[str, Any]] = {}
+    for name, raw in zip(names, rt.conn.hmget(keys.WATCHES, names)):
+        spec = watches.WatchSpec.from_json(raw) if raw else None
+        if spec is None or spec.paused:
+            rt.scanners.pop(name, None)
+            continue
         try:
-            summary[name] = scan_one(rt, name)
+            summary[name], due[name], state = scan_one(rt, spec)
         except Exception as exc:  # one broken watch must not stop the others, nor itself
             log.exception("scan of watch %s failed", name)
-            _note_error(rt, name, f"{type(exc).__name__}: {exc}")
-            rt.conn.zadd(keys.DUE, {name: time.time() + rt.settings.poll_interval}, xx=True)
+            due[name] = time.time() + rt.settings.poll_interval
+            state = {"last_scan": time.time(), "error": f"{type(exc).__name__}: {exc}"}
             summary[name] = {"error": str(exc)}
+        if _state_changed(rt, name, state):
+            states[name] = state
+    with rt.conn.pipeline(transaction=False) as pipe:
+        for name, when in due.items():
+            pipe.zadd(keys.DUE, {name: when}, xx=True)
+        for name, state in states.items():
+            pipe.hset(keys.watch_state(name), mapping=state)
+        pipe.execute()
     return summary
 
 
-def scan_one(rt: Runtime, name: str) -> dict[str, Any]:
-    spec = watches.get(rt.conn, name)
-    if spec is None or spec.paused:
-        rt.scanners.pop(name, None)
-        return {"skipped": True}
+def scan_one(rt: Runtime, spec: watches.WatchSpec) -> tuple[dict[str, Any], float, dict[str, Any]]:
+    """Scan one watch; return a summary, when to scan it next, and its state for ``assayer status``."""
     settle = spec.settle if spec.settle is not None else rt.settings.settle
     poll = spec.poll_interval or rt.settings.poll_interval
-    scanner = rt.scanners.get(name)
+    scanner = rt.scanners.get(spec.name)
     if scanner is None or (scanner.root, scanner.pattern.pattern, scanner.settle) != (spec.directory, spec.regex, settle):
-        scanner = rt.scanners[name] = Scanner(
+        scanner = rt.scanners[spec.name] = Scanner(
             spec.directory, spec.regex, settle, full_scan_interval=rt.settings.full_scan_interval
         )
     now = time.time()
     report = scanner.scan(now)
-    queued = ledger.enqueue_new(rt.conn, rt.settings, spec, report.ready)
+    queued = ledger.enqueue_new(rt.conn, rt.settings, spec, report.ready) if report.ready else []
     for cand in report.ready:
         scanner.mark_done(cand.relpath, cand.version)
     error = "; ".join(report.errors[:3])
     if report.missing_root:
         error = f"{spec.directory} does not exist (yet); waiting for it"
-    _note_error(rt, name, error)
     next_scan = now + poll if report.next_check is None else min(now + poll, report.next_check)
-    with rt.conn.pipeline() as pipe:
-        pipe.hset(keys.watch_state(name), mapping={
-            "last_scan": now, "files": report.files, "incomplete": len(report.pending), "error": error,
-        })
-        pipe.zadd(keys.DUE, {name: next_scan}, xx=True)
-        pipe.execute()
-    return {"queued": len(queued), "incomplete": len(report.pending), "files": report.files}
+    state = {"last_scan": now, "files": report.files, "incomplete": len(report.pending), "error": error}
+    return {"queued": len(queued), "incomplete": len(report.pending), "files": report.files}, next_scan, state
 
 
-def _note_error(rt: Runtime, name: str, error: str) -> None:
-    """Log an error when it appears or changes, not on every poll."""
+def _state_changed(rt: Runtime, name: str, state: dict[str, Any]) -> bool:
+    """Write a watch's state when it changes, else every STATE_REFRESH seconds; log errors once."""
+    error = state.get("error") or ""
     if error and rt.last_errors.get(name) != error:
         log.warning("watch %s: %s", name, error)
-        rt.conn.hset(keys.watch_state(name), mapping={"error": error, "error_at": time.time()})
     elif not error and rt.last_errors.get(name):
         log.info("watch %s: recovered", name)
     rt.last_errors[name] = error
+    signature = tuple(v for k, v in sorted(state.items()) if k != "last_scan")
+    previous = rt.state_written.get(name)
+    if previous and previous[0] == signature and state["last_scan"] - previous[1] < STATE_REFRESH:
+        return False
+    rt.state_written[name] = (signature, state["last_scan"])
+    return True
 
 
 # -- eval work -----------------------------------------------------------------------------
@@ -147,13 +166,21 @@ def evaluate(
     }
     missing = _missing_reason(checkpoint, version)
     if missing:
-        rec.update(status="missing", error=missing, final=True, finished_at=results.utcnow())
+        rec.update(status="missing", error=f"the checkpoint was {missing} before it could be evaluated",
+                   final=True, finished_at=results.utcnow())
         results.record(rt.conn, rt.settings.results_path, rec)
-        log.warning("%s: %s", relpath, missing)
+        log.warning("%s: %s", relpath, rec["error"])
         return {"status": "missing"}
     context = {"watch": watch, "checkpoint": checkpoint, "step": step, "attempt": attempt,
                "job_id": job_id, "version": version}
     outcome = rt.pool.evaluate(evaluator, checkpoint, context, rt.settings.eval_timeout or None, rt.beat)
+    changed = _missing_reason(checkpoint, version)
+    if changed:  # rewritten while being read: these metrics describe neither version
+        rec.update(status="missing", error=f"the checkpoint was {changed} while it was being evaluated",
+                   final=True, finished_at=results.utcnow(), duration=round(outcome.duration, 4))
+        results.record(rt.conn, rt.settings.results_path, rec)
+        log.warning("%s changed while being evaluated; result discarded", relpath)
+        return {"status": "missing"}
     final = outcome.ok or retries_left <= 0
     rec.update(
         status="ok" if outcome.ok else "failed", metrics=outcome.metrics or {}, error=outcome.error,
@@ -173,11 +200,11 @@ def _missing_reason(checkpoint: str, version: str) -> str | None:
     try:
         st = os.stat(checkpoint)
     except FileNotFoundError:
-        return "the checkpoint was deleted before it could be evaluated"
+        return "deleted"
     except OSError as exc:
-        return f"the checkpoint cannot be read: {exc.strerror}"
+        return f"made unreadable ({exc.strerror})"
     if version_of(st) != version:
-        return "the checkpoint was replaced by a newer version before it could be evaluated (that version has its own job)"
+        return "replaced by a newer version"
     return None
 
 

@@ -44,6 +44,6 @@ def health(role: str, host: str, pid: int) -> str:
     return f"{P}health:{role}:{host}:{pid}"
 
 
-def maintenance_lock(queue: str) -> str:
-    """String with TTL: one worker at a time sweeps a queue for lost and due jobs."""
-    return f"{P}lock:maintenance:{queue}"
+def host_health(role: str, host: str) -> str:
+    """String with TTL: some live worker of ``role`` on ``host`` (what ``assayer health`` reads)."""
+    return f"{P}health-host:{role}:{host}"

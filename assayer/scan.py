@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import stat
+import time
 from dataclasses import dataclass, field
 
 from . import defaults
@@ -104,6 +105,7 @@ class _Dir:
     mtime_ns: int
     files: set[str]
     subdirs: set[str]
+    hot: set[str] = field(default_factory=set)  # files to stat even when the directory is unchanged
 
 
 class Scanner:
@@ -131,6 +133,9 @@ class Scanner:
         state = self._files.get(relpath)
         if state is not None and state.version == version:
             state.done = True
+            folder = self._dirs.get(os.path.dirname(relpath))
+            if folder is not None and time.time() - state.mtime > self.hot_window:
+                folder.hot.discard(os.path.basename(relpath))
 
     def scan(self, now: float) -> ScanReport:
         full = now - self._last_full >= self.full_scan_interval
@@ -173,12 +178,9 @@ class Scanner:
             cached = self._dirs[rel] = fresh
         assert cached is not None
         stat_all = listed or len(self._files) <= SMALL_WATCH
-        for name in cached.files:
-            relpath = os.path.join(rel, name)
-            known = self._files.get(relpath)
-            if not stat_all and known is not None and known.done and now - known.mtime > self.hot_window:
-                continue
-            self._check_file(relpath, now, report)
+        # Idle cost: an unchanged directory costs one stat plus its hot files, never a walk over cold ones.
+        cached.hot = {name for name in (cached.files if stat_all else cached.hot)
+                      if self._check_file(os.path.join(rel, name), now, report)}
         for name in cached.subdirs:
             self._scan_dir(os.path.join(rel, name), now, full, visited, seen, report)
 
@@ -209,31 +211,32 @@ class Scanner:
         for name in [f for f in self._files if f.startswith(prefix)]:
             del self._files[name]
 
-    def _check_file(self, relpath: str, now: float, report: ScanReport) -> None:
+    def _check_file(self, relpath: str, now: float, report: ScanReport) -> bool:
+        """Look at one file; return whether it stays hot (not handed over, or recently modified)."""
         path = os.path.join(self.root, relpath)
         try:
             st = os.stat(path)
         except FileNotFoundError:
             self._files.pop(relpath, None)
-            return
+            return False
         except OSError as exc:
             report.errors.append(f"{path}: {exc.strerror or exc}")
-            return
+            return True
         version = version_of(st)
         state = self._files.get(relpath)
         if state is None or state.version != version:
             state = self._files[relpath] = _File(version, st.st_mtime, now)
         if state.done:
-            return
+            return now - state.mtime <= self.hot_window
         if state.format is None or state.format is Format.UNKNOWN:
             try:
                 state.format = check_format(path, st.st_size)
             except FileNotFoundError:
                 self._files.pop(relpath, None)
-                return
+                return False
             except OSError as exc:
                 report.errors.append(f"{path}: {exc.strerror or exc}")
-                return
+                return True
         if state.format is Format.COMPLETE:
             report.ready.append(Candidate(path, relpath, version, parse_step(relpath)))
         elif state.format is Format.INCOMPLETE:
@@ -245,3 +248,4 @@ class Scanner:
             else:
                 report.pending.append(relpath)
                 report.wake_at(due)
+        return True

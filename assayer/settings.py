@@ -158,7 +158,9 @@ def _read_secret_file(var: str, path: str) -> str:
     try:
         return Path(path).read_text().strip()
     except OSError as exc:
-        raise ConfigError(f"{var} points at {path}, which cannot be read: {exc.strerror}", "mount the secret file or unset the variable") from None
+        raise ConfigError(
+            f"{var} points at {path}, which cannot be read: {exc.strerror}", "mount the secret file or unset the variable"
+        ) from None
 
 
 def local_stack_url(home: Path) -> str | None:

@@ -102,7 +102,10 @@ class AssayerWorker(SimpleWorker):
 
     def _write_health(self) -> None:
         if threading.main_thread().is_alive():
-            self.connection.set(keys.health(self.role, self.host, os.getpid()), self.name, ex=defaults.HEALTH_TTL)
+            with self.connection.pipeline() as pipe:
+                pipe.set(keys.health(self.role, self.host, os.getpid()), self.name, ex=defaults.HEALTH_TTL)
+                pipe.set(keys.host_health(self.role, self.host), self.name, ex=defaults.HEALTH_TTL)
+                pipe.execute()
 
     def _check_shutdown(self) -> None:
         raw = self.connection.get(keys.SHUTDOWN)
@@ -125,7 +128,8 @@ class WatchWorker(AssayerWorker):
             sync_watches_file(connection, settings)
 
     def on_tick(self, now: float) -> None:
-        names = self.connection.eval(CLAIM_DUE, 1, keys.DUE, now, defaults.SCAN_LEASE, MAX_WATCHES_PER_SCAN)
+        # Claim what falls due before the next tick too: watches scanned together stay in step, one job per batch.
+        names = self.connection.eval(CLAIM_DUE, 1, keys.DUE, now + self.tick, defaults.SCAN_LEASE, MAX_WATCHES_PER_SCAN)
         if names:
             names = sorted(n.decode() for n in names)
             self.queues[0].enqueue(
@@ -244,4 +248,4 @@ def sync_watches_file(conn: Any, settings: Settings) -> None:
             log.error("watches file %s: skipping %s: %s", settings.watches_file, entry.get("name", entry), exc)
 
 
-WORKERS: dict[str, type[AssayerWorker]] = {"watch": WatchWorker, "eval": EvalWorker}
+WORKERS: dict[str, Callable[..., AssayerWorker]] = {"watch": WatchWorker, "eval": EvalWorker}

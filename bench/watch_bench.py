@@ -1,0 +1,293 @@
+"""Watch-side benchmarks at default settings, printing figures (not pass/fail tests).
+
+    python bench/watch_bench.py latency    # checkpoint complete -> eval started, per completeness path
+    python bench/watch_bench.py many       # 100 watched directories served by one watch worker
+    python bench/watch_bench.py idle       # CPU of one watch worker over 100 idle watches, 100,000 files
+    python bench/watch_bench.py all
+
+Each run starts its own redis-server and real worker processes in a temp directory, and writes
+its figures to bench/out/<name>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from assayer import ledger, watches  # noqa: E402
+from assayer.settings import Settings  # noqa: E402
+from assayer.stack import redis_binary  # noqa: E402
+
+NOOP = f"{ROOT / 'bench' / 'evaluators.py'}:noop"
+OUT = ROOT / "bench" / "out"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class Stack:
+    """redis-server plus worker processes, default settings, in a temp dir."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.redis = subprocess.Popen([redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                       "--appendonly", "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.conn = redis.Redis.from_url(self.url)
+        _wait(lambda: _ping(self.conn), 10)
+        self.settings = Settings(redis_url=self.url, home=tmp / "home")
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("ASSAYER_")}
+        self.env.update(ASSAYER_REDIS_URL=self.url, ASSAYER_HOME=str(tmp / "home"), ASSAYER_LOG_LEVEL="WARNING",
+                        PYTHONPATH=str(ROOT))
+        self.workers: list[subprocess.Popen[bytes]] = []
+
+    def add_watch(self, directory: Path, name: str) -> None:
+        spec, _ = watches.build_spec(str(directory), NOOP, name=name)
+        ledger.register(self.conn, self.settings, spec)
+
+    def start(self, role: str) -> subprocess.Popen[bytes]:
+        log = open(self.tmp / f"{role}-{len(self.workers)}.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen([sys.executable, "-m", "assayer", "worker", role], env=self.env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        self.workers.append(proc)
+        host = socket.gethostname()
+        _wait(lambda: self.conn.exists(f"assayer:health:{role}:{host}:{proc.pid}"), 30)
+        return proc
+
+    def close(self) -> None:
+        for p in self.workers:
+            p.send_signal(signal.SIGTERM)
+        for p in self.workers:
+            p.wait(30)
+        self.redis.terminate()
+        self.redis.wait(10)
+
+
+def _ping(conn: redis.Redis) -> bool:
+    try:
+        return bool(conn.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def _wait(cond, timeout: float):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise TimeoutError("benchmark setup timed out")
+
+
+def _torch_bytes(seed: int) -> bytes:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.randn(20_000, generator=torch.Generator().manual_seed(seed))}, buf)
+    return buf.getvalue()
+
+
+def _safetensors_bytes(seed: int) -> bytes:
+    import torch
+    from safetensors.torch import save
+
+    return save({"w": torch.randn(20_000, generator=torch.Generator().manual_seed(seed))})
+
+
+def _write_slowly(path: Path, data: bytes, chunks: int = 4, pause: float = 0.2) -> float:
+    step = len(data) // chunks + 1
+    with open(path, "wb") as fh:
+        for i in range(0, len(data), step):
+            fh.write(data[i : i + step])
+            fh.flush()
+            if i + step < len(data):
+                time.sleep(pause)
+    return time.time()
+
+
+def _write_atomically(path: Path, data: bytes) -> float:
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return time.time()
+
+
+WRITERS = {
+    "torch zip, written in place": lambda p, i: _write_slowly(p.with_suffix(".pt"), _torch_bytes(i)),
+    "safetensors, written in place": lambda p, i: _write_slowly(p.with_suffix(".safetensors"), _safetensors_bytes(i)),
+    "torch zip, renamed into place": lambda p, i: _write_atomically(p.with_suffix(".ckpt"), _torch_bytes(i)),
+    "unknown format (settle window)": lambda p, i: _write_slowly(p.with_suffix(".state"), os.urandom(200_000)),
+}
+
+
+def _started(conn: redis.Redis, watch: str) -> dict[str, float]:
+    return {json.loads(v)["checkpoint"]: datetime.fromisoformat(json.loads(v)["started_at"]).timestamp()
+            for v in conn.hvals(f"assayer:results:{watch}")}
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    values = sorted(values)
+    return {"n": len(values), "p50": statistics.median(values), "p90": values[int(0.9 * (len(values) - 1))],
+            "max": values[-1]}
+
+
+def bench_latency(tmp: Path, per_kind: int) -> dict:
+    stack = Stack(tmp)
+    try:
+        root = tmp / "ckpts"
+        root.mkdir()
+        stack.add_watch(root, "latency")
+        stack.start("watch")
+        stack.start("eval")
+        stack.start("eval")
+        completed: dict[str, tuple[str, float]] = {}
+        jobs = [(kind, i) for kind in WRITERS for i in range(per_kind)]
+        random.Random(0).shuffle(jobs)
+        for n, (kind, i) in enumerate(jobs):
+            path = root / f"sub{n % 3}" / f"step_{n}"
+            path.parent.mkdir(exist_ok=True)
+            done_at = WRITERS[kind](path, i)
+            written = next(p for p in path.parent.iterdir() if p.stem == path.name)
+            completed[str(written)] = (kind, done_at)
+            time.sleep(random.Random(n).uniform(0.05, 0.6))  # random phase against the poll interval
+        _wait(lambda: len(_started(stack.conn, "latency")) >= len(completed), 60)
+        started = _started(stack.conn, "latency")
+        by_kind: dict[str, list[float]] = {}
+        for path, (kind, done_at) in completed.items():
+            by_kind.setdefault(kind, []).append(started[path] - done_at)
+        result = {kind: _summary(v) for kind, v in by_kind.items()}
+        result["all"] = _summary([x for v in by_kind.values() for x in v])
+        return result
+    finally:
+        stack.close()
+
+
+def bench_many(tmp: Path, n_watches: int = 100) -> dict:
+    stack = Stack(tmp)
+    try:
+        dirs = []
+        for i in range(n_watches):
+            d = tmp / "runs" / f"run{i:03d}"
+            d.mkdir(parents=True)
+            stack.add_watch(d, f"run{i:03d}")
+            dirs.append(d)
+        stack.start("watch")
+        stack.start("eval")
+        stack.start("eval")
+        data = _torch_bytes(0)
+        completed = {}
+        order = list(range(n_watches))
+        random.Random(1).shuffle(order)
+        for i in order:
+            path = dirs[i] / "step_100.pt"
+            completed[str(path)] = _write_atomically(path, data)
+            time.sleep(random.Random(i).uniform(0.05, 0.3))
+        def all_started() -> dict[str, float]:
+            got: dict[str, float] = {}
+            for i in range(n_watches):
+                got.update(_started(stack.conn, f"run{i:03d}"))
+            return got if len(got) >= n_watches else {}
+        started = _wait(all_started, 60)
+        return {"watches": n_watches, "watch_workers": 1,
+                **_summary([started[p] - t for p, t in completed.items()])}
+    finally:
+        stack.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def bench_idle(tmp: Path, seconds: float, n_watches: int = 100, dirs_per_watch: int = 10, files_per_dir: int = 100) -> dict:
+    stack = Stack(tmp)
+    try:
+        old = time.time() - 3600
+        t0 = time.time()
+        for w in range(n_watches):
+            root = tmp / "runs" / f"run{w:03d}"
+            for d in range(dirs_per_watch):
+                folder = root / f"epoch{d:02d}"
+                folder.mkdir(parents=True)
+                for f in range(files_per_dir):
+                    p = folder / f"step_{f:04d}.pt"
+                    p.write_bytes(b"\x80\x04checkpoint")
+                    os.utime(p, (old, old))
+            stack.add_watch(root, f"run{w:03d}")
+        setup = time.time() - t0
+        watcher = stack.start("watch")
+        def all_scanned() -> bool:
+            return all(stack.conn.hget(f"assayer:state:run{w:03d}", "last_scan") for w in range(n_watches))
+        _wait(all_scanned, 120)
+        time.sleep(stack.settings.full_scan_interval)  # past the first (cold) full scan of every watch
+        w0, r0, t0 = _cpu_seconds(watcher.pid), _cpu_seconds(stack.redis.pid), time.monotonic()
+        time.sleep(seconds)
+        w1, r1, t1 = _cpu_seconds(watcher.pid), _cpu_seconds(stack.redis.pid), time.monotonic()
+        elapsed = t1 - t0
+        return {"watches": n_watches, "directories": n_watches * dirs_per_watch,
+                "files": n_watches * dirs_per_watch * files_per_dir, "measured_seconds": round(elapsed, 1),
+                "watch_worker_cpu_percent": round(100 * (w1 - w0) / elapsed, 2),
+                "redis_cpu_percent": round(100 * (r1 - r0) / elapsed, 2), "setup_seconds": round(setup, 1),
+                "poll_interval": stack.settings.poll_interval, "full_scan_interval": stack.settings.full_scan_interval}
+    finally:
+        stack.close()
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", choices=["latency", "many", "idle", "all"])
+    parser.add_argument("--per-kind", type=int, default=15, help="checkpoints per completeness path (latency)")
+    parser.add_argument("--idle-seconds", type=float, default=60.0, help="CPU measuring window (idle)")
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {machine()}")
+    runs = ["latency", "many", "idle"] if args.which == "all" else [args.which]
+    for name in runs:
+        with tempfile.TemporaryDirectory(prefix=f"assayer-bench-{name}-") as tmp:
+            if name == "latency":
+                figures = bench_latency(Path(tmp), args.per_kind)
+                print("\ncheckpoint complete -> eval started (seconds; target p50 <= 0.5, max <= 3)")
+                print(f"  {'path':34} {'n':>3} {'p50':>6} {'p90':>6} {'max':>6}")
+                for kind, f in figures.items():
+                    print(f"  {kind:34} {f['n']:>3} {f['p50']:>6.3f} {f['p90']:>6.3f} {f['max']:>6.3f}")
+            elif name == "many":
+                figures = bench_many(Path(tmp))
+                print(f"\n{figures['watches']} watched directories, 1 watch worker: complete -> eval started "
+                      f"p50 {figures['p50']:.3f}s, p90 {figures['p90']:.3f}s, max {figures['max']:.3f}s (target p50 <= 1)")
+            else:
+                figures = bench_idle(Path(tmp), args.idle_seconds)
+                print(f"\n{figures['watches']} idle watches over {figures['files']:,} files in "
+                      f"{figures['directories']:,} directories, {figures['measured_seconds']}s: watch worker "
+                      f"{figures['watch_worker_cpu_percent']}% of one core, redis-server "
+                      f"{figures['redis_cpu_percent']}% (target <= 10%)")
+            (OUT / f"{name}.json").write_text(json.dumps({"machine": machine(), **figures}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
