@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -66,10 +67,8 @@ class RedisServer:
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
-            try:
+            with contextlib.suppress(redis.ConnectionError):
                 redis.Redis(port=self.port).shutdown(nosave=False)
-            except redis.ConnectionError:
-                pass
             self.proc.wait(10)
 
     def restart(self) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import time
 import zipfile
+from pathlib import Path
 
 CALLS = 0
 LOADED_AT = time.time()  # set once per import: a warm worker keeps it
@@ -53,7 +54,7 @@ def not_json(path: str) -> object:
 def flaky(path: str) -> dict[str, object]:
     """Fails on the first attempt of each file, then succeeds: counts attempts in a file beside it."""
     counter = os.environ["FLAKY_DIR"] + "/" + os.path.basename(path) + ".count"
-    n = int(open(counter).read()) + 1 if os.path.exists(counter) else 1
+    n = int(Path(counter).read_text()) + 1 if os.path.exists(counter) else 1
     with open(counter, "w") as fh:
         fh.write(str(n))
     if n == 1:

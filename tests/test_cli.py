@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import redis
+from conftest import ROOT, Workers, env_for, evaluator_ref, free_port, wait_for
+from writers import torch_bytes
 
 from assayer import results
 from assayer.errors import ConfigError
 from assayer.settings import Settings
-from conftest import ROOT, Workers, env_for, evaluator_ref, free_port, wait_for
-from writers import torch_bytes
 
 
 def run(settings: Settings, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -127,7 +127,7 @@ def test_results_as_table_json_csv_and_best(conn: redis.Redis, settings: Setting
     assert [r["accuracy"] for r in rows] == ["0.5", "0.9", "0.8"]
     table = run(settings, "results", "--best", "accuracy").stdout
     assert "best accuracy for run: 0.9 at /ck/step_1.pt" in table
-    assert [line for line in table.splitlines() if line.startswith("*")][0].split()[2] == "100"
+    assert next(line for line in table.splitlines() if line.startswith("*")).split()[2] == "100"
     best_loss = json.loads(run(settings, "results", "--best", "loss:min", "--format", "json").stdout)
     assert [r["checkpoint"] for r in best_loss] == ["/ck/step_1.pt"]
     bad = run(settings, "results", "--best", "f1")

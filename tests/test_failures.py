@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import redis
+from conftest import ROOT, RedisServer, Workers, attempts, env_for, evaluator_ref, final_results, wait_for
+from writers import torch_bytes, zip_bytes
 
 from assayer import ledger, watches
 from assayer.settings import Settings
-from conftest import ROOT, RedisServer, Workers, attempts, env_for, evaluator_ref, final_results, wait_for
-from writers import torch_bytes, zip_bytes
 
 
 def add_watch(conn: redis.Redis, settings: Settings, directory: Path, fn: str, name: str = "run") -> None:

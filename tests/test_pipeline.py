@@ -6,9 +6,6 @@ import time
 from pathlib import Path
 
 import redis
-
-from assayer import ledger, watches
-from assayer.settings import Settings
 from conftest import Workers, attempts, evaluator_ref, final_results, wait_for
 from writers import (
     safetensors_bytes,
@@ -18,6 +15,9 @@ from writers import (
     write_slowly_in_background,
     zip_bytes,
 )
+
+from assayer import ledger, watches
+from assayer.settings import Settings
 
 
 def add_watch(conn: redis.Redis, settings: Settings, directory: Path, fn: str = "record", **kw) -> str:  # type: ignore[no-untyped-def]

@@ -6,9 +6,9 @@ import struct
 from pathlib import Path
 
 import pytest
+from writers import safetensors_bytes, torch_bytes, zip_bytes
 
 from assayer.readiness import Format, check_format, settled_at
-from writers import safetensors_bytes, torch_bytes, zip_bytes
 
 
 def state(path: Path) -> Format:

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+from writers import torch_bytes, write_atomically
 
 import assayer.scan as scan_module
 from assayer.scan import Scanner, parse_step
-from writers import torch_bytes, write_atomically
 
 
 def ready(scanner: Scanner, now: float | None = None) -> set[str]:

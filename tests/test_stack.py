@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, evaluator_ref, free_port, wait_for
 from writers import torch_bytes
 
