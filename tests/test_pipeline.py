@@ -204,3 +204,22 @@ def test_burst_of_1000_checkpoints_gives_exactly_1000_results(
     assert all(r["status"] == "ok" for r in recs)
     lines = (settings.results_path / "run.jsonl").read_text().splitlines()
     assert len(lines) == 1000  # the file copy has every attempt too
+
+
+def test_checkpoint_rewritten_during_its_evaluation_is_not_scored_as_the_old_version(
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    ckpts, marker = tmp_path / "ckpts", tmp_path / "started"
+    ckpts.mkdir()
+    add_watch(conn, settings, ckpts, fn="slow")
+    workers.start("watch")
+    workers.start("eval", {"EVAL_MARKER": str(marker), "EVAL_SECONDS": "2"})
+    last = ckpts / "last.ckpt"
+    last.write_bytes(torch_bytes(1))
+    wait_for(lambda: marker.exists(), 20, what="the first evaluation to start")
+    last.write_bytes(torch_bytes(2, size=5000))  # the trainer saves again mid-evaluation
+    wait_for(lambda: len(final_results(conn, "run")) == 2, 30, what="both versions to end")
+    by_status = {r["status"]: r for r in final_results(conn, "run")}
+    assert set(by_status) == {"missing", "ok"}
+    assert "while it was being evaluated" in by_status["missing"]["error"]
+    assert by_status["ok"]["metrics"]["size"] == len(torch_bytes(2, size=5000))
