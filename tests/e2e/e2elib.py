@@ -11,6 +11,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+from base64 import b64encode
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -181,6 +184,20 @@ def project_name() -> str:
     """Unique per run; docker/e2e.sh removes every project with its ASSAYER_E2E_PREFIX at exit."""
     prefix = os.environ.get("ASSAYER_E2E_PREFIX", f"assayer-e2e-{os.getpid()}-")
     return f"{prefix}{secrets.token_hex(3)}"
+
+
+def http_status(url: str, auth: tuple[str, str] | None = None) -> int:
+    """HTTP status of a GET (0 when nothing answers), with basic auth when given."""
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (urllib.error.URLError, ConnectionError):
+        return 0  # nothing answers (yet)
 
 
 # -- checkpoints --------------------------------------------------------------------------------

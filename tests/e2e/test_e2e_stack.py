@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-import urllib.error
-import urllib.request
-from base64 import b64encode
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +20,7 @@ from e2elib import (
     EVAL_REPLICAS,
     Stack,
     docker_cli,
+    http_status,
     run,
     unavailable,
     wait_for,
@@ -108,17 +106,6 @@ def test_batch_is_evaluated_exactly_once_by_all_four_eval_containers(stack: Stac
     used = {records[0]["metrics"]["host"] for records in grouped.values()}
     assert len(hostnames(stack)) == EVAL_REPLICAS
     assert used == hostnames(stack), "all four eval containers should have taken part"
-
-
-def http_status(url: str, auth: tuple[str, str] | None = None) -> int:
-    request = urllib.request.Request(url)
-    if auth:
-        request.add_header("Authorization", "Basic " + b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
 
 
 def test_dashboard_requires_login_and_shows_the_eval_queue_and_four_workers(stack: Stack) -> None:
