@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -24,6 +25,7 @@ from e2elib import (
     HERE,
     IMAGE,
     REDIS_IMAGE,
+    ROOT,
     Compose,
     Stack,
     engine_running,
@@ -32,6 +34,8 @@ from e2elib import (
     project_name,
     write_checkpoint,
 )
+
+READABLE_DIR = stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
 
 
 @pytest.fixture(scope="session")
@@ -46,18 +50,23 @@ def stack() -> Iterator[Stack]:
     checkpoints.mkdir()
     # The containers run as uid 10001: the mounted directories must be readable by others.
     for path in (workdir, checkpoints):
-        path.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+        path.chmod(READABLE_DIR)
     # A watch declared in a watches file (the other way in is `assayer watch add`, in the tests),
     # with a checkpoint already there for eval_existing.
+    # Plus the demo profile's watch, as docker/watches.demo.yaml declares it (the last test runs
+    # the demo trainer).
+    demo = yaml.safe_load((ROOT / "docker" / "watches.demo.yaml").read_text())["watches"]
+    declared = {"name": "declared", "directory": "/checkpoints/declared",
+                "evaluator": "/evaluators/probe.py:evaluate", "eval_existing": True}
     watches_file = workdir / "watches.yaml"
-    watches_file.write_text(
-        "watches:\n"
-        "  - name: declared\n"
-        "    directory: /checkpoints/declared\n"
-        "    evaluator: /evaluators/probe.py:evaluate\n"
-        "    eval_existing: true\n"
-    )
+    watches_file.write_text(yaml.safe_dump({"watches": [declared, *demo]}))
     watches_file.chmod(0o644)
+    # The test's evaluators, beside the digits example the demo profile trains and evaluates.
+    evaluators = workdir / "evaluators"
+    shutil.copytree(HERE / "evaluators", evaluators, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "examples" / "digits", evaluators / "digits", ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [evaluators, *evaluators.rglob("*")]:
+        path.chmod(READABLE_DIR if path.is_dir() else 0o644)
     declared_sum = write_checkpoint(checkpoints / "declared" / "step_000001.pt", tag=1)
 
     password = "dash-" + os.urandom(6).hex()
@@ -70,7 +79,7 @@ def stack() -> Iterator[Stack]:
             "ASSAYER_DASHBOARD_USER": DASHBOARD_USER,
             "ASSAYER_DASHBOARD_PASSWORD": password,
             "ASSAYER_DASHBOARD_PORT": str(port),
-            "ASSAYER_EVALUATORS_DIR": str(HERE / "evaluators"),
+            "ASSAYER_EVALUATORS_DIR": str(evaluators),
             "ASSAYER_WATCHES_FILE": str(watches_file),
             "ASSAYER_IMAGE": IMAGE,
             "REDIS_IMAGE": REDIS_IMAGE,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -133,7 +134,7 @@ class Compose:
         return self("exec", "-T", service, *cmd, timeout=timeout, check=check)
 
     def container_ids(self, service: str) -> list[str]:
-        return sorted(self("ps", "-q", service).stdout.split())
+        return sorted(self("ps", "--all", "-q", service).stdout.split())
 
     def results(self) -> list[dict[str, Any]]:
         return list(json.loads(self.exec("watch", "assayer", "results", "--format", "json").stdout))
@@ -151,12 +152,14 @@ class Compose:
     def save_logs(self) -> Path:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         path = ARTIFACTS / f"compose-{self.project}.log"
-        proc = self("logs", "--no-color", "--timestamps", timeout=60, check=False)
+        every_profile = dataclasses.replace(self, profiles=["*"])
+        proc = every_profile("logs", "--no-color", "--timestamps", timeout=60, check=False)
         path.write_text(proc.stdout + proc.stderr)
         return path
 
     def down(self) -> None:
-        self("down", "--volumes", "--remove-orphans", "--timeout", "30", timeout=180, check=False)
+        every_profile = dataclasses.replace(self, profiles=["*"])
+        every_profile("down", "--volumes", "--remove-orphans", "--timeout", "30", timeout=180, check=False)
 
 
 EVAL_REPLICAS = 4

@@ -6,6 +6,7 @@ The tests share one stack (see conftest.py) and run in file order.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import Counter
@@ -207,3 +208,37 @@ def test_stop_mid_evaluation_loses_nothing_and_up_again_reevaluates_nothing(stac
     assert {k: v for k, v in after.items() if k != stack.container_path(fresh)} == before
     assert len(compose.jsonl_lines(WATCH)) == lines_before + 1
     assert len(by_checkpoint(compose.results(), "declared")) == 1
+
+
+def test_demo_profile_trains_and_every_epoch_is_evaluated(stack: Stack) -> None:
+    """The newcomer's path: the demo trainer writes checkpoints, the demo watch evaluates them."""
+    demo_dir = stack.checkpoints / "demo"
+    demo_dir.mkdir()
+    demo_dir.chmod(0o777)  # the trainer runs as uid 10001 (ASSAYER_DEMO_USER)
+    demo = dataclasses.replace(stack.compose, profiles=["demo"])
+    demo("up", "--detach", "--no-build", "--pull", "never", "demo-trainer", timeout=240)
+    (trainer,) = demo.container_ids("demo-trainer")
+
+    def trained() -> bool:
+        running, code = run([docker_cli(), "inspect", "--format", "{{.State.Running}} {{.State.ExitCode}}",
+                             trainer]).stdout.split()
+        if running == "false" and code != "0":
+            logs = run([docker_cli(), "logs", "--tail", "30", trainer], check=False)
+            raise AssertionError(f"the demo trainer exited {code}:\n{logs.stdout}{logs.stderr}")
+        return running == "false"
+
+    wait_for(trained, 150, "the demo trainer to finish its epochs")
+    epochs = sorted(p for p in demo_dir.rglob("epoch=*.pt"))
+    assert len(epochs) == 6, epochs
+
+    def all_epochs() -> dict[str, list[dict[str, Any]]] | None:
+        grouped = by_checkpoint(stack.compose.results(), "demo")
+        done = {path: records for path, records in grouped.items() if "/epoch=" in path}
+        return done if len(done) == len(epochs) else None
+
+    done = wait_for(all_epochs, 90, "a result for every epoch's checkpoint")
+    assert set(done) == {stack.container_path(p) for p in epochs}
+    for records in done.values():
+        assert [r["status"] for r in records] == ["ok"], records
+    last = max(done.values(), key=lambda records: records[0]["step"])[0]
+    assert last["metrics"]["accuracy"] > 0.5, last  # a trained model, evaluated on held-out digits
