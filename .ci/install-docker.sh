@@ -36,6 +36,10 @@ fi
 # -- engine -----------------------------------------------------------------------------------
 if ! docker info >/dev/null 2>&1; then
     say "starting dockerd (log: $dockerd_log)"
+    # A pid file left by an engine that did not stop cleanly keeps dockerd from starting.
+    if [[ -f /var/run/docker.pid ]] && ! kill -0 "$(cat /var/run/docker.pid)" 2>/dev/null; then
+        rm -f /var/run/docker.pid
+    fi
     mkdir -p "$(dirname "$dockerd_log")"
     # setsid + nohup: the engine outlives this script (and the shell that ran it).
     setsid nohup dockerd >>"$dockerd_log" 2>&1 </dev/null &

@@ -61,6 +61,7 @@ def simple_index() -> Iterator[tuple[str, list[str]]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.timeout(900)  # a cold build installs torch and the rest through the index
 def test_image_builds_from_a_package_index_without_the_wheelhouse(simple_index: tuple[str, list[str]]) -> None:
     engine_running()
     image_present(BASE)

@@ -28,7 +28,8 @@ from e2elib import (
     write_checkpoint,
 )
 
-pytestmark = pytest.mark.e2e
+# Generous: the first test also brings the stack up, and CI machines are shared.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 WATCH = "e2e"
 
