@@ -19,8 +19,8 @@ EVAL_QUEUE = "assayer-eval"
 CHECKPOINT_REGEX = r"\.(pt|pth|ckpt|model|state|safetensors)$"
 """Default filter, searched in the checkpoint's absolute path."""
 
-POLL_INTERVAL = 1.0
-"""Seconds between two scans of an idle watch."""
+POLL_INTERVAL = 0.5
+"""Seconds between two scans of a watch (an unchanged directory costs one stat per scan)."""
 
 SETTLE = 2.0
 """Seconds a file of unknown format must stay unchanged before it counts as complete."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import ROOT, Workers, env_for, evaluator_ref, free_port, wait_for
+from harness import ROOT, Workers, env_for, evaluator_ref, free_port, wait_for
 from writers import torch_bytes
 
 from assayer import results

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import redis
-from conftest import ROOT, evaluator_ref, final_results, wait_for
+from harness import ROOT, evaluator_ref, final_results, wait_for
 from writers import torch_bytes
 
 

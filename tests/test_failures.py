@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import redis
-from conftest import ROOT, RedisServer, Workers, attempts, env_for, evaluator_ref, final_results, wait_for
+from harness import ROOT, RedisServer, Workers, attempts, env_for, evaluator_ref, final_results, wait_for
 from writers import torch_bytes, zip_bytes
 
 from assayer import ledger, watches

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import redis
-from conftest import Workers, attempts, evaluator_ref, final_results, wait_for
+from harness import Workers, attempts, evaluator_ref, final_results, wait_for
 from writers import (
     safetensors_bytes,
     torch_bytes,

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, evaluator_ref, free_port, wait_for
+from harness import ROOT, evaluator_ref, free_port, wait_for
 from writers import torch_bytes
 
 
