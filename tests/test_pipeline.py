@@ -223,3 +223,27 @@ def test_checkpoint_rewritten_during_its_evaluation_is_not_scored_as_the_old_ver
     assert set(by_status) == {"missing", "ok"}
     assert "while it was being evaluated" in by_status["missing"]["error"]
     assert by_status["ok"]["metrics"]["size"] == len(torch_bytes(2, size=5000))
+
+
+def test_watches_file_is_loaded_by_watch_workers_and_a_bad_entry_does_not_block_the_rest(
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    good, later = tmp_path / "good", tmp_path / "later"
+    good.mkdir()
+    (good / "old.pt").write_bytes(torch_bytes(0))
+    watches_file = tmp_path / "watches.yaml"
+    watches_file.write_text(
+        "watches:\n"
+        f"  - name: good\n    directory: {good}\n    evaluator: {evaluator_ref('record')}\n"
+        f"  - name: broken\n    directory: {good}\n    evaluator: {tmp_path}/missing.py:evaluate\n"
+        f"  - name: later\n    directory: {later}\n    evaluator: {evaluator_ref('record')}\n    eval_existing: true\n"
+    )
+    workers.start("watch", {"ASSAYER_WATCHES_FILE": str(watches_file)})
+    workers.start("eval")
+    assert sorted(n.decode() for n in conn.hkeys("assayer:watches")) == ["good", "later"]
+    (good / "new.pt").write_bytes(torch_bytes(1))
+    later.mkdir()  # training creates its output directory after the watch was declared
+    (later / "first.pt").write_bytes(torch_bytes(2))
+    wait_for(lambda: final_results(conn, "good") and final_results(conn, "later"), 20, what="both watches evaluated")
+    assert [r["relpath"] for r in final_results(conn, "good")] == ["new.pt"]  # old.pt was there before: baseline
+    assert "missing.py does not exist" in workers.logs()
