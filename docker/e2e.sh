@@ -39,6 +39,9 @@ cleanup() {
         docker volume ls -q --filter "label=com.docker.compose.project=$project" | xargs -r docker volume rm >/dev/null
         docker network ls -q --filter "label=com.docker.compose.project=$project" | xargs -r docker network rm >/dev/null
     done
+    # Images that compose built for this run's projects (the layers stay cached).
+    docker images --format '{{.Repository}}:{{.Tag}}' assayer-e2e 2>/dev/null \
+        | grep -F ":$ASSAYER_E2E_PREFIX" | xargs -r docker rmi --no-prune >/dev/null || true
 }
 trap cleanup EXIT
 

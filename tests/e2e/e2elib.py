@@ -31,6 +31,8 @@ IMAGE = os.environ.get("ASSAYER_E2E_IMAGE", "assayer:local")
 """The Assayer image under test, built from docker/Dockerfile by docker/e2e.sh."""
 REDIS_IMAGE = os.environ.get("ASSAYER_E2E_REDIS_IMAGE", "assayer-redis:7")
 """Redis image; the local stand-in from docker/build-local-bases.sh where no registry is reachable."""
+BASE_IMAGE = os.environ.get("ASSAYER_E2E_BASE_IMAGE", "assayer-base:bookworm")
+"""BASE_IMAGE build arg where python:3.11-slim-bookworm cannot be pulled."""
 
 # Variables compose.yaml reads: the tests set every one they need and clear the others, so
 # neither the developer's shell nor a .env file in the repo changes what is tested.

@@ -7,6 +7,8 @@ The tests share one stack (see conftest.py) and run in file order.
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -124,9 +126,10 @@ def test_dashboard_requires_login_and_shows_the_eval_queue_and_four_workers(stac
         unavailable("Debian chromium is not installed (.ci/install-docker.sh installs it)")
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    profile = tempfile.mkdtemp(prefix="assayer-chromium-")
     with sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
-            user_data_dir=str(ARTIFACTS / ".chromium-profile"),
+            user_data_dir=profile,
             executable_path=str(chromium),
             headless=True,
             args=["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -151,6 +154,7 @@ def test_dashboard_requires_login_and_shows_the_eval_queue_and_four_workers(stac
             page.screenshot(path=str(ARTIFACTS / "dashboard-queues.png"), full_page=True)
         finally:
             context.close()
+            shutil.rmtree(profile, ignore_errors=True)
     eval_rows = [row for row in rows if "assayer-eval" in row]
     assert len(eval_rows) == EVAL_REPLICAS, rows
     assert {host for host in hostnames(stack) if any(host in row for row in eval_rows)} == hostnames(stack), rows
