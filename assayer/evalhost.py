@@ -149,6 +149,11 @@ class EvaluatorPool:
             self._procs[ref] = proc
         return outcome
 
+    def prestart(self, ref: str) -> None:
+        """Start importing ``ref`` now, so the first checkpoint does not pay for it (while there is room)."""
+        if ref not in self._procs and len(self._procs) < self.size:
+            self._procs[ref] = EvaluatorProcess(ref)
+
     def close(self) -> None:
         while self._procs:
             self._procs.popitem()[1].close()

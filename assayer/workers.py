@@ -150,6 +150,10 @@ class EvalWorker(AssayerWorker):
         super().__init__(settings, connection, settings.eval_queue, name)
         self._last_sweep = 0.0
         self._last_beat = 0.0
+        # Warm the evaluators of the watches there are, most recently added first.
+        for spec in sorted(watches.all_specs(connection), key=lambda s: -s.created_at):
+            if not spec.paused:
+                self.runtime.pool.prestart(spec.evaluator)
 
     def get_heartbeat_ttl(self, job: Job) -> int:
         # rq's StartedJobRegistry score: a job whose worker stops beating is lost after this long.
