@@ -216,36 +216,25 @@ class Scanner:
         path = os.path.join(self.root, relpath)
         try:
             st = os.stat(path)
-        except FileNotFoundError:
+            version = version_of(st)
+            state = self._files.get(relpath)
+            if state is None or state.version != version:
+                state = self._files[relpath] = _File(version, st.st_mtime, now)
+            if state.done:
+                return now - state.mtime <= self.hot_window
+            if state.format is None or state.format is Format.UNKNOWN:
+                state.format = check_format(path, st.st_size)
+        except FileNotFoundError:  # deleted between listing and looking, or mid-read
             self._files.pop(relpath, None)
             return False
         except OSError as exc:
             report.errors.append(f"{path}: {exc.strerror or exc}")
             return True
-        version = version_of(st)
-        state = self._files.get(relpath)
-        if state is None or state.version != version:
-            state = self._files[relpath] = _File(version, st.st_mtime, now)
-        if state.done:
-            return now - state.mtime <= self.hot_window
-        if state.format is None or state.format is Format.UNKNOWN:
-            try:
-                state.format = check_format(path, st.st_size)
-            except FileNotFoundError:
-                self._files.pop(relpath, None)
-                return False
-            except OSError as exc:
-                report.errors.append(f"{path}: {exc.strerror or exc}")
-                return True
-        if state.format is Format.COMPLETE:
+        due = now if state.format is Format.COMPLETE else settled_at(st.st_mtime, state.first_seen, self.settle)
+        if state.format is not Format.INCOMPLETE and now >= due:
             report.ready.append(Candidate(path, relpath, version, parse_step(relpath)))
-        elif state.format is Format.INCOMPLETE:
-            report.pending.append(relpath)
         else:
-            due = settled_at(st.st_mtime, state.first_seen, self.settle)
-            if now >= due:
-                report.ready.append(Candidate(path, relpath, version, parse_step(relpath)))
-            else:
-                report.pending.append(relpath)
+            report.pending.append(relpath)
+            if state.format is Format.UNKNOWN:
                 report.wake_at(due)
         return True

@@ -144,3 +144,14 @@ def attempts(conn: redis.Redis, job_id: str) -> list[dict[str, Any]]:
 
 def evaluator_ref(name: str) -> str:
     return f"{EVALUATORS}:{name}"
+
+
+def add_watch(conn: redis.Redis, settings: Settings, directory: Path, fn: str = "record", name: str = "run",
+              **options: Any) -> str:
+    """Register a watch the way ``assayer watch add`` does (validated, baseline taken), creating the directory."""
+    from assayer import ledger, watches
+
+    directory.mkdir(parents=True, exist_ok=True)
+    spec, _ = watches.build_spec(str(directory), evaluator_ref(fn), name=name, **options)
+    ledger.register(conn, settings, spec)
+    return spec.name

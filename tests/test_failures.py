@@ -11,16 +11,11 @@ import time
 from pathlib import Path
 
 import redis
-from harness import ROOT, RedisServer, Workers, attempts, env_for, evaluator_ref, final_results, wait_for
+from harness import ROOT, RedisServer, Workers, add_watch, attempts, env_for, final_results, wait_for
 from writers import torch_bytes, zip_bytes
 
 from assayer import ledger, watches
 from assayer.settings import Settings
-
-
-def add_watch(conn: redis.Redis, settings: Settings, directory: Path, fn: str, name: str = "run") -> None:
-    spec, _ = watches.build_spec(str(directory), evaluator_ref(fn), name=name)
-    ledger.register(conn, settings, spec)
 
 
 def markers(path: Path) -> list[str]:
@@ -31,7 +26,6 @@ def test_kill_9_of_an_eval_worker_mid_eval_then_the_job_completes_once(
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
     ckpts, marker = tmp_path / "ckpts", tmp_path / "started"
-    ckpts.mkdir()
     add_watch(conn, settings, ckpts, "slow")
     env = {"EVAL_MARKER": str(marker), "EVAL_SECONDS": "4"}
     workers.start("watch")
@@ -68,7 +62,6 @@ def test_kill_9_of_the_watch_worker_then_watching_resumes(
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
     ckpts = tmp_path / "ckpts"
-    ckpts.mkdir()
     add_watch(conn, settings, ckpts, "record")
     first = workers.start("watch")
     workers.start("eval")
@@ -85,7 +78,6 @@ def test_a_lost_scan_job_does_not_end_the_watch(
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
     ckpts = tmp_path / "ckpts"
-    ckpts.mkdir()
     add_watch(conn, settings, ckpts, "record")
     conn.zadd("assayer:due", {"run": time.time() + 3})  # as if a worker claimed it and died mid-scan
     workers.start("watch")
@@ -135,7 +127,6 @@ def test_shutdown_mid_eval_finishes_the_eval_keeps_the_queue_and_resumes(
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
     ckpts, marker = tmp_path / "ckpts", tmp_path / "started"
-    ckpts.mkdir()
     add_watch(conn, settings, ckpts, "slow")
     env = {"EVAL_MARKER": str(marker), "EVAL_SECONDS": "4"}
     watch = workers.start("watch")
@@ -157,7 +148,6 @@ def test_shutdown_mid_eval_finishes_the_eval_keeps_the_queue_and_resumes(
 
 def test_shutdown_purge_empties_the_queues(conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path) -> None:
     ckpts = tmp_path / "ckpts"
-    ckpts.mkdir()
     add_watch(conn, settings, ckpts, "record")
     workers.start("watch")
     (ckpts / "a.pt").write_bytes(torch_bytes())
@@ -172,7 +162,6 @@ def test_evaluator_that_raises_is_retried_then_failed_with_traceback(
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
     ckpts = tmp_path / "ckpts"
-    ckpts.mkdir()
     add_watch(conn, settings, ckpts, "boom")
     workers.start("watch")
     workers.start("eval")
@@ -189,7 +178,6 @@ def test_transient_failure_succeeds_on_retry(
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
     ckpts = tmp_path / "ckpts"
-    ckpts.mkdir()
     add_watch(conn, settings, ckpts, "flaky")
     workers.start("watch")
     workers.start("eval", {"FLAKY_DIR": str(tmp_path)})

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import redis
-from harness import Workers, attempts, evaluator_ref, final_results, wait_for
+from harness import Workers, add_watch, attempts, evaluator_ref, final_results, wait_for
 from writers import (
     safetensors_bytes,
     torch_bytes,
@@ -16,14 +16,7 @@ from writers import (
     zip_bytes,
 )
 
-from assayer import ledger, watches
 from assayer.settings import Settings
-
-
-def add_watch(conn: redis.Redis, settings: Settings, directory: Path, fn: str = "record", **kw) -> str:  # type: ignore[no-untyped-def]
-    spec, _ = watches.build_spec(str(directory), evaluator_ref(fn), name=kw.pop("name", "run"), **kw)
-    ledger.register(conn, settings, spec)
-    return spec.name
 
 
 def results_by_path(conn: redis.Redis, watch: str = "run") -> dict[str, list[dict]]:
@@ -37,7 +30,6 @@ def test_every_completeness_path_evaluates_each_file_once_and_whole(
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
     ckpts = tmp_path / "ckpts"
-    ckpts.mkdir()
     add_watch(conn, settings, ckpts)
     workers.start("watch")
     workers.start("eval")
@@ -66,7 +58,6 @@ def test_overwrite_in_place_is_a_new_version_and_deletion_triggers_nothing(
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
     ckpts = tmp_path / "ckpts"
-    ckpts.mkdir()
     add_watch(conn, settings, ckpts)
     workers.start("watch")
     workers.start("eval")
@@ -87,7 +78,6 @@ def test_queued_job_whose_file_vanished_ends_missing(
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
     ckpts = tmp_path / "ckpts"
-    ckpts.mkdir()
     add_watch(conn, settings, ckpts)
     workers.start("watch")
     (ckpts / "gone.pt").write_bytes(torch_bytes())
@@ -145,7 +135,6 @@ def test_checkpoints_written_while_down_are_evaluated_on_restart_and_nothing_twi
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
     ckpts = tmp_path / "ckpts"
-    ckpts.mkdir()
     add_watch(conn, settings, ckpts)
     workers.start("watch")
     workers.start("eval")
@@ -166,7 +155,6 @@ def test_two_watch_workers_never_enqueue_a_checkpoint_twice(
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
     ckpts = tmp_path / "ckpts"
-    ckpts.mkdir()
     for i in range(5):
         add_watch(conn, settings, ckpts, name=f"w{i}")  # five watches on one tree: both workers get work
     workers.start("watch")
@@ -210,7 +198,6 @@ def test_checkpoint_rewritten_during_its_evaluation_is_not_scored_as_the_old_ver
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
     ckpts, marker = tmp_path / "ckpts", tmp_path / "started"
-    ckpts.mkdir()
     add_watch(conn, settings, ckpts, fn="slow")
     workers.start("watch")
     workers.start("eval", {"EVAL_MARKER": str(marker), "EVAL_SECONDS": "2"})
