@@ -40,6 +40,16 @@ class Runtime:
     state_written: dict[str, tuple[tuple[Any, ...], float]] = field(default_factory=dict)
     beat: Callable[[], None] | None = None  # set by the eval worker while a job runs
     _pool: EvaluatorPool | None = None
+    _specs: dict[bytes, watches.WatchSpec] = field(default_factory=dict)
+
+    def spec(self, raw: bytes) -> watches.WatchSpec:
+        """Parse a stored spec, remembering the last parse per watch (specs rarely change)."""
+        cached = self._specs.get(raw)
+        if cached is None:
+            cached = watches.WatchSpec.from_json(raw)
+            self._specs = {k: v for k, v in self._specs.items() if v.name != cached.name}
+            self._specs[raw] = cached
+        return cached
 
     @property
     def pool(self) -> EvaluatorPool:
@@ -84,7 +94,7 @@ def scan(names: list[str]) -> dict[str, Any]:
     due: dict[str, float] = {}
     states: dict[str, dict[str, Any]] = {}
     for name, raw in zip(names, rt.conn.hmget(keys.WATCHES, names)):
-        spec = watches.WatchSpec.from_json(raw) if raw else None
+        spec = rt.spec(raw) if raw else None
         if spec is None or spec.paused:
             rt.scanners.pop(name, None)
             continue
@@ -98,8 +108,8 @@ def scan(names: list[str]) -> dict[str, Any]:
         if _state_changed(rt, name, state):
             states[name] = state
     with rt.conn.pipeline(transaction=False) as pipe:
-        for name, when in due.items():
-            pipe.zadd(keys.DUE, {name: when}, xx=True)
+        if due:
+            pipe.zadd(keys.DUE, due, xx=True)  # xx: a watch removed meanwhile stays removed
         for name, state in states.items():
             pipe.hset(keys.watch_state(name), mapping=state)
         pipe.execute()

@@ -102,9 +102,10 @@ class _File:
 
 @dataclass
 class _Dir:
+    path: str
     mtime_ns: int
     files: set[str]
-    subdirs: set[str]
+    subdirs: set[str]  # paths relative to the root
     hot: set[str] = field(default_factory=set)  # files to stat even when the directory is unchanged
 
 
@@ -152,7 +153,8 @@ class Scanner:
     def _scan_dir(
         self, rel: str, now: float, full: bool, visited: set[tuple[int, int]], seen: set[str], report: ScanReport
     ) -> None:
-        path = os.path.join(self.root, rel) if rel else self.root
+        cached = self._dirs.get(rel)
+        path = cached.path if cached is not None else (os.path.join(self.root, rel) if rel else self.root)
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -166,10 +168,9 @@ class Scanner:
             return  # not a directory, or a symlink loop / second path to a directory already scanned
         visited.add((st.st_dev, st.st_ino))
         seen.add(rel)
-        cached = self._dirs.get(rel)
         listed = full or cached is None or cached.mtime_ns != st.st_mtime_ns
         if listed:
-            fresh = self._list(path, st.st_mtime_ns, report)
+            fresh = self._list(rel, path, st.st_mtime_ns, report)
             if fresh is None:
                 return
             if cached is not None:
@@ -181,10 +182,10 @@ class Scanner:
         # Idle cost: an unchanged directory costs one stat plus its hot files, never a walk over cold ones.
         cached.hot = {name for name in (cached.files if stat_all else cached.hot)
                       if self._check_file(os.path.join(rel, name), now, report)}
-        for name in cached.subdirs:
-            self._scan_dir(os.path.join(rel, name), now, full, visited, seen, report)
+        for sub in cached.subdirs:
+            self._scan_dir(sub, now, full, visited, seen, report)
 
-    def _list(self, path: str, mtime_ns: int, report: ScanReport) -> _Dir | None:
+    def _list(self, rel: str, path: str, mtime_ns: int, report: ScanReport) -> _Dir | None:
         files: set[str] = set()
         subdirs: set[str] = set()
         try:
@@ -193,7 +194,7 @@ class Scanner:
                     try:
                         if entry.is_dir():
                             if not is_ignored(entry.name, is_dir=True):
-                                subdirs.add(entry.name)
+                                subdirs.add(os.path.join(rel, entry.name))
                         elif entry.is_file() and not is_ignored(entry.name) and self.pattern.search(entry.path):
                             files.add(entry.name)
                     except OSError:
@@ -202,7 +203,7 @@ class Scanner:
             if exc.errno != errno.ENOENT:
                 report.errors.append(f"{path}: {exc.strerror or exc}")
             return None
-        return _Dir(mtime_ns, files, subdirs)
+        return _Dir(path, mtime_ns, files, subdirs)
 
     def _forget_dir(self, rel: str) -> None:
         prefix = rel + os.sep if rel else ""
