@@ -96,13 +96,16 @@ def worker(ctx: Context, role: str, name: str | None, burst: bool, watches_file:
             conn = connect(settings)
             w = WORKERS[role](settings, conn, name=name)
             w.work(burst=burst, logging_level=settings.log_level, with_scheduler=False)
-            return
+            if burst or w.stop_requested:
+                return
+            # rq leaves its loop on some errors (a Redis timeout, say): exit 0 would read as a clean stop
+            log.error("the %s worker loop ended unexpectedly; starting again in %.0fs", role, delay)
         except (RedisUnavailable, redis.ConnectionError, redis.TimeoutError) as exc:
             if burst:
                 raise
             log.error("%s; retrying in %.0fs", exc, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 30.0)
+        time.sleep(delay)
+        delay = min(delay * 2, 30.0)
 
 
 @cli.command()

@@ -68,6 +68,11 @@ class AssayerWorker(SimpleWorker):
         self.runtime = jobs.Runtime(settings, connection, worker_name=name)
         self._ticker_stop = threading.Event()
         self._shutdown_sent = False
+        self.stop_requested = False  # by a signal or `assayer shutdown`: work() returning is then expected
+
+    def request_stop(self, signum: int, frame: Any) -> None:
+        self.stop_requested = True
+        super().request_stop(signum, frame)
 
     # -- background thread ------------------------------------------------------------------
 
