@@ -30,6 +30,7 @@ step() {
     echo "e2e: [$((SECONDS - step_started))s] $*"
 }
 
+# shellcheck disable=SC2317  # called by the EXIT trap
 cleanup() {
     local project
     for project in $(docker ps -a --format '{{.Label "com.docker.compose.project"}}' 2>/dev/null | sort -u); do

@@ -247,3 +247,9 @@ def test_demo_profile_trains_and_every_epoch_is_evaluated(stack: Stack) -> None:
         assert [r["status"] for r in records] == ["ok"], records
     last = max(done.values(), key=lambda records: records[0]["step"])[0]
     assert last["metrics"]["accuracy"] > 0.5, last  # a trained model, evaluated on held-out digits
+
+    # The plot of the results, written in the results volume and copied out.
+    stack.compose.exec("watch", "assayer", "results", "demo", "--best", "accuracy", "--plot", "/results/demo.png")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    stack.compose("cp", "watch:/results/demo.png", str(ARTIFACTS / "demo-results.png"))
+    assert (ARTIFACTS / "demo-results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
