@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from e2elib import (
+    ARTIFACTS,
     HERE,
     IMAGE,
     docker_cli,
@@ -90,8 +91,10 @@ def test_all_in_one_container_evaluates_and_stop_lets_the_evaluation_finish() ->
             [("ok", "/checkpoints/step_000001.pt", expected)], f"the running evaluation must finish on stop: {lines}"
     finally:
         logs = run([docker_cli(), "logs", name], check=False)
-        artifacts = Path(__file__).resolve().parents[1] / "artifacts"
-        artifacts.mkdir(parents=True, exist_ok=True)
-        (artifacts / f"{name}.log").write_text(logs.stdout + logs.stderr)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        (ARTIFACTS / f"{name}.log").write_text(logs.stdout + logs.stderr)
+        # The programs' own logs (supervisor writes them in the stack directory).
+        run([docker_cli(), "cp", f"{name}:/home/assayer/.assayer/stack/logs", str(ARTIFACTS / f"{name}-logs")],
+            check=False)
         run([docker_cli(), "rm", "--force", "--volumes", name], check=False)
         shutil.rmtree(workdir, ignore_errors=True)
