@@ -183,13 +183,14 @@ def test_stop_mid_evaluation_loses_nothing_and_up_again_reevaluates_nothing(stac
     slow_sum = write_checkpoint(slow_dir / "step_001000.pt", tag=1000)
     wait_for(lambda: running_evaluations(stack) >= 1, 60, "the slow evaluation to start", interval=0.5)
     eval_ids = compose.container_ids("eval")
+    worker_ids = [*compose.container_ids("watch"), *eval_ids]
 
     stopped = time.monotonic()
     compose("stop", timeout=900)  # eval's stop_grace_period (10m) applies
     stop_took = time.monotonic() - stopped
-    exit_codes = run([docker_cli(), "inspect", "--format", "{{.State.Running}} {{.State.ExitCode}}", *eval_ids]).stdout
-    assert exit_codes.split("\n")[:-1] == ["false 0"] * EVAL_REPLICAS, \
-        f"eval workers must stop by themselves after a warm shutdown, not be killed:\n{exit_codes}"
+    states = run([docker_cli(), "inspect", "--format", "{{.State.Running}} {{.State.ExitCode}}", *worker_ids]).stdout
+    assert states.split("\n")[:-1] == ["false 0"] * len(worker_ids), \
+        f"watch and eval workers must stop by themselves after a warm shutdown, not be killed:\n{states}"
 
     restarted = time.time()
     compose("up", "--detach", "--scale", f"eval={EVAL_REPLICAS}", "--wait", "--wait-timeout", "150",
