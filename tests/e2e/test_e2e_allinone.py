@@ -86,6 +86,10 @@ def test_all_in_one_container_evaluates_and_stop_lets_the_evaluation_finish() ->
         state = run([docker_cli(), "inspect", "--format", "{{.State.ExitCode}} {{.State.OOMKilled}}", name]).stdout
         assert state.split() == ["0", "false"], f"supervisord should exit 0 after stopping everything ({took:.0f}s)"
 
+        supervisord = run([docker_cli(), "logs", name], check=False)
+        killed = [line for line in (supervisord.stdout + supervisord.stderr).splitlines() if "SIGKILL" in line]
+        assert not killed, f"every program must stop warmly, none be killed by supervisor ({took:.0f}s): {killed}"
+
         lines = [json.loads(line) for line in (results / "aio.jsonl").read_text().splitlines()]
         assert [(r["status"], r["checkpoint"], r["metrics"]["sum"]) for r in lines] == \
             [("ok", "/checkpoints/step_000001.pt", expected)], f"the running evaluation must finish on stop: {lines}"
