@@ -95,7 +95,9 @@ def worker(ctx: Context, role: str, name: str | None, burst: bool, watches_file:
         try:
             conn = connect(settings)
             w = WORKERS[role](settings, conn, name=name)
-            w.work(burst=burst, logging_level=settings.log_level, with_scheduler=False)
+            # rq logs every job at INFO; scans run twice a second, so only an explicit DEBUG shows them
+            rq_level = settings.log_level if role == "eval" or settings.log_level.upper() == "DEBUG" else "WARNING"
+            w.work(burst=burst, logging_level=rq_level, with_scheduler=False)
             if burst or w.stop_requested:
                 return
             # rq leaves its loop on some errors (a Redis timeout, say): exit 0 would read as a clean stop

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rq import Queue
+from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -52,6 +53,9 @@ MAX_WATCHES_PER_SCAN = 100
 SHUTDOWN_CHECK_INTERVAL = 0.5
 """Seconds between two looks at the shutdown flag."""
 
+STOP_POLL = 2
+"""Seconds an idle worker waits for a job before it looks at its stop flag again."""
+
 
 class AssayerWorker(SimpleWorker):
     role = ""
@@ -72,7 +76,20 @@ class AssayerWorker(SimpleWorker):
 
     def request_stop(self, signum: int, frame: Any) -> None:
         self.stop_requested = True
+        # rq raises StopRequested from inside this signal handler; if the signal lands while the
+        # main thread is writing a log line, logging swallows it. The flag stops the loop anyway.
+        self._stop_requested = True
         super().request_stop(signum, frame)
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        """rq's dequeue, in short waits that look at the stop flag in between (see request_stop)."""
+        if timeout is None or max_idle_time is not None:
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        while not self._stop_requested:
+            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time=STOP_POLL)
+            if result is not None:
+                return result
+        raise StopRequested()
 
     # -- background thread ------------------------------------------------------------------
 
