@@ -90,6 +90,7 @@ def scan(names: list[str]) -> dict[str, Any]:
     states), so an idle watch costs a few stats and no round trip of its own.
     """
     rt = runtime()
+    started = time.time()
     summary: dict[str, Any] = {}
     due: dict[str, float] = {}
     states: dict[str, dict[str, Any]] = {}
@@ -99,7 +100,7 @@ def scan(names: list[str]) -> dict[str, Any]:
             rt.scanners.pop(name, None)
             continue
         try:
-            summary[name], due[name], state = scan_one(rt, spec)
+            summary[name], due[name], state = scan_one(rt, spec, started)
         except Exception as exc:  # one broken watch must not stop the others, nor itself
             log.exception("scan of watch %s failed", name)
             due[name] = time.time() + rt.settings.poll_interval
@@ -116,8 +117,13 @@ def scan(names: list[str]) -> dict[str, Any]:
     return summary
 
 
-def scan_one(rt: Runtime, spec: watches.WatchSpec) -> tuple[dict[str, Any], float, dict[str, Any]]:
-    """Scan one watch; return a summary, when to scan it next, and its state for ``assayer status``."""
+def scan_one(rt: Runtime, spec: watches.WatchSpec, batch_start: float) -> tuple[dict[str, Any], float, dict[str, Any]]:
+    """Scan one watch; return a summary, when to scan it next, and its state for ``assayer status``.
+
+    The next scan counts from the batch's start, not this watch's turn in it: watches scanned
+    together stay due together, so one scan job keeps serving them all (a long full scan would
+    otherwise spread them over many small jobs, each paying rq's per-job cost).
+    """
     settle = spec.settle if spec.settle is not None else rt.settings.settle
     poll = spec.poll_interval or rt.settings.poll_interval
     scanner = rt.scanners.get(spec.name)
@@ -133,7 +139,7 @@ def scan_one(rt: Runtime, spec: watches.WatchSpec) -> tuple[dict[str, Any], floa
     error = "; ".join(report.errors[:3])
     if report.missing_root:
         error = f"{spec.directory} does not exist (yet); waiting for it"
-    next_scan = now + poll if report.next_check is None else min(now + poll, report.next_check)
+    next_scan = batch_start + poll if report.next_check is None else min(batch_start + poll, report.next_check)
     state = {"last_scan": now, "files": report.files, "incomplete": len(report.pending), "error": error}
     return {"queued": len(queued), "incomplete": len(report.pending), "files": report.files}, next_scan, state
 
