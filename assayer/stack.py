@@ -7,6 +7,7 @@ commands find the stack's Redis through ``stack/redis.url`` when ``ASSAYER_REDIS
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -137,12 +138,10 @@ def _wait_ready(settings: Settings, url: str, eval_workers: int, timeout: float 
     conn = redis.Redis.from_url(url)
     deadline = time.time() + timeout
     while time.time() < deadline:
-        try:
+        with contextlib.suppress(redis.RedisError):  # Redis itself may still be starting
             live = {r: len(list(conn.scan_iter(match=f"{defaults.KEY_PREFIX}health:{r}:*"))) for r in ("watch", "eval")}
             if live["watch"] >= 1 and live["eval"] >= eval_workers:
                 return
-        except redis.RedisError:
-            pass
         time.sleep(0.5)
     raise StackError(f"the stack did not become ready in {timeout:.0f}s",
                      f"see the logs in {settings.home / 'stack' / 'logs'}")

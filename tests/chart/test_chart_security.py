@@ -76,8 +76,7 @@ def test_chart_scan_has_no_findings(checkov: str, rendered_cases: Path) -> None:
 
 
 def test_dockerfile_scan_has_no_findings(checkov: str) -> None:
-    if not DOCKERFILE.is_file():
-        pytest.skip("docker/Dockerfile does not exist (yet)")
+    assert DOCKERFILE.is_file()
     reports = scan(checkov, "-f", str(DOCKERFILE))
     assert [r["check_type"] for r in reports] == ["dockerfile"]
     assert failures(reports) == []
