@@ -192,21 +192,24 @@ def evaluate(ctx: Context, paths: tuple[str, ...], watch_name: str, force: bool)
     report = Scanner(spec.directory, spec.regex, spec.settle if spec.settle is not None else ctx.settings.settle).scan(
         time.time())
     ready = {c.path: c for c in report.ready}
-    if paths:
+    if paths:  # named on request: evaluated (again), whatever the ledger says
         wanted = [os.path.abspath(p) for p in paths]
         unknown = [p for p in wanted if p not in ready]
         if unknown:
             raise WatchError(f"not a complete checkpoint of watch {spec.name}: {', '.join(unknown)}",
                              f"give files under {spec.directory} that match {spec.regex} and are fully written")
-        chosen = [ready[p] for p in wanted]
-    else:
+        ids = ledger.enqueue_new(ctx.conn, ctx.settings, spec, [ready[p] for p in wanted], force=True)
+    elif force:
+        ids = ledger.enqueue_new(ctx.conn, ctx.settings, spec, list(ready.values()), force=True)
+    else:  # every complete checkpoint without a result, queued or running evaluation
         chosen = list(ready.values())
-        if not force:
-            done = set(ctx.conn.hkeys(keys.results(spec.name)))
-            entries = ctx.conn.hmget(keys.ledger(spec.name), [c.relpath for c in chosen]) if chosen else []
-            chosen = [c for c, e in zip(chosen, entries)
-                      if e is None or (json.loads(e)["job"] or "").encode() not in done]
-    ids = ledger.enqueue_new(ctx.conn, ctx.settings, spec, chosen, force=True)
+        handled = set(ctx.conn.hkeys(keys.results(spec.name))) | set(ctx.conn.smembers(keys.pending(spec.name)))
+        entries = [json.loads(e) if e else None
+                   for e in (ctx.conn.hmget(keys.ledger(spec.name), [c.relpath for c in chosen]) if chosen else [])]
+        known = [c for c, e in zip(chosen, entries) if e and e["v"] == c.version]
+        again = [c for c, e in zip(chosen, entries) if e and e["v"] == c.version and (e["job"] or "").encode() not in handled]
+        ids = ledger.enqueue_new(ctx.conn, ctx.settings, spec, [c for c in chosen if c not in known])  # ledger dedupes
+        ids += ledger.enqueue_new(ctx.conn, ctx.settings, spec, again, force=True)
     click.echo(f"queued {len(ids)} evaluation(s) for watch {spec.name}")
 
 

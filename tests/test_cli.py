@@ -166,6 +166,7 @@ def test_evaluate_existing_on_request(conn: redis.Redis, settings: Settings, wor
     assert conn.llen("rq:queue:assayer-eval") == 0  # existing: baseline only
     out = run(settings, "evaluate", "--watch", "run")
     assert out.returncode == 0 and "queued 1" in out.stdout
+    assert "queued 0" in run(settings, "evaluate", "--watch", "run").stdout  # already queued: not twice
     workers.start("eval")
     wait_for(lambda: conn.hlen("assayer:results:run") == 1, 20, what="the requested evaluation")
     assert "queued 0" in run(settings, "evaluate", "--watch", "run").stdout  # already evaluated
