@@ -55,8 +55,11 @@ HOT_WINDOW = 600.0
 WATCH_TICK = 0.1
 """Seconds between two looks of a watch worker for due watches."""
 
-RESULT_TTL = -1
-"""rq result TTL of eval jobs: -1 keeps them (the original forgot results after 500 s)."""
+RESULT_TTL = 7 * 24 * 3600
+"""Seconds rq keeps a finished eval job (rq-dashboard's view). Assayer's own results never expire."""
+
+FAILURE_TTL = 30 * 24 * 3600
+"""Seconds rq keeps a failed eval job in its FailedJobRegistry."""
 
 SCAN_RESULT_TTL = 60
 """rq result TTL of scan jobs, long enough to see them in rq-dashboard."""

@@ -18,7 +18,7 @@ from typing import Any
 import redis
 from rq import Queue, Retry
 
-from . import keys
+from . import defaults, keys
 from .errors import WatchError
 from .scan import Candidate, Scanner
 from .settings import Settings
@@ -56,8 +56,8 @@ def _new_job(queue: Queue, settings: Settings, spec: WatchSpec, cand: Candidate,
         kwargs=payload,
         job_id=job_id,
         timeout=-1,  # the eval worker enforces ASSAYER_EVAL_TIMEOUT itself; rq's 180 s default must not apply
-        result_ttl=-1,
-        failure_ttl=-1,
+        result_ttl=defaults.RESULT_TTL,
+        failure_ttl=defaults.FAILURE_TTL,
         retry=retry,
         description=f"evaluate {spec.name}: {cand.relpath}",
     )
