@@ -26,7 +26,6 @@ def load(path: Path) -> ModuleType:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
     """Two epochs of training, once for the whole module (a few seconds on CPU)."""
-    pytest.importorskip("torch")
     out = tmp_path_factory.mktemp("digits")
     train = load(EXAMPLES / "digits" / "train.py")
     assert train.main(["--out", str(out), "--epochs", "2", "--device", "cpu"]) == 0
@@ -35,7 +34,6 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
 
 @pytest.fixture
 def evaluator(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    pytest.importorskip("torch")
     monkeypatch.setenv("DIGITS_DEVICE", "cpu")
     return load(EXAMPLES / "digits" / "eval.py")
 

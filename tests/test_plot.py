@@ -9,8 +9,6 @@ import pytest
 
 from assayer import plot
 
-pytest.importorskip("matplotlib")
-
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
