@@ -17,7 +17,7 @@ import redis
 
 from . import __version__, keys, ledger, results, status, watches
 from .errors import AssayerError, ConfigError, RedisUnavailable, WatchError
-from .scan import Scanner
+from .layouts import LAYOUTS
 from .settings import Settings
 
 log = logging.getLogger("assayer.cli")
@@ -141,11 +141,19 @@ def watch() -> None:
 @click.option("--settle", type=float,
               help="Seconds a file of unknown format must stay unchanged [default: ASSAYER_SETTLE]. On NFS, "
                    "set it above the mount's attribute cache time (actimeo).")
+@click.option("--layout", type=click.Choice(LAYOUTS), default="auto", show_default=True,
+              help="How directory checkpoints are recognised: auto detects Hugging Face, torch DCP, DeepSpeed, "
+                   "Megatron, Orbax and marker directories; file treats only files as checkpoints")
+@click.option("--ready-marker", "ready_markers", multiple=True, metavar="NAME",
+              help="A file your trainer writes last into each checkpoint directory (repeatable); "
+                   "step-named directories then wait for it")
 @pass_ctx
 def watch_add(ctx: Context, directory: str, evaluator: str, name: str | None, regex: str | None,
-              eval_existing: bool, poll_interval: float | None, settle: float | None) -> None:
-    """Watch DIRECTORY (recursively) and evaluate each new complete checkpoint."""
-    spec, warnings = watches.build_spec(directory, evaluator, name, regex, eval_existing, poll_interval, settle)
+              eval_existing: bool, poll_interval: float | None, settle: float | None, layout: str,
+              ready_markers: tuple[str, ...]) -> None:
+    """Watch DIRECTORY (recursively) and evaluate each new complete checkpoint: a file or a directory."""
+    spec, warnings = watches.build_spec(directory, evaluator, name, regex, eval_existing, poll_interval, settle,
+                                        layout=layout, ready_markers=ready_markers)
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
     outcome = ledger.register(ctx.conn, ctx.settings, spec)
@@ -162,7 +170,7 @@ def watch_list(ctx: Context, fmt: str) -> None:
         click.echo(json.dumps([json.loads(s.to_json()) for s in specs], indent=2))
         return
     for s in specs:
-        click.echo(f"{s.name}{' (paused)' if s.paused else ''}\t{s.directory}\t{s.evaluator}\t{s.regex}")
+        click.echo(f"{s.name}{' (paused)' if s.paused else ''}\t{s.directory}\t{s.evaluator}\t{s.regex}\t{s.layout}")
     if not specs:
         click.echo("no watches")
 
@@ -189,8 +197,7 @@ _name_command("resume", lambda c, n: watches.set_paused(c, n, False), "Scan NAME
 def evaluate(ctx: Context, paths: tuple[str, ...], watch_name: str, force: bool) -> None:
     """Evaluate existing checkpoints of a watch now: PATHS, or every complete one not yet evaluated."""
     spec = watches.require(ctx.conn, watch_name)
-    report = Scanner(spec.directory, spec.regex, spec.settle if spec.settle is not None else ctx.settings.settle).scan(
-        time.time())
+    report = spec.scanner(ctx.settings).scan(time.time())
     ready = {c.path: c for c in report.ready}
     if paths:  # named on request: evaluated (again), whatever the ledger says
         wanted = [os.path.abspath(p) for p in paths]

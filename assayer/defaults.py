@@ -87,3 +87,7 @@ LOCAL_REDIS_PORT = 6390
 
 SUPERVISOR_STOP_WAIT = 3600
 """Seconds supervisor lets a worker finish its current evaluation on ``assayer down``."""
+
+DIR_QUIET = 0.2
+"""Seconds a directory checkpoint's members must stay unchanged once its layout's marker or format
+rule holds (the settle-only ``dir`` layout waits the whole settle time instead)."""

@@ -26,6 +26,8 @@ class EvalContext:
     attempt: int
     job_id: str
     version: str
+    layout: str = "file"
+    """``file``, or the layout of a directory checkpoint (``hf``, ``dcp``, ``deepspeed``, ...)."""
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,10 @@ from typing import Any
 from rq import get_current_job
 
 from . import keys, ledger, results, watches
+from .dirs import version_of_path
 from .errors import EvaluationFailed
 from .evalhost import EvaluatorPool
-from .scan import Scanner, version_of
+from .scan import Scanner
 from .settings import Settings
 
 log = logging.getLogger("assayer.jobs")
@@ -36,6 +37,7 @@ class Runtime:
     conn: Any
     worker_name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     scanners: dict[str, Scanner] = field(default_factory=dict)
+    scanned_specs: dict[str, watches.WatchSpec] = field(default_factory=dict)
     last_errors: dict[str, str] = field(default_factory=dict)
     state_written: dict[str, tuple[tuple[Any, ...], float]] = field(default_factory=dict)
     beat: Callable[[], None] | None = None  # set by the eval worker while a job runs
@@ -124,13 +126,13 @@ def scan_one(rt: Runtime, spec: watches.WatchSpec, batch_start: float) -> tuple[
     together stay due together, so one scan job keeps serving them all (a long full scan would
     otherwise spread them over many small jobs, each paying rq's per-job cost).
     """
-    settle = spec.settle if spec.settle is not None else rt.settings.settle
     poll = spec.poll_interval or rt.settings.poll_interval
     scanner = rt.scanners.get(spec.name)
-    if scanner is None or (scanner.root, scanner.pattern.pattern, scanner.settle) != (spec.directory, spec.regex, settle):
-        scanner = rt.scanners[spec.name] = Scanner(
-            spec.directory, spec.regex, settle, full_scan_interval=rt.settings.full_scan_interval
-        )
+    if scanner is None or rt.scanned_specs.get(spec.name) is not spec:  # a new or changed spec
+        fresh = spec.scanner(rt.settings)
+        if scanner is None or scanner.options != fresh.options:
+            scanner = rt.scanners[spec.name] = fresh
+        rt.scanned_specs[spec.name] = spec
     now = time.time()
     report = scanner.scan(now)
     queued = ledger.enqueue_new(rt.conn, rt.settings, spec, report.ready) if report.ready else []
@@ -140,7 +142,11 @@ def scan_one(rt: Runtime, spec: watches.WatchSpec, batch_start: float) -> tuple[
     if report.missing_root:
         error = f"{spec.directory} does not exist (yet); waiting for it"
     next_scan = batch_start + poll if report.next_check is None else min(batch_start + poll, report.next_check)
-    state = {"last_scan": now, "files": report.files, "incomplete": len(report.pending), "error": error}
+    waiting = "; ".join(f"{rel}: {why}" for rel, why in sorted(report.waiting.items())[:3])
+    if len(report.waiting) > 3:
+        waiting += f"; and {len(report.waiting) - 3} more"
+    state = {"last_scan": now, "files": report.files, "incomplete": len(report.pending), "error": error,
+             "waiting": waiting}
     return {"queued": len(queued), "incomplete": len(report.pending), "files": report.files}, next_scan, state
 
 
@@ -164,7 +170,8 @@ def _state_changed(rt: Runtime, name: str, state: dict[str, Any]) -> bool:
 
 
 def evaluate(
-    watch: str, checkpoint: str, relpath: str, version: str, evaluator: str, step: int | None, retries: int
+    watch: str, checkpoint: str, relpath: str, version: str, evaluator: str, step: int | None, retries: int,
+    layout: str = "file",
 ) -> dict[str, Any]:
     """Evaluate one checkpoint version in a warm evaluator process and store the outcome."""
     rt = runtime()
@@ -178,7 +185,7 @@ def evaluate(
     rec: dict[str, Any] = {
         "watch": watch, "checkpoint": checkpoint, "relpath": relpath, "version": version, "step": step,
         "job_id": job_id, "attempt": attempt, "worker": rt.worker_name, "started_at": results.utcnow(),
-        "evaluator": evaluator, "metrics": {}, "error": None, "traceback": None, "duration": 0.0,
+        "evaluator": evaluator, "metrics": {}, "error": None, "traceback": None, "duration": 0.0, "layout": layout,
     }
     missing = _missing_reason(checkpoint, version)
     if missing:
@@ -188,7 +195,7 @@ def evaluate(
         log.warning("%s: %s", relpath, rec["error"])
         return {"status": "missing"}
     context = {"watch": watch, "checkpoint": checkpoint, "step": step, "attempt": attempt,
-               "job_id": job_id, "version": version}
+               "job_id": job_id, "version": version, "layout": layout}
     outcome = rt.pool.evaluate(evaluator, checkpoint, context, rt.settings.eval_timeout or None, rt.beat)
     changed = _missing_reason(checkpoint, version)
     if changed:  # rewritten while being read: these metrics describe neither version
@@ -214,12 +221,12 @@ def evaluate(
 
 def _missing_reason(checkpoint: str, version: str) -> str | None:
     try:
-        st = os.stat(checkpoint)
+        current = version_of_path(checkpoint)
     except FileNotFoundError:
         return "deleted"
     except OSError as exc:
-        return f"made unreadable ({exc.strerror})"
-    if version_of(st) != version:
+        return f"made unreadable ({exc.strerror or exc})"
+    if current != version:
         return "replaced by a newer version"
     return None
 

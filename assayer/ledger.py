@@ -20,7 +20,7 @@ from rq import Queue, Retry
 
 from . import defaults, keys
 from .errors import WatchError
-from .scan import Candidate, Scanner
+from .scan import Candidate
 from .settings import Settings
 from .watches import WatchSpec
 
@@ -49,6 +49,7 @@ def _new_job(queue: Queue, settings: Settings, spec: WatchSpec, cand: Candidate,
         "evaluator": spec.evaluator,
         "step": cand.step,
         "retries": settings.retries,
+        "layout": cand.layout,
     }
     retry = Retry(max=settings.retries, interval=list(settings.retry_backoff)) if settings.retries else None
     return queue.create_job(
@@ -130,7 +131,7 @@ def register(conn: Any, settings: Settings, spec: WatchSpec) -> str:
         )
     baseline: dict[str, str] = {}
     if not spec.eval_existing:
-        scanner = Scanner(spec.directory, spec.regex, spec.settle if spec.settle is not None else settings.settle)
+        scanner = spec.scanner(settings)
         baseline = {c.relpath: c.version for c in scanner.scan(time.time()).ready}
     with conn.pipeline() as pipe:
         pipe.watch(keys.WATCHES)

@@ -6,6 +6,11 @@ deleted in it). Files are stat'ed when they are new, not yet handed over, or wer
 the last :data:`~assayer.defaults.HOT_WINDOW` seconds; every file is stat'ed on a full scan,
 every ``full_scan_interval`` seconds, which catches in-place rewrites of old files.
 
+A directory that a layout claims (see :mod:`assayer.layouts`) is one checkpoint: it is not looked
+inside as a folder, its files are never checkpoints on their own, and it is handed over once its
+layout's rule holds and its members stayed unchanged for the layout's quiet time. A handed-over,
+cold directory checkpoint costs one stat per scan, like a folder.
+
 The cache only saves work: what was already evaluated is decided by the ledger in Redis, so a
 cold scanner (a restarted or different worker) is just slower, never wrong.
 """
@@ -21,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 
 from . import defaults
+from .dirs import LocalDir, TooManyMembers, dir_version, file_version, walk
+from .layouts import Layout, Resolver, dir_step
 from .readiness import Format, check_format, settled_at
 
 log = logging.getLogger("assayer.scan")
@@ -30,6 +37,9 @@ IGNORED_SUFFIXES = (".tmp", ".temp", ".partial", ".part", ".incomplete", ".lock"
 
 IGNORED_DIR_PREFIXES = ("tmp-", "tmp_")
 """Directories written before an atomic rename (e.g. Hugging Face's ``tmp-checkpoint-500``)."""
+
+IGNORED_DIR_PARTS = (".orbax-checkpoint-tmp",)
+"""Orbax writes ``500.orbax-checkpoint-tmp-<time>`` and renames it to ``500`` when finalized."""
 
 SMALL_WATCH = 256
 """Watches with at most this many checkpoints stat every file on every scan."""
@@ -43,7 +53,9 @@ def is_ignored(name: str, is_dir: bool = False) -> bool:
     if name.startswith("."):
         return True
     if is_dir:
-        return name.startswith(IGNORED_DIR_PREFIXES)
+        lowered = name.lower()
+        return (name.startswith(IGNORED_DIR_PREFIXES) or lowered.endswith(IGNORED_SUFFIXES)
+                or any(part in lowered for part in IGNORED_DIR_PARTS))
     return name.lower().endswith(IGNORED_SUFFIXES)
 
 
@@ -63,9 +75,7 @@ def parse_step(relpath: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def version_of(st: os.stat_result) -> str:
-    """A file version: a rename-over changes the inode, a rewrite in place the size or mtime."""
-    return f"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"
+version_of = file_version
 
 
 @dataclass(frozen=True)
@@ -76,12 +86,15 @@ class Candidate:
     relpath: str
     version: str
     step: int | None
+    layout: str = "file"
 
 
 @dataclass
 class ScanReport:
     ready: list[Candidate] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
+    waiting: dict[str, str] = field(default_factory=dict)  # pending checkpoint -> what it waits for
+    changed: bool = False  # a directory was listed anew, or a checkpoint version appeared: not a quiet scan
     errors: list[str] = field(default_factory=list)
     next_check: float | None = None
     files: int = 0
@@ -101,12 +114,26 @@ class _File:
 
 
 @dataclass
+class _DirCheckpoint:
+    """A directory checkpoint's last seen version."""
+
+    layout: Layout
+    version: str
+    mtime: float  # newest member's
+    first_seen: float
+    done: bool = False
+    formats: dict[str, tuple[str, Format]] = field(default_factory=dict)
+
+
+@dataclass
 class _Dir:
     path: str
     mtime_ns: int
     files: set[str]
     subdirs: set[str]  # paths relative to the root
     hot: set[str] = field(default_factory=set)  # files to stat even when the directory is unchanged
+    layout: Layout | None = None  # set when this directory is itself a checkpoint
+    excluded: bool = False  # a directory checkpoint that the watch's own --regex leaves out
 
 
 class Scanner:
@@ -119,18 +146,43 @@ class Scanner:
         settle: float = defaults.SETTLE,
         full_scan_interval: float = defaults.FULL_SCAN_INTERVAL,
         hot_window: float = defaults.HOT_WINDOW,
+        layout: str = "auto",
+        markers: tuple[str, ...] | list[str] = (),
+        quiet: float = defaults.DIR_QUIET,
     ) -> None:
         self.root = os.path.abspath(root)
         self.pattern = re.compile(regex)
+        # The default filter names file extensions; it does not apply to directories a layout claims.
+        self.filter_dirs = regex != defaults.CHECKPOINT_REGEX
         self.settle = settle
+        self.quiet = min(quiet, settle)
         self.full_scan_interval = full_scan_interval
         self.hot_window = hot_window
+        self.resolver = Resolver(layout, tuple(markers))
         self._dirs: dict[str, _Dir] = {}
         self._files: dict[str, _File] = {}
+        self._ckpts: dict[str, _DirCheckpoint] = {}
+        self._last_full = float("-inf")
+        self.generation = 0  # bumped whenever the set of listed directories changes
+
+    @property
+    def options(self) -> tuple[object, ...]:
+        """What the scanner was built from; a watch whose options differ needs a new scanner."""
+        return (self.root, self.pattern.pattern, self.settle, self.resolver.layout, self.resolver.marker.markers)
+
+    def directories(self) -> set[str]:
+        """Absolute paths of every directory this scanner lists (folders and directory checkpoints)."""
+        return {d.path for d in self._dirs.values()}
+
+    def force_full(self) -> None:
         self._last_full = float("-inf")
 
     def mark_done(self, relpath: str, version: str) -> None:
         """The caller handed this version over (enqueued it, or the ledger already had it)."""
+        ckpt = self._ckpts.get(relpath)
+        if ckpt is not None and ckpt.version == version:
+            ckpt.done = True
+            return
         state = self._files.get(relpath)
         if state is not None and state.version == version:
             state.done = True
@@ -147,7 +199,10 @@ class Scanner:
         self._scan_dir("", now, full, set(), seen_dirs, report)
         for gone in set(self._dirs) - seen_dirs:
             self._forget_dir(gone)
-        report.files = len(self._files)
+            report.changed = True
+        report.files = len(self._files) + len(self._ckpts)
+        if report.changed:
+            self.generation += 1
         return report
 
     def _scan_dir(
@@ -170,14 +225,14 @@ class Scanner:
         seen.add(rel)
         listed = full or cached is None or cached.mtime_ns != st.st_mtime_ns
         if listed:
-            fresh = self._list(rel, path, st.st_mtime_ns, report)
-            if fresh is None:
+            cached = self._relist(rel, path, st.st_mtime_ns, cached, report)
+            if cached is None:
                 return
-            if cached is not None:
-                for name in cached.files - fresh.files:
-                    self._files.pop(os.path.join(rel, name), None)
-            cached = self._dirs[rel] = fresh
         assert cached is not None
+        if cached.layout is not None:
+            if not cached.excluded:
+                self._check_dir(rel, cached, now, listed, report)
+            return
         stat_all = listed or len(self._files) <= SMALL_WATCH
         # Idle cost: an unchanged directory costs one stat plus its hot files, never a walk over cold ones.
         cached.hot = {name for name in (cached.files if stat_all else cached.hot)
@@ -185,12 +240,30 @@ class Scanner:
         for sub in cached.subdirs:
             self._scan_dir(sub, now, full, visited, seen, report)
 
+    def _relist(self, rel: str, path: str, mtime_ns: int, cached: _Dir | None, report: ScanReport) -> _Dir | None:
+        fresh = self._list(rel, path, mtime_ns, report)
+        if fresh is None:
+            return None
+        if cached is None or cached.mtime_ns != mtime_ns or cached.layout is not fresh.layout:
+            report.changed = True
+        if cached is not None:
+            for name in cached.files - fresh.files:
+                self._files.pop(os.path.join(rel, name), None)
+        if fresh.layout is not None:  # a checkpoint now: nothing below it is looked at on its own
+            self._forget_below(rel)
+        else:
+            self._ckpts.pop(rel, None)
+        self._dirs[rel] = fresh
+        return fresh
+
     def _list(self, rel: str, path: str, mtime_ns: int, report: ScanReport) -> _Dir | None:
         files: set[str] = set()
         subdirs: set[str] = set()
+        names: set[str] = set()
         try:
             with os.scandir(path) as entries:
                 for entry in entries:
+                    names.add(entry.name)
                     try:
                         if entry.is_dir():
                             if not is_ignored(entry.name, is_dir=True):
@@ -203,14 +276,68 @@ class Scanner:
             if exc.errno != errno.ENOENT:
                 report.errors.append(f"{path}: {exc.strerror or exc}")
             return None
-        return _Dir(path, mtime_ns, files, subdirs)
+        layout = self.resolver.resolve(os.path.basename(rel), frozenset(names), bool(files)) if rel else None
+        if not self.resolver.files_are_checkpoints:
+            files = set()
+        excluded = layout is not None and self.filter_dirs and not (
+            self.pattern.search(path + os.sep) or any(self.pattern.search(os.path.join(path, n)) for n in names))
+        return _Dir(path, mtime_ns, files, subdirs, layout=layout, excluded=excluded)
 
-    def _forget_dir(self, rel: str) -> None:
-        prefix = rel + os.sep if rel else ""
-        for name in [d for d in self._dirs if d == rel or d.startswith(prefix)]:
-            self._dirs.pop(name, None)
+    def _forget_below(self, rel: str) -> None:
+        prefix = rel + os.sep
+        for name in [d for d in self._dirs if d.startswith(prefix)]:
+            del self._dirs[name]
         for name in [f for f in self._files if f.startswith(prefix)]:
             del self._files[name]
+        for name in [c for c in self._ckpts if c.startswith(prefix)]:
+            del self._ckpts[name]
+
+    def _forget_dir(self, rel: str) -> None:
+        self._dirs.pop(rel, None)
+        self._ckpts.pop(rel, None)
+        if rel:
+            self._forget_below(rel)
+        else:
+            self._dirs.clear()
+            self._files.clear()
+            self._ckpts.clear()
+
+    def _check_dir(self, rel: str, folder: _Dir, now: float, listed: bool, report: ScanReport) -> None:
+        """Look at one directory checkpoint: walk its members unless it is handed over, cold and unchanged."""
+        assert folder.layout is not None
+        state = self._ckpts.get(rel)
+        if state is not None and state.done and not listed and now - state.mtime > self.hot_window:
+            return
+        try:
+            members = walk(folder.path)
+        except FileNotFoundError:  # deleted since it was listed: forgotten on the next listing of its parent
+            self._ckpts.pop(rel, None)
+            return
+        except (OSError, TooManyMembers) as exc:
+            report.errors.append(f"{folder.path}: {exc.strerror or exc}")
+            return
+        version = dir_version(members)
+        if state is None or state.version != version or state.layout is not folder.layout:
+            newest = max((m.mtime for m in members.values()), default=0.0)
+            formats = state.formats if state is not None else {}
+            state = self._ckpts[rel] = _DirCheckpoint(folder.layout, version, newest, now, formats=formats)
+            report.changed = True
+        if state.done:
+            return
+        verdict = folder.layout.check(LocalDir(folder.path, members, state.formats))
+        state.formats = {k: v for k, v in state.formats.items() if k in members}
+        if not verdict.complete:
+            report.pending.append(rel)
+            report.waiting[rel] = verdict.waiting
+            return
+        due = settled_at(state.mtime, state.first_seen, self.settle if folder.layout.settle_only else self.quiet)
+        if now >= due:
+            name = os.path.basename(rel)
+            report.ready.append(Candidate(folder.path, rel, version, dir_step(name), folder.layout.name))
+        else:
+            report.pending.append(rel)
+            report.waiting[rel] = f"its files to stay unchanged until {due - now:.1f}s from now"
+            report.wake_at(due)
 
     def _check_file(self, relpath: str, now: float, report: ScanReport) -> bool:
         """Look at one file; return whether it stays hot (not handed over, or recently modified)."""
@@ -221,6 +348,7 @@ class Scanner:
             state = self._files.get(relpath)
             if state is None or state.version != version:
                 state = self._files[relpath] = _File(version, st.st_mtime, now)
+                report.changed = True
             if state.done:
                 return now - state.mtime <= self.hot_window
             if state.format is None or state.format is Format.UNKNOWN:
@@ -236,6 +364,7 @@ class Scanner:
             report.ready.append(Candidate(path, relpath, version, parse_step(relpath)))
         else:
             report.pending.append(relpath)
+            report.waiting[relpath] = "still being written" if state.format is Format.INCOMPLETE else "settling"
             if state.format is Format.UNKNOWN:
                 report.wake_at(due)
         return True

@@ -30,6 +30,8 @@ def collect(conn: Any, settings: Settings) -> dict[str, Any]:
             "files": int(state.get("files", 0) or 0),
             "last_scan_ago": None if last_scan is None else round(now - last_scan, 1),
             "error": state.get("error") or None,
+            "waiting": state.get("waiting") or None,
+            "layout": spec.layout,
         })
     for name in (settings.watch_queue, settings.eval_queue):
         queue = Queue(name, connection=conn, serializer=JSONSerializer)
@@ -61,6 +63,8 @@ def render(info: dict[str, Any]) -> str:
             f"({w['queued_or_running']} queued/running, {w['incomplete']} still being written), "
             f"{w['evaluated']} evaluated, {seen}"
         )
+        if w["waiting"]:
+            lines.append(f"    waiting for: {w['waiting']}")
         if w["error"]:
             lines.append(f"    last error: {w['error']}")
     lines += ["", "queues:"]

@@ -15,6 +15,9 @@ import yaml
 
 from . import defaults, evaluator, keys
 from .errors import ConfigError, WatchError
+from .layouts import LAYOUTS
+from .scan import Scanner
+from .settings import Settings
 
 log = logging.getLogger("assayer.watches")
 
@@ -30,6 +33,8 @@ class WatchSpec:
     eval_existing: bool = False
     poll_interval: float | None = None
     settle: float | None = None
+    layout: str = "auto"
+    ready_markers: list[str] = field(default_factory=list)
     paused: bool = False
     created_at: float = field(default_factory=time.time)
 
@@ -47,6 +52,11 @@ class WatchSpec:
         skip = {"paused", "created_at", "eval_existing"}
         return all(getattr(self, f.name) == getattr(other, f.name) for f in fields(self) if f.name not in skip)
 
+    def scanner(self, settings: Settings) -> Scanner:
+        """A scanner of this watch's directory with its filter, layout and settle time."""
+        return Scanner(self.directory, self.regex, self.settle if self.settle is not None else settings.settle,
+                       full_scan_interval=settings.full_scan_interval, layout=self.layout, markers=self.ready_markers)
+
 
 def default_name(directory: str) -> str:
     base = os.path.basename(os.path.normpath(directory)) or "root"
@@ -62,6 +72,8 @@ def build_spec(
     poll_interval: float | None = None,
     settle: float | None = None,
     import_evaluator: bool = True,
+    layout: str | None = None,
+    ready_markers: list[str] | tuple[str, ...] = (),
 ) -> tuple[WatchSpec, list[str]]:
     """Check every part of a watch and return it with warnings; raise on the first bad part.
 
@@ -83,6 +95,7 @@ def build_spec(
         raise WatchError(
             f"regex {regex!r} does not compile: {exc}", "quote it for the shell and escape dots, e.g. '\\.pt$'"
         ) from None
+    layout, markers = _check_layout(layout, ready_markers)
     for label, value in (("poll interval", poll_interval), ("settle", settle)):
         if (value is not None and value < 0) or (label == "poll interval" and value == 0):
             raise WatchError(f"{label} must be positive, got {value}", f"give --{label.replace(' ', '-')} in seconds")
@@ -100,8 +113,27 @@ def build_spec(
         if parsed.file and not os.path.isfile(parsed.file):
             raise WatchError(f"evaluator file {parsed.file} does not exist", "mount the evaluators directory")
         ref = str(parsed)
-    spec = WatchSpec(name, directory, ref, regex, eval_existing, poll_interval, settle)
+    spec = WatchSpec(name, directory, ref, regex, eval_existing, poll_interval, settle, layout, markers)
     return spec, warnings
+
+
+MARKER_RE = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+
+
+def _check_layout(layout: str | None, markers: list[str] | tuple[str, ...]) -> tuple[str, list[str]]:
+    layout = layout or "auto"
+    if layout not in LAYOUTS:
+        raise WatchError(f"layout {layout!r} is not known", f"use one of: {', '.join(LAYOUTS)}")
+    if isinstance(markers, str):
+        markers = [markers]
+    for marker in markers:
+        if not isinstance(marker, str) or not MARKER_RE.fullmatch(marker) or marker in (".", ".."):
+            raise WatchError(f"ready marker {marker!r} is not a file name",
+                             "give the name of the file your trainer writes last, e.g. --ready-marker COMMITTED")
+    if markers and layout not in ("auto", "marker"):
+        raise WatchError(f"--ready-marker has no effect with --layout {layout}",
+                         "drop --layout (auto) or use --layout marker")
+    return layout, list(dict.fromkeys(markers))
 
 
 def load_file(path: Path) -> list[dict[str, Any]]:
@@ -117,7 +149,8 @@ def load_file(path: Path) -> list[dict[str, Any]]:
         return []
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise ConfigError(f"watches file {path}: 'watches' must be a list of mappings", "see README, Watches file")
-    allowed = {"name", "directory", "evaluator", "regex", "eval_existing", "poll_interval", "settle"}
+    allowed = {"name", "directory", "evaluator", "regex", "eval_existing", "poll_interval", "settle", "layout",
+               "ready_markers"}
     for entry in entries:
         unknown = set(entry) - allowed
         if unknown:

@@ -259,7 +259,8 @@ def sync_watches_file(conn: Any, settings: Settings) -> None:
             spec, warnings = watches.build_spec(
                 entry["directory"], entry["evaluator"], name=entry.get("name"), regex=entry.get("regex"),
                 eval_existing=bool(entry.get("eval_existing", False)), poll_interval=entry.get("poll_interval"),
-                settle=entry.get("settle"), import_evaluator=False,
+                settle=entry.get("settle"), import_evaluator=False, layout=entry.get("layout"),
+                ready_markers=entry.get("ready_markers") or (),
             )
             for warning in warnings:
                 log.warning("watch %s: %s", spec.name, warning)

@@ -57,3 +57,80 @@ def write_atomically(path: Path, data: bytes) -> None:
     tmp = path.parent / f".{path.name}.tmp"
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+# -- the real writers of directory checkpoints ---------------------------------------------------
+
+
+def tiny_gpt2():  # type: ignore[no-untyped-def]
+    """A GPT-2 small enough to train on a CPU in seconds, built from a config (no hub download)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=100, n_positions=32, eos_token_id=0, bos_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+def train_hf(output_dir: Path, max_steps: int = 12, save_steps: int = 4, save_total_limit: int | None = 2) -> None:
+    """Run transformers' Trainer, which writes ``checkpoint-N/`` directories (trainer_state.json last)."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    class Tokens(torch.utils.data.Dataset):  # type: ignore[type-arg]
+        def __len__(self) -> int:
+            return 64
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            ids = torch.arange(16) * (i + 1) % 100
+            return {"input_ids": ids, "labels": ids}
+
+    args = TrainingArguments(output_dir=str(output_dir), max_steps=max_steps, save_steps=save_steps,
+                             save_total_limit=save_total_limit, report_to=[], use_cpu=True, per_device_train_batch_size=4,
+                             logging_strategy="no", disable_tqdm=True)
+    Trainer(model=tiny_gpt2(), args=args, train_dataset=Tokens()).train()
+
+
+def save_pretrained_sharded(directory: Path, max_shard_size: str = "100KB") -> list[str]:
+    """``save_pretrained`` with shards; returns the shard names the index lists."""
+    import json
+
+    tiny_gpt2().save_pretrained(str(directory), max_shard_size=max_shard_size)
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    return sorted(set(index["weight_map"].values()))
+
+
+def save_dcp(directory: Path, seed: int = 0) -> None:
+    """``torch.distributed.checkpoint.save`` in one process: ``__0_0.distcp`` then ``.metadata``."""
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.arange(1000, dtype=torch.float32) + seed}, checkpoint_id=str(directory))
+
+
+def train_lightning(root: Path, max_steps: int = 6, every_n_train_steps: int = 2) -> Path:
+    """Lightning's ModelCheckpoint writes files ``epoch=E-step=S.ckpt``; returns their directory."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Tiny(L.LightningModule):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, _):  # type: ignore[no-untyped-def]
+            return torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+
+        def configure_optimizers(self):  # type: ignore[no-untyped-def]
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
+    checkpoints = root / "checkpoints"
+    callback = ModelCheckpoint(dirpath=str(checkpoints), every_n_train_steps=every_n_train_steps, save_top_k=-1)
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", callbacks=[callback], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root))
+    trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=4))
+    return checkpoints
