@@ -1,0 +1,136 @@
+"""Directory checkpoints written by real trainers while real watch and eval workers run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import redis
+from harness import Workers, add_watch, attempts, evaluator_ref, final_results, wait_for
+from layout_writers import deepspeed_latest, write_deepspeed
+from writers import save_dcp, save_pretrained_sharded, train_hf
+
+from assayer import status
+from assayer.cli import main as cli_main
+from assayer.settings import Settings
+
+
+def by_relpath(conn: redis.Redis, watch: str = "run") -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for rec in final_results(conn, watch):
+        out.setdefault(rec["relpath"], []).append(rec)
+    return out
+
+
+def test_trainer_run_with_rotation_evaluates_each_checkpoint_directory_once(
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    runs = tmp_path / "runs"
+    add_watch(conn, settings, runs, fn="inspect_dir")
+    workers.start("watch")
+    workers.start("eval")
+    train_hf(runs / "exp1", max_steps=16, save_steps=4, save_total_limit=2)  # nested: runs/exp1/checkpoint-N/
+    expected = {f"exp1/checkpoint-{n}" for n in (4, 8, 12, 16)}
+    wait_for(lambda: set(by_relpath(conn)) >= {"exp1/checkpoint-12", "exp1/checkpoint-16"}, 60,
+             what="the kept checkpoints evaluated")
+    time.sleep(1.5)  # more scans: nothing twice, no file of a checkpoint on its own
+    got = by_relpath(conn)
+    assert set(got) <= expected, f"files inside a checkpoint were evaluated: {set(got) - expected}"
+    for rel, recs in got.items():
+        assert len(recs) == 1, rel
+        rec = recs[0]
+        if rec["status"] == "missing":  # rotated away by save_total_limit before its turn: only old ones
+            assert rel in {"exp1/checkpoint-4", "exp1/checkpoint-8"} and "deleted" in rec["error"]
+            continue
+        assert rec["status"] == "ok", rec
+        step = int(rel.rsplit("-", 1)[1])
+        assert rec["step"] == step and rec["layout"] == "hf"
+        assert rec["metrics"]["is_dir"] and rec["metrics"]["ctx_step"] == step and rec["metrics"]["layout"] == "hf"
+        assert rec["metrics"]["tensors"] > 0 and rec["checkpoint"] == str(runs / rel)
+
+
+def test_a_late_shard_is_waited_for_and_status_says_which(
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    staging, run = tmp_path / "staging", tmp_path / "run"
+    shards = save_pretrained_sharded(staging / "export", max_shard_size="100KB")
+    add_watch(conn, settings, run, fn="inspect_dir")
+    workers.start("watch")
+    workers.start("eval")
+    late = shards[-1]
+    shutil.copytree(staging / "export", run / "export", ignore=lambda _d, names: [n for n in names if n == late])
+    waiting = f"export: {len(shards) - 1} of {len(shards)} shards"
+    info = wait_for(lambda: next((w for w in status.collect(conn, settings)["watches"] if w["waiting"]), None), 20,
+                    what="status to say what the checkpoint waits for")
+    assert info["waiting"] == waiting and info["incomplete"] == 1
+    time.sleep(1.0)
+    assert final_results(conn, "run") == []  # however long it waits: never evaluated without its shard
+    shutil.copy(staging / "export" / late, run / "export" / late)
+    rec = wait_for(lambda: final_results(conn, "run"), 20, what="the export evaluated")[0]
+    assert rec["status"] == "ok" and rec["metrics"]["files"] == len(shards) + 3  # shards, index, config, generation
+    assert not any(w["waiting"] for w in status.collect(conn, settings)["watches"])
+
+
+def test_rewritten_directory_is_evaluated_again_and_a_deleted_one_ends_missing(
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    run, marker = tmp_path / "run", tmp_path / "started"
+    add_watch(conn, settings, run, fn="inspect_dir")
+    workers.start("watch")
+    workers.start("eval", {"EVAL_MARKER": str(marker), "EVAL_SECONDS": "1.5"})
+    save_dcp(run / "step-10", seed=1)
+    wait_for(lambda: len(final_results(conn, "run")) == 1, 20, what="step-10 evaluated")
+    shutil.rmtree(run / "step-10")
+    save_dcp(run / "step-10", seed=2)  # saved again under the same name
+    wait_for(lambda: len(final_results(conn, "run")) == 2, 20, what="the new version evaluated")
+    assert {r["version"] for r in final_results(conn, "run")} and all(r["status"] == "ok" for r in final_results(conn, "run"))
+    marker.unlink()
+    save_dcp(run / "step-20")
+    wait_for(marker.exists, 20, what="step-20's evaluation to start")
+    shutil.rmtree(run / "step-20")  # deleted during its evaluation
+    rec = wait_for(lambda: by_relpath(conn).get("step-20"), 20, what="step-20's result")[0]
+    assert rec["status"] == "missing" and "while it was being evaluated" in rec["error"]
+    assert len(attempts(conn, rec["job_id"])) == 1
+
+
+def test_deepspeed_tag_is_evaluated_after_latest_and_existing_directories_on_request(
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path, capsys
+) -> None:
+    run = tmp_path / "ds"
+    save_dcp(run / "old" / "step-1")  # already there (an hour ago) when the watch is added: baseline
+    for f in (run / "old" / "step-1").iterdir():
+        os.utime(f, (time.time() - 3600, time.time() - 3600))
+    add_watch(conn, settings, run, fn="inspect_dir")
+    workers.start("watch")
+    workers.start("eval")
+    tag = write_deepspeed(run, 300, write_latest=False)
+    time.sleep(1.5)
+    assert final_results(conn, "run") == []
+    deepspeed_latest(run, tag.name)
+    rec = wait_for(lambda: final_results(conn, "run"), 20, what="global_step300 evaluated")[0]
+    assert (rec["relpath"], rec["step"], rec["layout"]) == ("global_step300", 300, "deepspeed")
+    cli_main(["--redis-url", settings.redis_url, "evaluate", "--watch", "run"])
+    assert "queued 1 evaluation" in capsys.readouterr().out
+    wait_for(lambda: "old/step-1" in by_relpath(conn), 20, what="the existing directory evaluated on request")
+    assert by_relpath(conn)["old/step-1"][0]["layout"] == "dcp"
+
+
+def test_watch_add_takes_layout_and_ready_markers_and_refuses_bad_ones(
+    conn: redis.Redis, settings: Settings, tmp_path: Path, capsys
+) -> None:
+    import pytest
+
+    base = ["--redis-url", settings.redis_url, "watch", "add", str(tmp_path), "-e", evaluator_ref("record")]
+    cli_main([*base, "--name", "m", "--ready-marker", "COMMITTED", "--ready-marker", "STABLE"])
+    spec = __import__("assayer.watches", fromlist=["get"]).get(conn, "m")
+    assert (spec.layout, spec.ready_markers) == ("auto", ["COMMITTED", "STABLE"])
+    for bad, message in ((["--ready-marker", "../x"], "is not a file name"),
+                         (["--layout", "file", "--ready-marker", "DONE"], "has no effect with --layout file")):
+        with pytest.raises(SystemExit) as exc:
+            cli_main([*base, "--name", "bad", *bad])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "fix:" in err
+    assert __import__("assayer.watches", fromlist=["get"]).get(conn, "bad") is None
