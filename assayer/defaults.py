@@ -52,6 +52,15 @@ FULL_SCAN_INTERVAL = 30.0
 HOT_WINDOW = 600.0
 """Files modified within this many seconds are re-stat'ed on every scan, not only on full scans."""
 
+IDLE_POLL_INTERVAL = 2.0
+"""Seconds between scans of a quiet watch that no change notification covers (network mounts, inotify off)."""
+
+NOTIFIED_IDLE_POLL = 30.0
+"""Seconds between scans of a quiet watch whose directories inotify watches (a change wakes it at once)."""
+
+QUIET_AFTER = 10.0
+"""Seconds without any change after which a watch counts as quiet and is polled less often."""
+
 WATCH_TICK = 0.1
 """Seconds between two looks of a watch worker for due watches."""
 

@@ -18,11 +18,12 @@ from typing import Any
 
 from rq import get_current_job
 
-from . import keys, ledger, results, watches
+from . import defaults, keys, ledger, results, watches
 from .dirs import version_of_path
 from .errors import EvaluationFailed
 from .evalhost import EvaluatorPool
-from .scan import Scanner
+from .notify import Notifier
+from .scan import Scanner, ScanReport
 from .settings import Settings
 
 log = logging.getLogger("assayer.jobs")
@@ -41,6 +42,9 @@ class Runtime:
     last_errors: dict[str, str] = field(default_factory=dict)
     state_written: dict[str, tuple[tuple[Any, ...], float]] = field(default_factory=dict)
     beat: Callable[[], None] | None = None  # set by the eval worker while a job runs
+    notifier: Notifier | None = None  # set by the watch worker when inotify is available
+    active_at: dict[str, float] = field(default_factory=dict)  # last scan that saw a change, per watch
+    notified: dict[str, tuple[int, int]] = field(default_factory=dict)  # (scanner generation, overflows) synced
     _pool: EvaluatorPool | None = None
     _specs: dict[bytes, watches.WatchSpec] = field(default_factory=dict)
 
@@ -100,6 +104,8 @@ def scan(names: list[str]) -> dict[str, Any]:
         spec = rt.spec(raw) if raw else None
         if spec is None or spec.paused:
             rt.scanners.pop(name, None)
+            if rt.notifier is not None:
+                rt.notifier.drop(name)
             continue
         try:
             summary[name], due[name], state = scan_one(rt, spec, started)
@@ -112,7 +118,8 @@ def scan(names: list[str]) -> dict[str, Any]:
             states[name] = state
     with rt.conn.pipeline(transaction=False) as pipe:
         if due:
-            pipe.zadd(keys.DUE, due, xx=True)  # xx: a watch removed meanwhile stays removed
+            # xx: a watch removed meanwhile stays removed; lt: a change notified during the scan keeps its "now"
+            pipe.zadd(keys.DUE, due, xx=True, lt=True)
         for name, state in states.items():
             pipe.hset(keys.watch_state(name), mapping=state)
         pipe.execute()
@@ -141,6 +148,7 @@ def scan_one(rt: Runtime, spec: watches.WatchSpec, batch_start: float) -> tuple[
     error = "; ".join(report.errors[:3])
     if report.missing_root:
         error = f"{spec.directory} does not exist (yet); waiting for it"
+    poll = _poll_interval(rt, spec, scanner, report, poll, now)
     next_scan = batch_start + poll if report.next_check is None else min(batch_start + poll, report.next_check)
     waiting = "; ".join(f"{rel}: {why}" for rel, why in sorted(report.waiting.items())[:3])
     if len(report.waiting) > 3:
@@ -148,6 +156,29 @@ def scan_one(rt: Runtime, spec: watches.WatchSpec, batch_start: float) -> tuple[
     state = {"last_scan": now, "files": report.files, "incomplete": len(report.pending), "error": error,
              "waiting": waiting}
     return {"queued": len(queued), "incomplete": len(report.pending), "files": report.files}, next_scan, state
+
+
+def _poll_interval(rt: Runtime, spec: watches.WatchSpec, scanner: Scanner, report: ScanReport, poll: float,
+                   now: float) -> float:
+    """A watch that changed in the last QUIET_AFTER seconds is polled every ``poll``; a quiet one less often.
+
+    A quiet watch whose directories inotify watches is woken by any change, so it is polled only as
+    a safety net; one on a network mount (or with inotify off) keeps ``idle_poll_interval``.
+    """
+    covered = False
+    if rt.notifier is not None and not report.missing_root:
+        synced = rt.notified.get(spec.name)
+        if synced is None or synced[0] != scanner.generation:
+            rt.notifier.sync(spec.name, spec.directory, scanner.directories())
+        if synced is not None and synced[1] != rt.notifier.overflows:
+            scanner.force_full()  # events were lost: look at everything once
+        rt.notified[spec.name] = (scanner.generation, rt.notifier.overflows)
+        covered = rt.notifier.covers(spec.name)
+    if report.changed or report.pending or report.ready or report.errors:
+        rt.active_at[spec.name] = now
+    if now - rt.active_at.setdefault(spec.name, now) < defaults.QUIET_AFTER:
+        return poll
+    return max(poll, defaults.NOTIFIED_IDLE_POLL if covered else rt.settings.idle_poll_interval)
 
 
 def _state_changed(rt: Runtime, name: str, state: dict[str, Any]) -> bool:

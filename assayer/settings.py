@@ -43,6 +43,8 @@ class Settings:
     heartbeat_interval: float = defaults.HEARTBEAT_INTERVAL
     reap_interval: float = defaults.REAP_INTERVAL
     full_scan_interval: float = defaults.FULL_SCAN_INTERVAL
+    idle_poll_interval: float = defaults.IDLE_POLL_INTERVAL
+    inotify: bool = True
     max_warm_evaluators: int = defaults.MAX_WARM_EVALUATORS
     dashboard_user: str = defaults.DASHBOARD_USER
     dashboard_password: str | None = field(default=None, repr=False)
@@ -131,7 +133,9 @@ class Settings:
         return cls(**values)
 
 
-_FLOATS = {"poll_interval", "settle", "eval_timeout", "heartbeat_interval", "reap_interval", "full_scan_interval"}
+_FLOATS = {"poll_interval", "settle", "eval_timeout", "heartbeat_interval", "reap_interval", "full_scan_interval",
+           "idle_poll_interval"}
+_BOOLS = {"dashboard_allow_delete", "inotify"}
 _INTS = {"retries", "lease_ttl", "max_warm_evaluators", "dashboard_port"}
 _PATHS = {"home", "results_dir", "watches_file"}
 
@@ -147,7 +151,7 @@ def _parse(name: str, raw: str) -> Any:
             return Path(raw).expanduser()
         if name == "retry_backoff":
             return tuple(int(x) for x in raw.split(",") if x.strip())
-        if name == "dashboard_allow_delete":
+        if name in _BOOLS:
             return raw.strip().lower() in {"1", "true", "yes", "on"}
     except ValueError:
         raise ConfigError(f"{var}={raw!r} is not a valid value", f"see the settings table in README.md for {var}") from None

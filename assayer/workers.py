@@ -33,6 +33,7 @@ from rq.worker import SimpleWorker
 
 from . import defaults, jobs, keys, ledger, watches
 from .errors import AssayerError
+from .notify import Notifier
 from .settings import Settings
 
 log = logging.getLogger("assayer.workers")
@@ -148,6 +149,30 @@ class WatchWorker(AssayerWorker):
         super().__init__(settings, connection, settings.watch_queue, name)
         if settings.watches_file:
             sync_watches_file(connection, settings)
+        if settings.inotify:
+            try:
+                self.runtime.notifier = Notifier(self._wake)
+            except (OSError, AttributeError) as exc:  # not Linux, or no inotify in this kernel or sandbox
+                log.warning("no change notification (%s): every watch is polled", exc)
+
+    def _wake(self, names: set[str]) -> None:
+        """A watched directory changed: its watch is due now (never later than it was, never re-added)."""
+        now = time.time()
+        self.connection.zadd(keys.DUE, dict.fromkeys(names, now), xx=True, lt=True)
+
+    def work(self, *args: Any, **kwargs: Any) -> bool:
+        notifier = self.runtime.notifier
+        if notifier is None:
+            return super().work(*args, **kwargs)
+        stop = threading.Event()
+        thread = threading.Thread(target=notifier.run, args=(stop,), name="watch-notify", daemon=True)
+        thread.start()
+        try:
+            return super().work(*args, **kwargs)
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+            notifier.close()
 
     def on_tick(self, now: float) -> None:
         # Claim what falls due before the next tick too: watches scanned together stay in step, one job per batch.

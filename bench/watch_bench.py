@@ -3,6 +3,9 @@
     python bench/watch_bench.py latency    # checkpoint complete -> eval started, per completeness path
     python bench/watch_bench.py many       # 100 watched directories served by one watch worker
     python bench/watch_bench.py idle       # CPU of one watch worker over 100 idle watches, 100,000 files
+    python bench/watch_bench.py idle300    # CPU of one watch worker over 300 idle watches (inotify on, then off)
+    python bench/watch_bench.py dirs       # CPU over one run of 1,000 idle checkpoint directories of 12 files
+    python bench/watch_bench.py dirlatency # marker written / last shard complete -> eval started, per layout
     python bench/watch_bench.py all
 
 Each run starts its own redis-server and real worker processes in a temp directory, and writes
@@ -44,7 +47,7 @@ TICKS = os.sysconf("SC_CLK_TCK")
 class Stack:
     """redis-server plus worker processes, default settings, in a temp dir."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -58,6 +61,7 @@ class Stack:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("ASSAYER_")}
         self.env.update(ASSAYER_REDIS_URL=self.url, ASSAYER_HOME=str(tmp / "home"), ASSAYER_LOG_LEVEL="WARNING",
                         PYTHONPATH=str(ROOT))
+        self.env.update(env or {})
         self.workers: list[subprocess.Popen[bytes]] = []
 
     def add_watch(self, directory: Path, name: str) -> None:
@@ -253,6 +257,137 @@ def bench_idle(tmp: Path, seconds: float, n_watches: int = 100, dirs_per_watch: 
         stack.close()
 
 
+def _measure_watch_worker(stack: Stack, names: list[str], seconds: float) -> dict:
+    """CPU of the watch worker and redis-server over ``seconds``, once every watch had its first full scan."""
+    watcher = stack.start("watch")
+    _wait(lambda: all(stack.conn.hget(f"assayer:state:{n}", "last_scan") for n in names), 300)
+    time.sleep(max(stack.settings.full_scan_interval, 12.0))  # past the first (cold) full scan, and quiet
+    w0, r0, t0 = _cpu_seconds(watcher.pid), _cpu_seconds(stack.redis.pid), time.monotonic()
+    time.sleep(seconds)
+    w1, r1, t1 = _cpu_seconds(watcher.pid), _cpu_seconds(stack.redis.pid), time.monotonic()
+    elapsed = t1 - t0
+    return {"measured_seconds": round(elapsed, 1), "watch_worker_cpu_percent": round(100 * (w1 - w0) / elapsed, 2),
+            "redis_cpu_percent": round(100 * (r1 - r0) / elapsed, 2)}
+
+
+def bench_idle300(tmp: Path, seconds: float, n_watches: int = 300, files: int = 10) -> dict:
+    """300 quiet watches of 10 checkpoints each, with change notification (the default) and with polling only."""
+    old = time.time() - 3600
+    names = []
+    for w in range(n_watches):
+        root = tmp / "runs" / f"run{w:03d}"
+        root.mkdir(parents=True)
+        for f in range(files):
+            p = root / f"step_{f:04d}.pt"
+            p.write_bytes(b"\x80\x04checkpoint")
+            os.utime(p, (old, old))
+        names.append(f"run{w:03d}")
+    out: dict = {"watches": n_watches, "files": n_watches * files}
+    for label, env in (("inotify", {}), ("polling", {"ASSAYER_INOTIFY": "false"})):
+        stack = Stack(tmp / label, env)
+        try:
+            for name in names:
+                stack.add_watch(tmp / "runs" / name, name)
+            out[label] = _measure_watch_worker(stack, names, seconds)
+        finally:
+            stack.close()
+    return out
+
+
+HF_MEMBERS = ("config.json", "generation_config.json", "model.safetensors", "optimizer.pt", "scheduler.pt",
+              "rng_state.pth", "training_args.bin", "trainer_state.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "vocab.json")
+
+
+def bench_dirs(tmp: Path, seconds: float, n_dirs: int = 1000) -> dict:
+    """One run of 1,000 Hugging Face checkpoint directories of 12 files each, all an hour old."""
+    weights, state = _safetensors_bytes(0), _torch_bytes(0)
+    old = time.time() - 3600
+    run = tmp / "run"
+    for i in range(n_dirs):
+        ckpt = run / f"checkpoint-{(i + 1) * 100}"
+        ckpt.mkdir(parents=True)
+        for name in HF_MEMBERS:
+            data = weights if name.endswith(".safetensors") else state if name.endswith((".pt", ".pth", ".bin")) else b"{}"
+            (ckpt / name).write_bytes(data)
+            os.utime(ckpt / name, (old, old))
+    stack = Stack(tmp)
+    try:
+        stack.add_watch(run, "run")
+        return {"checkpoint_directories": n_dirs, "files": n_dirs * len(HF_MEMBERS),
+                **_measure_watch_worker(stack, ["run"], seconds)}
+    finally:
+        stack.close()
+
+
+def _dcp_marker(ckpt: Path, seed: int) -> float:
+    """torch DCP: every rank's .distcp, then the coordinator's .metadata (written to a temp name, renamed)."""
+    ckpt.mkdir(parents=True)
+    for rank in range(2):
+        _write_slowly(ckpt / f"__{rank}_0.distcp", os.urandom(100_000), chunks=2, pause=0.05)
+    return _write_atomically(ckpt / ".metadata", os.urandom(2000))
+
+
+def _hf_last_shard(ckpt: Path, seed: int) -> float:
+    """save_pretrained with shards: the index, the shards, the last one written in place (the one waited for)."""
+    ckpt.mkdir(parents=True)
+    shards = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    index = {"metadata": {}, "weight_map": {f"w{i}": s for i, s in enumerate(shards)}}
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    for shard in shards[:-1]:
+        (ckpt / shard).write_bytes(_safetensors_bytes(seed))
+    return _write_slowly(ckpt / shards[-1], _safetensors_bytes(seed + 1))
+
+
+def _deepspeed_latest(ckpt: Path, seed: int) -> float:
+    """DeepSpeed: the tag's model and optimizer states, then ``latest`` naming the tag beside it."""
+    ckpt.mkdir(parents=True)
+    (ckpt / "mp_rank_00_model_states.pt").write_bytes(_torch_bytes(seed))
+    (ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(_torch_bytes(seed + 1))
+    with open(ckpt.parent / "latest", "w") as fh:
+        fh.write(ckpt.name)
+    return time.time()
+
+
+DIR_WRITERS = {"dcp (.metadata written last)": ("dcp", "step-{n}", _dcp_marker),
+               "hf (last shard complete)": ("hf", "checkpoint-{n}", _hf_last_shard),
+               "deepspeed (latest written)": ("ds", "global_step{n}", _deepspeed_latest)}
+
+
+def bench_dirlatency(tmp: Path, per_kind: int) -> dict:
+    stack = Stack(tmp)
+    try:
+        for sub, _, _ in DIR_WRITERS.values():
+            (tmp / "runs" / sub).mkdir(parents=True)
+            stack.add_watch(tmp / "runs" / sub, sub)
+        stack.start("watch")
+        stack.start("eval")
+        stack.start("eval")
+        completed: dict[str, tuple[str, float]] = {}
+        order = [(kind, i) for kind in DIR_WRITERS for i in range(per_kind)]
+        random.Random(2).shuffle(order)
+        for n, (kind, _i) in enumerate(order):
+            sub, pattern, write = DIR_WRITERS[kind]
+            ckpt = tmp / "runs" / sub / pattern.format(n=(n + 1) * 10)
+            completed[str(ckpt)] = (kind, write(ckpt, n))
+            time.sleep(random.Random(n).uniform(0.3, 1.0))  # random phase against the poll interval
+        def started() -> dict[str, float]:
+            got: dict[str, float] = {}
+            for sub, _, _ in DIR_WRITERS.values():
+                got.update(_started(stack.conn, sub))
+            return got if len(got) >= len(completed) else {}
+        got = _wait(started, 60)
+        by_kind: dict[str, list[float]] = {}
+        for path, (kind, done_at) in completed.items():
+            by_kind.setdefault(kind, []).append(got[path] - done_at)
+        result = {kind: _summary(v) for kind, v in by_kind.items()}
+        result["all"] = _summary([x for v in by_kind.values() for x in v])
+        return result
+    finally:
+        stack.close()
+
+
 def machine() -> str:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
@@ -261,18 +396,19 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["latency", "many", "idle", "all"])
+    parser.add_argument("which", choices=["latency", "many", "idle", "idle300", "dirs", "dirlatency", "all"])
     parser.add_argument("--per-kind", type=int, default=15, help="checkpoints per completeness path (latency)")
     parser.add_argument("--idle-seconds", type=float, default=60.0, help="CPU measuring window (idle)")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine()}")
-    runs = ["latency", "many", "idle"] if args.which == "all" else [args.which]
+    runs = ["latency", "dirlatency", "many", "idle", "idle300", "dirs"] if args.which == "all" else [args.which]
     for name in runs:
         with tempfile.TemporaryDirectory(prefix=f"assayer-bench-{name}-") as tmp:
-            if name == "latency":
-                figures = bench_latency(Path(tmp), args.per_kind)
-                print("\ncheckpoint complete -> eval started (seconds; target p50 <= 0.5, max <= 3)")
+            if name in ("latency", "dirlatency"):
+                figures = (bench_latency if name == "latency" else bench_dirlatency)(Path(tmp), args.per_kind)
+                what = "checkpoint complete" if name == "latency" else "directory checkpoint complete (marker, last shard)"
+                print(f"\n{what} -> eval started (seconds; target p50 <= 0.5, max <= 3)")
                 print(f"  {'path':34} {'n':>3} {'p50':>6} {'p90':>6} {'max':>6}")
                 for kind, f in figures.items():
                     print(f"  {kind:34} {f['n']:>3} {f['p50']:>6.3f} {f['p90']:>6.3f} {f['max']:>6.3f}")
@@ -280,6 +416,16 @@ def main() -> None:
                 figures = bench_many(Path(tmp))
                 print(f"\n{figures['watches']} watched directories, 1 watch worker: complete -> eval started "
                       f"p50 {figures['p50']:.3f}s, p90 {figures['p90']:.3f}s, max {figures['max']:.3f}s (target p50 <= 1)")
+            elif name == "idle300":
+                figures = bench_idle300(Path(tmp), args.idle_seconds)
+                print(f"\n{figures['watches']} quiet watches ({figures['files']:,} files), one watch worker: "
+                      f"{figures['inotify']['watch_worker_cpu_percent']}% of one core with change notification, "
+                      f"{figures['polling']['watch_worker_cpu_percent']}% polling only (target < 3%)")
+            elif name == "dirs":
+                figures = bench_dirs(Path(tmp), args.idle_seconds)
+                print(f"\n{figures['checkpoint_directories']:,} idle checkpoint directories ({figures['files']:,} files): "
+                      f"watch worker {figures['watch_worker_cpu_percent']}% of one core, redis-server "
+                      f"{figures['redis_cpu_percent']}% (target <= 5%)")
             else:
                 figures = bench_idle(Path(tmp), args.idle_seconds)
                 print(f"\n{figures['watches']} idle watches over {figures['files']:,} files in "
