@@ -109,13 +109,14 @@ class Layout:
 
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".distcp", ".model", ".state")
-"""Members with these endings hold data: empty, they are still being written (an empty marker is fine)."""
+"""Members with these endings hold tensors and are checked by their format; the others (JSON, text, empty
+markers) only by the quiet time."""
 
 
 def _members_whole(view: DirView, rels: Sequence[str] | None = None) -> Verdict:
-    """No member (or none of ``rels``) whose own format proves it is still being written."""
+    """No data member (or none of ``rels``) whose own format proves it is still being written."""
     for rel in sorted(view.members) if rels is None else rels:
-        if view.members[rel].size == 0 and not rel.endswith(WEIGHT_SUFFIXES):
+        if not rel.endswith(WEIGHT_SUFFIXES):
             continue
         if view.format_of(rel) is Format.INCOMPLETE:
             return Verdict(False, f"{rel} still being written")

@@ -138,6 +138,14 @@ def final_results(conn: redis.Redis, watch: str) -> list[dict[str, Any]]:
     return [json.loads(v) for v in conn.hvals(f"assayer:results:{watch}")]
 
 
+def results_by_path(conn: redis.Redis, watch: str = "run") -> dict[str, list[dict[str, Any]]]:
+    """Final results of a watch, grouped by checkpoint path (relative to the watch root)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for rec in final_results(conn, watch):
+        out.setdefault(rec["relpath"], []).append(rec)
+    return out
+
+
 def attempts(conn: redis.Redis, job_id: str) -> list[dict[str, Any]]:
     return [json.loads(v) for v in conn.lrange(f"assayer:attempts:{job_id}", 0, -1)]
 

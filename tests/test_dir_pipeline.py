@@ -8,20 +8,13 @@ import time
 from pathlib import Path
 
 import redis
-from harness import Workers, add_watch, attempts, evaluator_ref, final_results, wait_for
+from harness import Workers, add_watch, attempts, evaluator_ref, final_results, results_by_path, wait_for
 from layout_writers import deepspeed_latest, write_deepspeed
 from writers import save_dcp, save_pretrained_sharded, train_hf
 
 from assayer import status
 from assayer.cli import main as cli_main
 from assayer.settings import Settings
-
-
-def by_relpath(conn: redis.Redis, watch: str = "run") -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
-    for rec in final_results(conn, watch):
-        out.setdefault(rec["relpath"], []).append(rec)
-    return out
 
 
 def test_trainer_run_with_rotation_evaluates_each_checkpoint_directory_once(
@@ -33,10 +26,10 @@ def test_trainer_run_with_rotation_evaluates_each_checkpoint_directory_once(
     workers.start("eval")
     train_hf(runs / "exp1", max_steps=16, save_steps=4, save_total_limit=2)  # nested: runs/exp1/checkpoint-N/
     expected = {f"exp1/checkpoint-{n}" for n in (4, 8, 12, 16)}
-    wait_for(lambda: set(by_relpath(conn)) >= {"exp1/checkpoint-12", "exp1/checkpoint-16"}, 60,
+    wait_for(lambda: set(results_by_path(conn)) >= {"exp1/checkpoint-12", "exp1/checkpoint-16"}, 60,
              what="the kept checkpoints evaluated")
     time.sleep(1.5)  # more scans: nothing twice, no file of a checkpoint on its own
-    got = by_relpath(conn)
+    got = results_by_path(conn)
     assert set(got) <= expected, f"files inside a checkpoint were evaluated: {set(got) - expected}"
     for rel, recs in got.items():
         assert len(recs) == 1, rel
@@ -90,7 +83,7 @@ def test_rewritten_directory_is_evaluated_again_and_a_deleted_one_ends_missing(
     save_dcp(run / "step-20")
     wait_for(marker.exists, 20, what="step-20's evaluation to start")
     shutil.rmtree(run / "step-20")  # deleted during its evaluation
-    rec = wait_for(lambda: by_relpath(conn).get("step-20"), 20, what="step-20's result")[0]
+    rec = wait_for(lambda: results_by_path(conn).get("step-20"), 20, what="step-20's result")[0]
     assert rec["status"] == "missing" and "while it was being evaluated" in rec["error"]
     assert len(attempts(conn, rec["job_id"])) == 1
 
@@ -113,8 +106,8 @@ def test_deepspeed_tag_is_evaluated_after_latest_and_existing_directories_on_req
     assert (rec["relpath"], rec["step"], rec["layout"]) == ("global_step300", 300, "deepspeed")
     cli_main(["--redis-url", settings.redis_url, "evaluate", "--watch", "run"])
     assert "queued 1 evaluation" in capsys.readouterr().out
-    wait_for(lambda: "old/step-1" in by_relpath(conn), 20, what="the existing directory evaluated on request")
-    assert by_relpath(conn)["old/step-1"][0]["layout"] == "dcp"
+    wait_for(lambda: "old/step-1" in results_by_path(conn), 20, what="the existing directory evaluated on request")
+    assert results_by_path(conn)["old/step-1"][0]["layout"] == "dcp"
 
 
 def test_watch_add_takes_layout_and_ready_markers_and_refuses_bad_ones(
@@ -134,3 +127,45 @@ def test_watch_add_takes_layout_and_ready_markers_and_refuses_bad_ones(
         err = capsys.readouterr().err
         assert message in err and "fix:" in err
     assert __import__("assayer.watches", fromlist=["get"]).get(conn, "bad") is None
+
+
+def test_the_hugging_face_example_evaluates_trainer_checkpoints_and_results_pick_the_best(
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path, capsys
+) -> None:
+    from harness import ROOT
+
+    run = tmp_path / "llm"
+    run.mkdir()
+    from assayer import ledger, watches
+
+    spec, _ = watches.build_spec(str(run), str(ROOT / "examples" / "hf" / "eval.py") + ":evaluate", name="llm")
+    ledger.register(conn, settings, spec)
+    workers.start("watch")
+    workers.start("eval")
+    train_hf(run, max_steps=8, save_steps=4, save_total_limit=None)
+    wait_for(lambda: len(final_results(conn, "llm")) == 2, 90, what="both Trainer checkpoints evaluated")
+    recs = sorted(final_results(conn, "llm"), key=lambda r: r["step"])
+    assert [(r["relpath"], r["step"], r["status"]) for r in recs] == [("checkpoint-4", 4, "ok"), ("checkpoint-8", 8, "ok")]
+    assert all(r["metrics"]["perplexity"] > 1 for r in recs)
+    cli_main(["--redis-url", settings.redis_url, "results", "llm", "--best", "loss"])
+    best = min(recs, key=lambda r: r["metrics"]["loss"])
+    assert f"at {best['checkpoint']}" in capsys.readouterr().out
+
+
+def test_eval_existing_takes_the_directories_already_there(
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    save_dcp(run / "a" / "step-1")
+    save_dcp(run / "b" / "step-2")
+    (run / "b" / "tmp-step-3").mkdir()  # an unfinished save, renamed into place later
+    add_watch(conn, settings, run, fn="inspect_dir", eval_existing=True)
+    workers.start("watch")
+    workers.start("eval")
+    wait_for(lambda: len(final_results(conn, "run")) == 2, 20, what="both existing directories evaluated")
+    save_dcp(run / "b" / "tmp-step-3")
+    time.sleep(1.0)
+    assert len(final_results(conn, "run")) == 2
+    os.rename(run / "b" / "tmp-step-3", run / "b" / "step-3")
+    wait_for(lambda: "b/step-3" in results_by_path(conn), 20, what="the renamed directory evaluated")
+    assert sorted(results_by_path(conn)) == ["a/step-1", "b/step-2", "b/step-3"]

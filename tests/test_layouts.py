@@ -308,3 +308,11 @@ def test_resolver_auto_detects_each_writer_from_its_entries() -> None:
         assert got is not None and got.name == layout, (name, names)
     assert resolve("logs", frozenset({"events.out"}), False) is None
     assert resolve("step-5", frozenset({"model.pt"}), True) is None  # plain folder: its files stay file checkpoints
+
+
+def test_the_readme_table_states_each_layouts_rule_as_the_code_does() -> None:
+    from assayer.layouts import table
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for name, recognised_by, complete_when in table():
+        assert f"| `{name}` | {recognised_by} | {complete_when} |" in readme, name

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import redis
-from harness import Workers, add_watch, attempts, evaluator_ref, final_results, wait_for
+from harness import Workers, add_watch, attempts, evaluator_ref, final_results, results_by_path, wait_for
 from writers import (
     safetensors_bytes,
     torch_bytes,
@@ -17,13 +17,6 @@ from writers import (
 )
 
 from assayer.settings import Settings
-
-
-def results_by_path(conn: redis.Redis, watch: str = "run") -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
-    for rec in final_results(conn, watch):
-        out.setdefault(rec["relpath"], []).append(rec)
-    return out
 
 
 def test_every_completeness_path_evaluates_each_file_once_and_whole(

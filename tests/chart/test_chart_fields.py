@@ -192,6 +192,17 @@ def test_watches_become_the_watch_workers_watches_file(helm: str) -> None:
     assert path.name == "watches.yaml"
 
 
+def test_directory_layouts_reach_the_watches_file_and_assayer_reads_them(helm: str, tmp_path: Path) -> None:
+    from assayer.watches import load_file
+
+    watch = {"name": "llm", "directory": "llm", "evaluator": "/evaluators/lm.py:evaluate", "layout": "marker",
+             "ready_markers": ["COMMITTED"]}
+    r = render(helm, {"watches": [watch]})
+    text = r.get("ConfigMap", f"{FULLNAME}-watches")["data"]["watches.yaml"]
+    (tmp_path / "watches.yaml").write_text(text)
+    assert load_file(tmp_path / "watches.yaml") == [{**watch, "directory": "/checkpoints/llm"}]
+
+
 def test_absolute_watch_directories_are_kept(helm: str) -> None:
     r = render(helm, files=case("existing-claim"))
     watches = yaml.safe_load(r.get("ConfigMap", f"{FULLNAME}-watches")["data"]["watches.yaml"])["watches"]
