@@ -60,6 +60,7 @@ class EvaluatorProcess:
         self._buffer = b""
         self._beat: Callable[[], None] | None = None
         self.ready: Outcome | None = None
+        self.calls = 0
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -87,7 +88,7 @@ class EvaluatorProcess:
 
     def _read(self, started: float, timeout: float | None, what: str) -> Outcome:
         while b"\n" not in self._buffer:
-            wait = 1.0 if not timeout else max(0.0, min(1.0, started + timeout - time.monotonic()))
+            wait = 0.5 if not timeout else max(0.0, min(0.5, started + timeout - time.monotonic()))
             if timeout and time.monotonic() - started >= timeout:
                 self.close()
                 return Outcome(False, error=f"timed out after {timeout:g} s {what}; the evaluator process was killed")
@@ -99,9 +100,16 @@ class EvaluatorProcess:
                 if not chunk:
                     return self._died(what)
                 self._buffer += chunk
+            elif self.proc.poll() is not None:
+                # Dead, though a process it started may still hold the reply pipe open: say so now.
+                return self._died(what)
         line, self._buffer = self._buffer.split(b"\n", 1)
-        reply = json.loads(line)
-        return Outcome(reply["ok"], reply.get("metrics"), reply.get("error"), reply.get("traceback"))
+        try:
+            reply = json.loads(line)
+            return Outcome(bool(reply["ok"]), reply.get("metrics"), reply.get("error"), reply.get("traceback"))
+        except (ValueError, KeyError, TypeError):
+            self.close()
+            return Outcome(False, error=f"the evaluator process sent an unreadable reply while {what}: {line[:200]!r}")
 
     def _died(self, what: str) -> Outcome:
         code = self.proc.wait()
@@ -112,10 +120,21 @@ class EvaluatorProcess:
             return Outcome(False, error=f"evaluator process died from {name}{why} while {what}")
         return Outcome(False, error=f"evaluator process exited with code {code} while {what}")
 
+    def rss_mib(self) -> float:
+        """Resident memory of the evaluator process (not of processes it started), in MiB."""
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) / 1024
+        except (OSError, ValueError):
+            pass
+        return 0.0
+
     def close(self) -> None:
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        """Kill the evaluator and every process of its group, on every exit path (orphans included)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the group outlives its leader while members remain
         self.proc.wait()
         for fd in (self._to_child, self._from_child):
             with contextlib.suppress(OSError):
@@ -126,8 +145,10 @@ class EvaluatorProcess:
 class EvaluatorPool:
     """Warm children by evaluator reference, at most ``size`` at once (least recently used goes)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, max_calls: int = 0, max_rss_mib: float = 0) -> None:
         self.size = max(1, size)
+        self.max_calls = max_calls
+        self.max_rss_mib = max_rss_mib
         self._procs: OrderedDict[str, EvaluatorProcess] = OrderedDict()
 
     def evaluate(
@@ -145,9 +166,27 @@ class EvaluatorPool:
                 oldest.close()
             proc = EvaluatorProcess(ref)
         outcome = proc.call({"checkpoint": checkpoint, "context": context}, timeout, beat)
-        if proc.alive():
+        proc.calls += 1
+        recycle = self._recycle_reason(proc, outcome)
+        if recycle:
+            log.info("starting a fresh process for evaluator %s: %s", ref, recycle)
+            proc.close()
+        elif proc.alive():
             self._procs[ref] = proc
         return outcome
+
+    def _recycle_reason(self, proc: EvaluatorProcess, outcome: Outcome) -> str | None:
+        """Why the next checkpoint should get a fresh child, if it should."""
+        if not proc.alive():
+            return None
+        if not outcome.ok:  # a failure may have left broken state (closed stdout, corrupted globals)
+            return "the last attempt failed"
+        if self.max_calls and proc.calls >= self.max_calls:
+            return f"it served {proc.calls} checkpoints (ASSAYER_EVAL_MAX_CALLS)"
+        rss = proc.rss_mib() if self.max_rss_mib else 0.0
+        if self.max_rss_mib and rss > self.max_rss_mib:
+            return f"it holds {rss:.0f} MiB (ASSAYER_EVAL_MAX_RSS {self.max_rss_mib:g})"
+        return None
 
     def prestart(self, ref: str) -> None:
         """Start importing ``ref`` now, so the first checkpoint does not pay for it (while there is room)."""
@@ -175,7 +214,8 @@ def _ref_mtime(ref: str) -> float | None:
 def to_metrics(value: Any) -> dict[str, Any]:
     """What the evaluator returned, as a JSON object; raise TypeError naming what is wrong."""
     if value is None:
-        return {}
+        raise TypeError("the evaluator returned None (a forgotten `return`?); return a dict of metrics, "
+                        "e.g. {'accuracy': 0.93}, or {} when there is nothing to report")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return {"value": value}
     if not isinstance(value, dict):

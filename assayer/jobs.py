@@ -60,7 +60,8 @@ class Runtime:
     @property
     def pool(self) -> EvaluatorPool:
         if self._pool is None:
-            self._pool = EvaluatorPool(self.settings.max_warm_evaluators)
+            self._pool = EvaluatorPool(self.settings.max_warm_evaluators, self.settings.eval_max_calls,
+                                       self.settings.eval_max_rss)
         return self._pool
 
     def close(self) -> None:

@@ -46,6 +46,8 @@ class Settings:
     idle_poll_interval: float = defaults.IDLE_POLL_INTERVAL
     inotify: bool = True
     max_warm_evaluators: int = defaults.MAX_WARM_EVALUATORS
+    eval_max_calls: int = 0
+    eval_max_rss: float = 0.0
     dashboard_user: str = defaults.DASHBOARD_USER
     dashboard_password: str | None = field(default=None, repr=False)
     dashboard_port: int = defaults.DASHBOARD_PORT
@@ -133,10 +135,11 @@ class Settings:
         return cls(**values)
 
 
-_FLOATS = {"poll_interval", "settle", "eval_timeout", "heartbeat_interval", "reap_interval", "full_scan_interval",
+_FLOATS = {"eval_max_rss", "poll_interval", "settle", "eval_timeout", "heartbeat_interval", "reap_interval",
+           "full_scan_interval",
            "idle_poll_interval"}
 _BOOLS = {"dashboard_allow_delete", "inotify"}
-_INTS = {"retries", "lease_ttl", "max_warm_evaluators", "dashboard_port"}
+_INTS = {"retries", "lease_ttl", "max_warm_evaluators", "dashboard_port", "eval_max_calls"}
 _PATHS = {"home", "results_dir", "watches_file"}
 
 

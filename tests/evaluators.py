@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -90,3 +91,45 @@ def inspect_dir(path: str, ctx) -> dict[str, object]:  # type: ignore[no-untyped
             fh.write(f"{os.getpid()} {path}\n")
         time.sleep(float(os.environ.get("EVAL_SECONDS", "0")))
     return {"is_dir": root.is_dir(), "files": len(files), "tensors": tensors, "layout": ctx.layout, "ctx_step": ctx.step}
+
+
+def fork_then_die(path: str) -> dict[str, object]:
+    """Starts a process that outlives it holding every inherited descriptor (a leaked worker), then dies."""
+    pid = os.fork()
+    if pid == 0:
+        with open(os.environ["ORPHAN_PIDS"], "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        time.sleep(3600)
+        os._exit(0)
+    time.sleep(0.2)
+    os._exit(7)
+
+
+def returns_none(path: str) -> None:
+    os.path.getsize(path)  # evaluates, then forgets to return its metrics
+
+
+BROKEN = False
+
+
+def breaks_its_process_once(path: str) -> dict[str, object]:
+    """The first call ever closes stdout, corrupts a global and fails; a process it broke fails every later call."""
+    global BROKEN
+    if BROKEN:
+        raise RuntimeError("this process was left broken by an earlier failure")
+    flag = Path(os.environ["FLAKY_DIR"]) / "broken-once"
+    if not flag.exists():
+        flag.touch()
+        BROKEN = True
+        sys.stdout.close()
+        raise RuntimeError("a failure that leaves the process broken")
+    return {"pid": os.getpid()}
+
+
+HELD: list[bytes] = []
+
+
+def holds_memory(path: str) -> dict[str, object]:
+    """Keeps HOLD_MIB more MiB alive in the process with each checkpoint (a leak)."""
+    HELD.append(b"\x01" * (int(os.environ.get("HOLD_MIB", "64")) << 20))
+    return {"pid": os.getpid()}

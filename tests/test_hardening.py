@@ -1,0 +1,90 @@
+"""Faults and hostile input, each with real processes: evaluators that misbehave, names, regexes, links."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import redis
+from harness import Workers, add_watch, attempts, final_results, wait_for
+from writers import torch_bytes
+
+from assayer.settings import Settings
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+
+
+def test_an_evaluator_that_forks_then_dies_is_reported_as_dead_at_once_and_its_orphan_killed(
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    ckpts, orphans = tmp_path / "ckpts", tmp_path / "orphans"
+    add_watch(conn, settings, ckpts, "fork_then_die")
+    workers.settings = dataclasses.replace(settings, retries=0, eval_timeout=120)
+    workers.start("watch")
+    workers.start("eval", {"ORPHAN_PIDS": str(orphans)})
+    (ckpts / "a.pt").write_bytes(torch_bytes())
+    started = time.monotonic()
+    rec = wait_for(lambda: final_results(conn, "run"), 30, what="a result while the orphan still lives")[0]
+    assert time.monotonic() - started < 30  # not the 120 s timeout, not the orphan's hour
+    assert rec["status"] == "failed" and "exited with code 7" in rec["error"] and "timed out" not in rec["error"]
+    orphan = int(orphans.read_text().split()[0])
+    wait_for(lambda: not alive(orphan), 10, what="the orphan to be killed with its process group")
+
+
+def test_an_evaluator_returning_none_fails_with_a_clear_message(
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    ckpts = tmp_path / "ckpts"
+    add_watch(conn, settings, ckpts, "returns_none")
+    workers.settings = dataclasses.replace(settings, retries=0)
+    workers.start("watch")
+    workers.start("eval")
+    (ckpts / "a.pt").write_bytes(torch_bytes())
+    rec = wait_for(lambda: final_results(conn, "run"), 20, what="a result")[0]
+    assert rec["status"] == "failed" and "returned None" in rec["error"] and "forgotten `return`" in rec["error"]
+
+
+def test_a_failed_attempt_is_retried_in_a_fresh_evaluator_process(
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    ckpts = tmp_path / "ckpts"
+    add_watch(conn, settings, ckpts, "breaks_its_process_once")
+    workers.settings = dataclasses.replace(settings, retries=1)
+    workers.start("watch")
+    workers.start("eval", {"FLAKY_DIR": str(tmp_path)})
+    (ckpts / "a.pt").write_bytes(torch_bytes())
+    rec = wait_for(lambda: final_results(conn, "run"), 30, what="a final result")[0]
+    assert rec["status"] == "ok" and rec["attempt"] == 2, attempts(conn, rec["job_id"])
+    (ckpts / "b.pt").write_bytes(torch_bytes(1))  # later checkpoints are not failed by the broken process either
+    wait_for(lambda: len(final_results(conn, "run")) == 2, 20, what="b evaluated")
+    assert all(r["status"] == "ok" for r in final_results(conn, "run"))
+
+
+def test_evaluator_processes_are_recycled_after_max_calls_and_above_max_rss(
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    calls, memory = tmp_path / "calls", tmp_path / "memory"
+    add_watch(conn, settings, calls, "record", name="calls")
+    add_watch(conn, settings, memory, "holds_memory", name="memory")
+    workers.start("watch")
+    workers.start("eval", {"ASSAYER_EVAL_MAX_CALLS": "2", "ASSAYER_EVAL_MAX_RSS": "100", "HOLD_MIB": "45"})
+    for i in range(4):
+        (calls / f"{i}.pt").write_bytes(torch_bytes(i))
+        wait_for(lambda i=i: len(final_results(conn, "calls")) == i + 1, 20, what=f"calls checkpoint {i}")
+    for i in range(3):  # the process itself is about 20 MiB; each checkpoint keeps 45 MiB more
+        (memory / f"{i}.pt").write_bytes(torch_bytes(i))
+        wait_for(lambda i=i: len(final_results(conn, "memory")) == i + 1, 20, what=f"memory checkpoint {i}")
+    by_pid: dict[object, int] = {}
+    for rec in final_results(conn, "calls"):
+        by_pid[rec["metrics"]["pid"]] = by_pid.get(rec["metrics"]["pid"], 0) + 1
+    assert sorted(by_pid.values()) == [2, 2]  # two checkpoints per process (ASSAYER_EVAL_MAX_CALLS=2)
+    pids = [r["metrics"]["pid"] for r in sorted(final_results(conn, "memory"), key=lambda r: r["relpath"])]
+    assert pids[0] == pids[1] != pids[2]  # ~65 MiB after one checkpoint is kept, ~110 MiB after two is not
