@@ -141,7 +141,7 @@ def watch() -> None:
 @click.option("--settle", type=float,
               help="Seconds a file of unknown format must stay unchanged [default: ASSAYER_SETTLE]. On NFS, "
                    "set it above the mount's attribute cache time (actimeo).")
-@click.option("--layout", type=click.Choice(LAYOUTS), default="auto", show_default=True,
+@click.option("--layout", default="auto", show_default=True, metavar="|".join(LAYOUTS),
               help="How directory checkpoints are recognised: auto detects Hugging Face, torch DCP, DeepSpeed, "
                    "Megatron, Orbax and marker directories; file treats only files as checkpoints")
 @click.option("--ready-marker", "ready_markers", multiple=True, metavar="NAME",

@@ -46,6 +46,10 @@ REAP_INTERVAL = 3.0
 SCAN_LEASE = 30
 """Seconds a claimed watch stays claimed; a watch whose scan was lost is scanned again after this."""
 
+SCAN_BUDGET = 2.0
+"""Seconds one scan of one watch may take; a slower watch is reported and goes on at its next scan, so
+it never keeps the other watches of its batch waiting."""
+
 FULL_SCAN_INTERVAL = 30.0
 """Seconds between full re-stats of every known file (catches in-place rewrites of cold files)."""
 

@@ -142,11 +142,14 @@ def scan_one(rt: Runtime, spec: watches.WatchSpec, batch_start: float) -> tuple[
             scanner = rt.scanners[spec.name] = fresh
         rt.scanned_specs[spec.name] = spec
     now = time.time()
-    report = scanner.scan(now)
+    report = scanner.scan(now, budget=defaults.SCAN_BUDGET)
     queued = ledger.enqueue_new(rt.conn, rt.settings, spec, report.ready) if report.ready else []
     for cand in report.ready:
         scanner.mark_done(cand.relpath, cand.version)
     error = "; ".join(report.errors[:3])
+    if report.truncated:  # reported, not waited for: the other watches of the batch get their turn
+        error = (f"slow: the scan took over {defaults.SCAN_BUDGET:g} s ({report.files} checkpoints so far) "
+                 "and goes on next time" + (f"; {error}" if error else ""))
     if report.missing_root:
         error = f"{spec.directory} does not exist (yet); waiting for it"
     poll = _poll_interval(rt, spec, scanner, report, poll, now)
@@ -175,7 +178,7 @@ def _poll_interval(rt: Runtime, spec: watches.WatchSpec, scanner: Scanner, repor
             scanner.force_full()  # events were lost: look at everything once
         rt.notified[spec.name] = (scanner.generation, rt.notifier.overflows)
         covered = rt.notifier.covers(spec.name)
-    if report.changed or report.pending or report.ready or report.errors:
+    if report.changed or report.pending or report.ready or report.errors or report.truncated:
         rt.active_at[spec.name] = now
     if now - rt.active_at.setdefault(spec.name, now) < defaults.QUIET_AFTER:
         return poll

@@ -32,7 +32,7 @@ LAYOUTS = ("auto", "file", "hf", "dcp", "deepspeed", "megatron", "orbax", "marke
 DEFAULT_MARKERS = ("STABLE", "COMMITTED", "_SUCCESS")
 """Marker files that in-house trainers write last; ``--ready-marker`` adds more."""
 
-_DIR_STEP = re.compile(r"^(?:checkpoint-|global_step|iter_|step[-_=]?)(\d+)(?:[-_.].*)?$|^(\d+)$", re.IGNORECASE)
+_DIR_STEP = re.compile(r"(?:checkpoint-|global_step|iter_|step[-_=]?)(\d+)(?:[-_.].*)?|(\d+)", re.IGNORECASE)
 
 
 def dir_step(name: str) -> int | None:
@@ -40,7 +40,7 @@ def dir_step(name: str) -> int | None:
 
     ``checkpoint-500``, ``global_step500``, ``iter_0000500``, ``step-500``, ``step500-unsharded``, ``500``.
     """
-    match = _DIR_STEP.match(name)
+    match = _DIR_STEP.fullmatch(name)
     if not match:
         return None
     return int(match.group(1) or match.group(2))
@@ -48,7 +48,7 @@ def dir_step(name: str) -> int | None:
 
 def step_named(name: str) -> bool:
     """Whether a directory's name is one that trainers give checkpoints (see :func:`dir_step`)."""
-    return _DIR_STEP.match(name) is not None
+    return _DIR_STEP.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)
@@ -132,19 +132,19 @@ class HuggingFace(Layout):
 
     SINGLE = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin")
     INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-    SHARD = re.compile(r"^(?:model|pytorch_model)-\d+-of-(\d+)\.(?:safetensors|bin)$")
+    SHARD = re.compile(r"(?:model|pytorch_model)-\d+-of-(\d+)\.(?:safetensors|bin)")
     TRAINER = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "training_args.bin", "rng_state.pth")
     STATE = "trainer_state.json"
-    CHECKPOINT = re.compile(r"^checkpoint-\d+$")
+    CHECKPOINT = re.compile(r"checkpoint-\d+")
 
     def claims(self, dirname: str, names: frozenset[str], holds_weights: bool) -> bool:
-        if self.CHECKPOINT.match(dirname) or self.STATE in names:
+        if self.CHECKPOINT.fullmatch(dirname) or self.STATE in names:
             return True
-        return any(n in self.SINGLE or n in self.INDEXES or self.SHARD.match(n) for n in names)
+        return any(n in self.SINGLE or n in self.INDEXES or self.SHARD.fullmatch(n) for n in names)
 
     def check(self, view: DirView) -> Verdict:
         top = {rel for rel in view.members if "/" not in rel}
-        trainer = bool(self.CHECKPOINT.match(view.name)) or any(
+        trainer = bool(self.CHECKPOINT.fullmatch(view.name)) or any(
             n in self.TRAINER or n.startswith("rng_state") for n in top)
         weights = self._weights(view, top)
         if not weights.complete:
@@ -157,9 +157,9 @@ class HuggingFace(Layout):
         for index in self.INDEXES:
             if index in top:
                 return self._shards(view, index, top)
-        shards = sorted(n for n in top if self.SHARD.match(n))
+        shards = sorted(n for n in top if self.SHARD.fullmatch(n))
         if shards:
-            total = int(self.SHARD.match(shards[0]).group(1))  # type: ignore[union-attr]
+            total = int(self.SHARD.fullmatch(shards[0]).group(1))  # type: ignore[union-attr]
             return Verdict(False, f"{len(shards)} of {total} shards and the index")
         singles = [n for n in self.SINGLE if n in top]
         if singles or self.STATE in top:
@@ -201,13 +201,13 @@ class DeepSpeed(Layout):
                      "complete by format and the ranks of the `zero_pp_rank_R_*` files run 0..R without a gap: rank 0 "
                      "writes `latest` before the barrier, while other ranks may still be writing")
 
-    FILES = re.compile(r"^(?:.*mp_rank_\d+_model_states\.pt|.*_optim_states\.pt|zero_pp_rank_.*)$")
-    RANKED = re.compile(r"^(.*)zero_pp_rank_(\d+)_(mp_rank_\d+_(?:optim|model)_states\.pt)$")
-    TAG = re.compile(r"^global_step\d+$")
+    FILES = re.compile(r".*mp_rank_\d+_model_states\.pt|.*_optim_states\.pt|zero_pp_rank_.*")
+    RANKED = re.compile(r"(.*)zero_pp_rank_(\d+)_(mp_rank_\d+_(?:optim|model)_states\.pt)")
+    TAG = re.compile(r"global_step\d+")
     LATEST = "latest"
 
     def claims(self, dirname: str, names: frozenset[str], holds_weights: bool) -> bool:
-        return bool(self.TAG.match(dirname)) or any(self.FILES.match(n) for n in names)
+        return bool(self.TAG.fullmatch(dirname)) or any(self.FILES.fullmatch(n) for n in names)
 
     def check(self, view: DirView) -> Verdict:
         latest = (view.sibling_text(self.LATEST, 4096) or "").strip()
@@ -217,7 +217,7 @@ class DeepSpeed(Layout):
                 return Verdict(False, f"'{self.LATEST}' to name {view.name}" + (f" (it names {latest})" if latest else ""))
         ranks: dict[tuple[str, str], set[int]] = {}
         for rel in view.members:
-            match = self.RANKED.match(rel)
+            match = self.RANKED.fullmatch(rel)
             if match:
                 ranks.setdefault((match.group(1), match.group(3)), set()).add(int(match.group(2)))
         for (prefix, kind), seen in sorted(ranks.items()):
@@ -233,14 +233,14 @@ class Megatron(Layout):
     complete_when = ("`latest_checkpointed_iteration.txt` beside it holds this iteration or a later one; "
                      "Megatron writes it after every rank saved")
 
-    ITER = re.compile(r"^iter_(\d+)$")
+    ITER = re.compile(r"iter_(\d+)")
     TRACKER = "latest_checkpointed_iteration.txt"
 
     def claims(self, dirname: str, names: frozenset[str], holds_weights: bool) -> bool:
-        return bool(self.ITER.match(dirname))
+        return bool(self.ITER.fullmatch(dirname))
 
     def check(self, view: DirView) -> Verdict:
-        match = self.ITER.match(view.name)
+        match = self.ITER.fullmatch(view.name)
         ours = int(match.group(1)) if match else None
         tracked = (view.sibling_text(self.TRACKER, 64) or "").strip()
         if ours is None or not tracked.isdigit() or int(tracked) < ours:

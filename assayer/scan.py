@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from . import defaults
 from .dirs import LocalDir, TooManyMembers, dir_version, file_version, walk
+from .filters import compile_filter
 from .layouts import Layout, Resolver, dir_step
 from .readiness import Format, check_format, settled_at
 
@@ -95,6 +96,7 @@ class ScanReport:
     pending: list[str] = field(default_factory=list)
     waiting: dict[str, str] = field(default_factory=dict)  # pending checkpoint -> what it waits for
     changed: bool = False  # a directory was listed anew, or a checkpoint version appeared: not a quiet scan
+    truncated: bool = False  # the scan ran out of its time budget; the next one goes on (cached parts cost a stat)
     errors: list[str] = field(default_factory=list)
     next_check: float | None = None
     files: int = 0
@@ -151,7 +153,7 @@ class Scanner:
         quiet: float = defaults.DIR_QUIET,
     ) -> None:
         self.root = os.path.abspath(root)
-        self.pattern = re.compile(regex)
+        self.pattern = compile_filter(regex)
         # The default filter names file extensions; it does not apply to directories a layout claims.
         self.filter_dirs = regex != defaults.CHECKPOINT_REGEX
         self.settle = settle
@@ -163,6 +165,7 @@ class Scanner:
         self._files: dict[str, _File] = {}
         self._ckpts: dict[str, _DirCheckpoint] = {}
         self._last_full = float("-inf")
+        self._deadline: float | None = None
         self.generation = 0  # bumped whenever the set of listed directories changes
 
     @property
@@ -190,14 +193,20 @@ class Scanner:
             if folder is not None and time.time() - state.mtime > self.hot_window:
                 folder.hot.discard(os.path.basename(relpath))
 
-    def scan(self, now: float) -> ScanReport:
+    def scan(self, now: float, budget: float | None = None) -> ScanReport:
+        """Look at the tree once; with ``budget``, stop after that many seconds and say so (``truncated``).
+
+        A truncated scan keeps what it learnt: the directories it listed are cached, so the next
+        scan passes them with one stat each and gets further. Nothing is forgotten on its account.
+        """
         full = now - self._last_full >= self.full_scan_interval
         if full:
             self._last_full = now
         report = ScanReport()
         seen_dirs: set[str] = set()
+        self._deadline = None if budget is None else time.monotonic() + budget
         self._scan_dir("", now, full, set(), seen_dirs, report)
-        for gone in set(self._dirs) - seen_dirs:
+        for gone in set() if report.truncated else set(self._dirs) - seen_dirs:
             self._forget_dir(gone)
             report.changed = True
         report.files = len(self._files) + len(self._ckpts)
@@ -208,6 +217,9 @@ class Scanner:
     def _scan_dir(
         self, rel: str, now: float, full: bool, visited: set[tuple[int, int]], seen: set[str], report: ScanReport
     ) -> None:
+        if self._deadline is not None and (report.truncated or time.monotonic() > self._deadline):
+            report.truncated = True
+            return
         cached = self._dirs.get(rel)
         path = cached.path if cached is not None else (os.path.join(self.root, rel) if rel else self.root)
         try:

@@ -15,13 +15,15 @@ import yaml
 
 from . import defaults, evaluator, keys
 from .errors import ConfigError, WatchError
+from .filters import compile_filter
 from .layouts import LAYOUTS
 from .scan import Scanner
 from .settings import Settings
 
 log = logging.getLogger("assayer.watches")
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+"""Watch names; always used with ``fullmatch`` (``$`` would let a trailing newline through)."""
 
 
 @dataclass
@@ -84,17 +86,12 @@ def build_spec(
     warnings: list[str] = []
     directory = os.path.abspath(os.path.expanduser(directory))
     name = name or default_name(directory)
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise WatchError(
             f"watch name {name!r} is not valid", "use letters, digits, '.', '_' and '-' (at most 100), e.g. --name run1"
         )
     regex = regex or defaults.CHECKPOINT_REGEX
-    try:
-        re.compile(regex)
-    except re.error as exc:
-        raise WatchError(
-            f"regex {regex!r} does not compile: {exc}", "quote it for the shell and escape dots, e.g. '\\.pt$'"
-        ) from None
+    compile_filter(regex)
     layout, markers = _check_layout(layout, ready_markers)
     for label, value in (("poll interval", poll_interval), ("settle", settle)):
         if (value is not None and value < 0) or (label == "poll interval" and value == 0):

@@ -49,7 +49,9 @@ def test_missing_directory_is_allowed_with_a_warning(conn: redis.Redis, settings
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--regex", "(*bad"], "does not compile"),
+    (["--regex", "(*bad"], "cannot be used: no argument for repetition operator"),
+    (["--regex", r"(a)\1\.pt$"], "invalid escape sequence: \\1"),
+    (["--regex", r"(?<=run1/).*\.pt$"], "invalid perl operator: (?<="),
     (["--evaluator", "{tmp}/nope.py:fn"], "does not exist"),
     (["--evaluator", "{tmp}/broken.py:evaluate"], "failed to import: ZeroDivisionError"),
     (["--evaluator", "{tmp}/ok.py:missing"], "has no function 'missing'"),
@@ -57,6 +59,8 @@ def test_missing_directory_is_allowed_with_a_warning(conn: redis.Redis, settings
     (["--evaluator", "{tmp}/ok.py"], "names no function"),
     (["--evaluator", "{tmp}/ok.py:three"], "needs 3 arguments"),
     (["--name", "bad name!"], "is not valid"),
+    (["--name", "run1\n"], "is not valid"),
+    (["--layout", "pytorch"], "layout 'pytorch' is not known"),
     (["--poll-interval", "0"], "must be positive"),
 ])
 def test_bad_specs_are_refused_clearly_and_leave_nothing(

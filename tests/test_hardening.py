@@ -88,3 +88,29 @@ def test_evaluator_processes_are_recycled_after_max_calls_and_above_max_rss(
     assert sorted(by_pid.values()) == [2, 2]  # two checkpoints per process (ASSAYER_EVAL_MAX_CALLS=2)
     pids = [r["metrics"]["pid"] for r in sorted(final_results(conn, "memory"), key=lambda r: r["relpath"])]
     assert pids[0] == pids[1] != pids[2]  # ~65 MiB after one checkpoint is kept, ~110 MiB after two is not
+
+
+def test_a_catastrophic_regex_neither_hangs_watch_add_nor_starves_the_other_watches(
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from harness import ROOT, env_for, evaluator_ref
+
+    hostile, other = tmp_path / "hostile", tmp_path / "other"
+    deep = hostile / ("a" * 200) / ("a" * 200)
+    deep.mkdir(parents=True)
+    for i in range(200):
+        (deep / ("a" * 150 + f"{i:03d}b")).write_bytes(b"x")
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "assayer", "watch", "add", str(hostile), "-e", evaluator_ref("record"),
+                          "--regex", "(a+)+$", "--eval-existing", "--name", "hostile"],
+                         env=env_for(settings), capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert time.monotonic() - started < 30  # Python's re would backtrack for ages on each of these paths
+    add_watch(conn, settings, other, name="other")
+    workers.start("watch")
+    workers.start("eval")
+    (other / "a.pt").write_bytes(torch_bytes())
+    wait_for(lambda: final_results(conn, "other"), 10, what="the other watch's checkpoint evaluated")

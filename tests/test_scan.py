@@ -187,3 +187,21 @@ def test_incremental_scans_stat_only_changed_directories(tmp_path: Path, monkeyp
 ])
 def test_step_is_parsed_from_the_name(name: str, step: int | None) -> None:
     assert parse_step(name) == step
+
+
+def test_a_scan_over_its_time_budget_stops_says_so_and_the_next_ones_go_on(tmp_path: Path) -> None:
+    for d in range(60):
+        (tmp_path / f"d{d:02d}").mkdir()
+        (tmp_path / f"d{d:02d}" / "a.pt").write_bytes(torch_bytes())
+    scanner = Scanner(str(tmp_path), settle=0)
+    seen: set[str] = set()
+    rounds = 0
+    while len(seen) < 60:
+        report = scanner.scan(time.time(), budget=0.0005)
+        seen |= {c.relpath for c in report.ready}
+        for c in report.ready:
+            scanner.mark_done(c.relpath, c.version)
+        rounds += 1
+        assert rounds < 200, "the scan made no progress"
+    assert rounds > 1 and report.files == 60  # nothing cached was forgotten by a truncated scan
+    assert scanner.scan(time.time()).truncated is False
