@@ -22,14 +22,16 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from rq import Queue
+from rq import Queue, Worker, worker_registration
 from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
-from rq.worker import SimpleWorker
+from rq.worker import SimpleWorker, WorkerStatus
+from rq.worker_registration import REDIS_WORKER_KEYS
 
 from . import defaults, jobs, keys, ledger, watches
 from .errors import AssayerError
@@ -72,6 +74,7 @@ class AssayerWorker(SimpleWorker):
         self.born = time.time()
         self.runtime = jobs.Runtime(settings, connection, worker_name=name)
         self._ticker_stop = threading.Event()
+        self._busy_job: Job | None = None
         self._shutdown_sent = False
         self.stop_requested = False  # by a signal or `assayer shutdown`: work() returning is then expected
 
@@ -115,8 +118,9 @@ class AssayerWorker(SimpleWorker):
                 if now - last_flag >= SHUTDOWN_CHECK_INTERVAL:
                     self._check_shutdown()
                     last_flag = now
-                if now - last_health >= defaults.HEALTH_TTL / 6:
+                if now - last_health >= self.settings.lease_ttl / 3:
                     self._write_health()
+                    self._check_registration()
                     last_health = now
                 self.on_tick(now)
             except Exception as exc:  # Redis away, mostly: keep ticking, the main loop reconnects
@@ -126,9 +130,69 @@ class AssayerWorker(SimpleWorker):
     def _write_health(self) -> None:
         if threading.main_thread().is_alive():
             with self.connection.pipeline() as pipe:
-                pipe.set(keys.health(self.role, self.host, os.getpid()), self.name, ex=defaults.HEALTH_TTL)
+                # The per-process key lives one lease: a worker whose key is gone is dead (reap_dead_workers).
+                pipe.set(keys.health(self.role, self.host, os.getpid()), self.name, ex=self.settings.lease_ttl)
                 pipe.set(keys.host_health(self.role, self.host), self.name, ex=defaults.HEALTH_TTL)
                 pipe.execute()
+
+    def _check_registration(self) -> None:
+        """Register again when our rq worker key vanished (Redis lost its data, or a reaper misjudged us).
+
+        rq's heartbeat only refreshes the key; without this a worker that outlived its key stays
+        invisible to ``assayer status`` and rq-dashboard while it works on.
+        """
+        if self.connection.hexists(self.key, "birth") and self.connection.sismember(REDIS_WORKER_KEYS, self.key):
+            return
+        log.warning("%s: its registration in Redis is gone (Redis lost its data?); registering again", self.name)
+        job_id = self.get_current_job_id() if self.connection.exists(self.key) else None
+        self.connection.delete(self.key)
+        self.register_birth()
+        busy = self._busy_job is not None
+        self.set_state(WorkerStatus.BUSY if busy else WorkerStatus.IDLE)
+        if busy and self._busy_job is not None:
+            self.set_current_job_id(job_id or self._busy_job.id)
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        self._busy_job = job
+        try:
+            super().execute_job(job, queue)
+        finally:
+            self._busy_job = None
+
+    def get_heartbeat_ttl(self, job: Job) -> int:
+        # rq's StartedJobRegistry score: a job whose worker stops beating is lost after this long.
+        return self.settings.lease_ttl
+
+    def sweep(self) -> None:
+        """Re-queue lost eval jobs, drop lost scans, enqueue due retries and remove dead workers.
+
+        Every worker of either role does it (one at a time per queue), so a dead worker leaves
+        ``assayer status`` and rq-dashboard even when it was the last of its role.
+        """
+        for name, on_lost in ((self.settings.watch_queue, self._drop_lost_scan),
+                              (self.settings.eval_queue, self._record_lost)):
+            queue = Queue(name, connection=self.connection, serializer=JSONSerializer)
+            lock = queue.registry_cleaning_key  # the key rq's own maintenance locks: never both at once
+            if not self.connection.set(lock, self.name, nx=True, px=int(max(self.settings.reap_interval, 1) * 10_000)):
+                continue
+            try:
+                StartedJobRegistry(name, self.connection, serializer=JSONSerializer).cleanup(exception_handlers=[on_lost])
+                queue.intermediate_queue.cleanup(self, queue)
+                if name == self.settings.eval_queue:
+                    enqueue_due_retries(queue)
+                reap_dead_workers(self.connection, self.settings, name, "watch" if name == self.settings.watch_queue else "eval")
+            finally:
+                self.connection.delete(lock)
+
+    def _drop_lost_scan(self, job: Job, *exc_info: Any) -> bool:
+        log.warning("scan job %s lost its worker %s; its watches are claimed again when their lease ends",
+                    job.id, job.worker_name)
+        return True
+
+    def _record_lost(self, job: Job, *exc_info: Any) -> bool:
+        log.warning("job %s lost its worker %s; re-queueing it", job.id, job.worker_name)
+        jobs.record_lost(self.connection, self.settings, job)
+        return True
 
     def _check_shutdown(self) -> None:
         raw = self.connection.get(keys.SHUTDOWN)
@@ -147,6 +211,7 @@ class WatchWorker(AssayerWorker):
 
     def __init__(self, settings: Settings, connection: Any, name: str | None = None) -> None:
         super().__init__(settings, connection, settings.watch_queue, name)
+        self._last_sweep = self._last_beat = 0.0
         if settings.watches_file:
             sync_watches_file(connection, settings)
         if settings.inotify:
@@ -175,6 +240,13 @@ class WatchWorker(AssayerWorker):
             notifier.close()
 
     def on_tick(self, now: float) -> None:
+        job = self._busy_job
+        if job is not None and now - self._last_beat >= self.settings.heartbeat_interval:
+            self._last_beat = now
+            self.maintain_heartbeats(job)  # a scan runs in the main thread; this thread keeps its lease
+        if now - self._last_sweep >= self.settings.reap_interval:
+            self._last_sweep = now
+            self.sweep()
         # Claim what falls due before the next tick too: watches scanned together stay in step, one job per batch.
         names = self.connection.eval(CLAIM_DUE, 1, keys.DUE, now + self.tick, defaults.SCAN_LEASE, MAX_WATCHES_PER_SCAN)
         if names:
@@ -201,10 +273,6 @@ class EvalWorker(AssayerWorker):
         for spec in sorted(watches.all_specs(connection), key=lambda s: -s.created_at):
             if not spec.paused:
                 self.runtime.pool.prestart(spec.evaluator)
-
-    def get_heartbeat_ttl(self, job: Job) -> int:
-        # rq's StartedJobRegistry score: a job whose worker stops beating is lost after this long.
-        return self.settings.lease_ttl
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         self.runtime.beat = self._beat_for(job)
@@ -240,25 +308,29 @@ class EvalWorker(AssayerWorker):
             self._last_sweep = now
             self.sweep()
 
-    def sweep(self) -> None:
-        """Re-queue lost jobs and enqueue due retries, one worker at a time per queue."""
-        queue = self.queues[0]
-        lock = queue.registry_cleaning_key  # the key rq's own maintenance locks: never both at once
-        if not self.connection.set(lock, self.name, nx=True, px=int(max(self.settings.reap_interval, 1) * 10_000)):
-            return
-        try:
-            StartedJobRegistry(queue.name, self.connection, serializer=JSONSerializer).cleanup(
-                exception_handlers=[self._record_lost]
-            )
-            queue.intermediate_queue.cleanup(self, queue)
-            enqueue_due_retries(queue)
-        finally:
-            self.connection.delete(lock)
 
-    def _record_lost(self, job: Job, *exc_info: Any) -> bool:
-        log.warning("job %s lost its worker %s; re-queueing it", job.id, job.worker_name)
-        jobs.record_lost(self.connection, self.settings, job)
-        return True
+def reap_dead_workers(conn: Any, settings: Settings, queue_name: str, role: str) -> list[str]:
+    """Unregister the workers of ``queue_name`` whose health key expired (killed with -9, node lost).
+
+    A live worker writes its key every third of a lease; one missing for a whole lease is dead, and
+    its job is re-queued by the StartedJobRegistry sweep once the job's own lease ends. A worker
+    reaped wrongly (stopped, not dead) registers again when it resumes (``_check_registration``).
+    """
+    reaped = []
+    grace = datetime.now(timezone.utc) - timedelta(seconds=settings.lease_ttl)
+    for worker in Worker.all(connection=conn, queue=Queue(queue_name, connection=conn, serializer=JSONSerializer),
+                             serializer=JSONSerializer):
+        if conn.exists(keys.health(role, worker.hostname or "", worker.pid or 0)):
+            continue
+        if worker.birth_date is not None and worker.birth_date.replace(tzinfo=timezone.utc) > grace:
+            continue  # just started: its first health key may not be written yet
+        log.warning("worker %s (pid %s on %s) stopped reporting; removing it", worker.name, worker.pid, worker.hostname)
+        with conn.pipeline() as pipe:
+            worker_registration.unregister(worker, pipe)
+            pipe.delete(worker.key)
+            pipe.execute()
+        reaped.append(worker.name)
+    return reaped
 
 
 def enqueue_due_retries(queue: Queue) -> None:

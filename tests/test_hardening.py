@@ -114,3 +114,46 @@ def test_a_catastrophic_regex_neither_hangs_watch_add_nor_starves_the_other_watc
     workers.start("eval")
     (other / "a.pt").write_bytes(torch_bytes())
     wait_for(lambda: final_results(conn, "other"), 10, what="the other watch's checkpoint evaluated")
+
+
+def test_workers_register_again_after_redis_lost_their_keys_and_show_their_job(
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    from assayer import status
+
+    ckpts, marker = tmp_path / "ckpts", tmp_path / "started"
+    add_watch(conn, settings, ckpts, "slow")
+    workers.start("watch")
+    workers.start("eval", {"EVAL_MARKER": str(marker), "EVAL_SECONDS": "8"})
+    (ckpts / "a.pt").write_bytes(torch_bytes())
+    wait_for(marker.exists, 20, what="the evaluation to start")
+    conn.flushall()  # Redis lost its data (no AOF, or wiped) while both workers are alive and one is busy
+    listed = wait_for(lambda: [w for w in status.collect(conn, settings)["workers"]] if len(
+        status.collect(conn, settings)["workers"]) == 2 else None, 10, what="both workers listed again")
+    busy = [w for w in listed if w["state"] == "busy"]
+    assert len(busy) == 1 and busy[0]["job"] and busy[0]["queues"] == ["assayer-eval"]
+
+
+def test_a_worker_killed_with_9_leaves_status_within_the_lease(
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    from assayer import status
+
+    ckpts = tmp_path / "ckpts"
+    for d in range(300):  # a large cold tree: its first scan takes a while, so the kill lands mid-scan
+        (ckpts / f"d{d}").mkdir(parents=True)
+        for f in range(60):
+            (ckpts / f"d{d}" / f"{f}.bin").write_bytes(b"x")
+    add_watch(conn, settings, ckpts, regex=r"\.pt$")
+    doomed = workers.start("watch", {"ASSAYER_INOTIFY": "false"})
+    workers.start("eval")  # the survivor that sweeps
+    wait_for(lambda: any(w["state"] == "busy" for w in status.collect(conn, settings)["workers"]
+                         if w["queues"] == ["assayer-watch"]) or conn.hget("assayer:state:run", "last_scan"), 20,
+             what="the first scan to start")
+    workers.kill9(doomed)
+    started = time.monotonic()
+    wait_for(lambda: [w for w in status.collect(conn, settings)["workers"] if w["queues"] == ["assayer-watch"]] == [],
+             3 * settings.lease_ttl, what="the dead watch worker to leave status")
+    assert time.monotonic() - started <= 3 * settings.lease_ttl
+    wait_for(lambda: status.collect(conn, settings)["queues"][0]["running"] == 0, 3 * settings.lease_ttl,
+             what="its scan to leave the running jobs")
