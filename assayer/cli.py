@@ -231,10 +231,17 @@ def evaluate(ctx: Context, paths: tuple[str, ...], watch_name: str, force: bool)
 @click.option("--metric", help="Metric to plot [default: the --best metric, else the first one]")
 @click.option("--source", type=click.Choice(["redis", "files"]), default="redis",
               help="files: read the JSON-lines copies in ASSAYER_RESULTS_DIR (when Redis was lost)")
+@click.option("--export", is_flag=True, help="Rebuild the JSON-lines files in ASSAYER_RESULTS_DIR from Redis")
 @pass_ctx
 def results_command(ctx: Context, watch_name: str | None, fmt: str, best: str | None, plot: Path | None,
-                    metric: str | None, source: str) -> None:
+                    metric: str | None, source: str, export: bool) -> None:
     """Show evaluation results."""
+    if export:
+        names = [watches.require(ctx.conn, watch_name).name] if watch_name else [s.name for s in watches.all_specs(ctx.conn)]
+        for name in names:
+            count = results.export(ctx.conn, ctx.settings.results_path, name)
+            click.echo(f"{ctx.settings.results_path / (name + '.jsonl')}: {count} result line(s) from Redis")
+        return
     if source == "files":
         records = results.load_files(ctx.settings.results_path, watch_name)
     else:

@@ -34,6 +34,15 @@ def results(watch: str) -> str:
     return f"{P}results:{watch}"
 
 
+COPY_ERRORS = P + "copy-errors"
+"""Hash: watch name -> why its results file copy is behind (cleared once it caught up)."""
+
+
+def copy_backlog(watch: str) -> str:
+    """List: result lines not yet appended to the watch's results file (the directory was full or unwritable)."""
+    return f"{P}copy-backlog:{watch}"
+
+
 def attempts(job_id: str) -> str:
     """List: every attempt record of one eval job."""
     return f"{P}attempts:{job_id}"

@@ -3,6 +3,11 @@
 The file copy lets results survive the loss of Redis (``assayer results --source files``).
 Exactly one *final* record exists per eval job: it is written with HSETNX, so a stale worker
 that finishes after its job was taken over cannot add a second one.
+
+Redis is the record; the file is a copy. A full or unwritable results directory never fails an
+evaluation: the lines that could not be written wait in a backlog in Redis, ``assayer status``
+shows why, and the copy catches up (in order) once the directory is writable again; ``assayer
+results --export`` rebuilds the files from Redis at any time.
 """
 
 from __future__ import annotations
@@ -51,17 +56,84 @@ def record(conn: Any, results_dir: Path, rec: dict[str, Any]) -> bool:
             log.warning("job %s already has a final result; discarding this late attempt", rec["job_id"])
             return False
     conn.rpush(keys.attempts(rec["job_id"]), line)
-    _append(results_dir, rec["watch"], line)
+    copy(conn, results_dir, rec["watch"], line)
     return stored
 
 
-def _append(results_dir: Path, watch: str, line: str) -> None:
+def copy(conn: Any, results_dir: Path, watch: str, line: str | None = None) -> bool:
+    """Append ``line`` (and any backlog before it) to the watch's file; never raise. True when caught up."""
+    if line is not None:
+        if not conn.exists(keys.copy_backlog(watch)):
+            try:
+                _append(results_dir, watch, [line])
+                return True
+            except OSError as exc:
+                _fell_behind(conn, results_dir, watch, exc)
+        conn.rpush(keys.copy_backlog(watch), line)
+    return catch_up(conn, results_dir, watch)
+
+
+def catch_up(conn: Any, results_dir: Path, watch: str) -> bool:
+    """Write a watch's backlog to its file, oldest first; True once nothing is left."""
+    backlog = keys.copy_backlog(watch)
+    lock = backlog + ":lock"
+    if not conn.set(lock, "1", nx=True, px=30_000):
+        return False  # another worker is catching up this watch
+    try:
+        while True:
+            lines = [raw.decode() for raw in conn.lrange(backlog, 0, 99)]
+            if not lines:
+                conn.hdel(keys.COPY_ERRORS, watch)
+                return True
+            try:
+                _append(results_dir, watch, lines)
+            except OSError as exc:
+                _fell_behind(conn, results_dir, watch, exc)
+                return False
+            conn.ltrim(backlog, len(lines), -1)
+    finally:
+        conn.delete(lock)
+
+
+def catch_up_all(conn: Any, results_dir: Path) -> None:
+    """Try every watch whose copy is behind (eval workers call this every few seconds)."""
+    for raw in conn.hkeys(keys.COPY_ERRORS):
+        catch_up(conn, results_dir, raw.decode())
+
+
+def _fell_behind(conn: Any, results_dir: Path, watch: str, exc: OSError) -> None:
+    why = f"cannot write {results_dir / (watch + '.jsonl')}: {exc.strerror or exc}"
+    if conn.hget(keys.COPY_ERRORS, watch) != why.encode():
+        log.warning("results copy of watch %s is behind (%s); Redis keeps every result, the file catches up later",
+                    watch, why)
+        conn.hset(keys.COPY_ERRORS, watch, why)
+
+
+def _append(results_dir: Path, watch: str, lines: list[str]) -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     with open(results_dir / f"{watch}.jsonl", "a", encoding="utf-8") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)  # several eval workers may share the directory
-        fh.write(line + "\n")
+        fh.write("".join(line + "\n" for line in lines))
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def export(conn: Any, results_dir: Path, watch: str) -> int:
+    """Rebuild a watch's results file from Redis (every attempt of every job it has); return the line count."""
+    job_ids = {raw.decode() for raw in conn.hkeys(keys.results(watch))} | {
+        raw.decode() for raw in conn.smembers(keys.pending(watch))}
+    lines = []
+    for job_id in job_ids:
+        lines += [raw.decode() for raw in conn.lrange(keys.attempts(job_id), 0, -1)]
+    lines.sort(key=lambda line: json.loads(line).get("finished_at") or "")
+    results_dir.mkdir(parents=True, exist_ok=True)
+    target = results_dir / f"{watch}.jsonl"
+    tmp = target.with_name(f".{target.name}.export")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    os.replace(tmp, target)
+    conn.delete(keys.copy_backlog(watch))
+    conn.hdel(keys.COPY_ERRORS, watch)
+    return len(lines)
 
 
 def has_final(conn: Any, watch: str, job_id: str) -> bool:

@@ -31,6 +31,7 @@ def collect(conn: Any, settings: Settings) -> dict[str, Any]:
             "last_scan_ago": None if last_scan is None else round(now - last_scan, 1),
             "error": state.get("error") or None,
             "waiting": state.get("waiting") or None,
+            "results_copy": _copy_state(conn, spec.name),
             "layout": spec.layout,
         })
     for name in (settings.watch_queue, settings.eval_queue):
@@ -51,6 +52,13 @@ def collect(conn: Any, settings: Settings) -> dict[str, Any]:
     return out
 
 
+def _copy_state(conn: Any, watch: str) -> str | None:
+    why = conn.hget(keys.COPY_ERRORS, watch)
+    if not why:
+        return None
+    return f"{conn.llen(keys.copy_backlog(watch))} result line(s) not yet in the file: {why.decode()}"
+
+
 def render(info: dict[str, Any]) -> str:
     lines = [f"redis: {info['redis']}", "", "watches:"]
     if not info["watches"]:
@@ -67,6 +75,8 @@ def render(info: dict[str, Any]) -> str:
             lines.append(f"    waiting for: {w['waiting']}")
         if w["error"]:
             lines.append(f"    last error: {w['error']}")
+        if w["results_copy"]:
+            lines.append(f"    results file behind: {w['results_copy']} (Redis has them; it catches up once writable)")
     lines += ["", "queues:"]
     for q in info["queues"]:
         lines.append(f"  {q['name']}: {q['queued']} queued, {q['running']} running, "

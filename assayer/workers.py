@@ -33,7 +33,7 @@ from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker, WorkerStatus
 from rq.worker_registration import REDIS_WORKER_KEYS
 
-from . import defaults, jobs, keys, ledger, watches
+from . import defaults, jobs, keys, ledger, results, watches
 from .errors import AssayerError
 from .notify import Notifier
 from .settings import Settings
@@ -307,6 +307,7 @@ class EvalWorker(AssayerWorker):
         if now - self._last_sweep >= self.settings.reap_interval:
             self._last_sweep = now
             self.sweep()
+            results.catch_up_all(self.connection, self.settings.results_path)
 
 
 def reap_dead_workers(conn: Any, settings: Settings, queue_name: str, role: str) -> list[str]:

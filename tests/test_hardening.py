@@ -157,3 +157,38 @@ def test_a_worker_killed_with_9_leaves_status_within_the_lease(
     assert time.monotonic() - started <= 3 * settings.lease_ttl
     wait_for(lambda: status.collect(conn, settings)["queues"][0]["running"] == 0, 3 * settings.lease_ttl,
              what="its scan to leave the running jobs")
+
+
+def test_a_full_results_directory_never_fails_an_evaluation_is_shown_and_catches_up(
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from harness import ROOT, env_for
+
+    from assayer import status
+
+    ckpts, results_dir = tmp_path / "ckpts", settings.results_path
+    results_dir.mkdir(parents=True)
+    copy = results_dir / "run.jsonl"
+    copy.symlink_to("/dev/full")  # every write: ENOSPC, as on a full disk
+    add_watch(conn, settings, ckpts)
+    workers.start("watch")
+    workers.start("eval")
+    for i in range(2):
+        (ckpts / f"{i}.pt").write_bytes(torch_bytes(i))
+    wait_for(lambda: len(final_results(conn, "run")) == 2, 20, what="both evaluated")
+    assert all(r["status"] == "ok" and r["attempt"] == 1 for r in final_results(conn, "run"))
+    info = wait_for(lambda: status.collect(conn, settings)["watches"][0]["results_copy"], 5, what="status to say so")
+    assert "2 result line(s) not yet in the file" in info and "No space left on device" in info
+    assert "results file behind" in status.render(status.collect(conn, settings))
+    copy.unlink()  # space again
+    wait_for(lambda: copy.exists() and len(copy.read_text().splitlines()) == 2, 10, what="the copy to catch up")
+    assert status.collect(conn, settings)["watches"][0]["results_copy"] is None
+    copy.unlink()  # lost altogether: rebuilt from Redis on request
+    out = subprocess.run([sys.executable, "-m", "assayer", "results", "--export"], env=env_for(settings),
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and "2 result line(s) from Redis" in out.stdout, out.stderr
+    assert sorted(json.loads(line)["relpath"] for line in copy.read_text().splitlines()) == ["0.pt", "1.pt"]
