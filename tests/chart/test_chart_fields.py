@@ -574,7 +574,8 @@ def test_every_pod_is_covered_by_a_network_policy(helm: str, values_file: Path) 
 def test_dashboard_defaults(helm: str) -> None:
     r = render(helm)
     env = env_of(container(r.get("Deployment", DASHBOARD)))
-    assert env["ASSAYER_DASHBOARD_ALLOW_DELETE"]["value"] == "false"
+    assert env["ASSAYER_DASHBOARD_ALLOW_ACTIONS"]["value"] == "false"
+    assert "ASSAYER_DASHBOARD_ALLOW_DELETE" not in env
     assert env["ASSAYER_DASHBOARD_BIND"]["value"] == "0.0.0.0"
     assert env["ASSAYER_DASHBOARD_PORT"]["value"] == "9181"
     assert env["ASSAYER_DASHBOARD_USER"]["value"] == "assayer"
@@ -597,11 +598,55 @@ def test_dashboard_ingress_and_existing_secret(helm: str) -> None:
     assert ing["tls"] == [{"hosts": ["assayer.internal.example.org"], "secretName": f"{DASHBOARD}-tls"}]
     backend = ing["rules"][0]["http"]["paths"][0]["backend"]["service"]
     assert backend == {"name": DASHBOARD, "port": {"name": "http"}}
-    policy = r.get("NetworkPolicy", DASHBOARD)["spec"]["ingress"][0]
-    assert policy["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "ingress-nginx"}
+    assert env["ASSAYER_DASHBOARD_ALLOW_ACTIONS"]["value"] == "true"
     notes = render_notes(helm, files=case("ingress"))
     assert "https://assayer.internal.example.org/" in notes
+    assert "actions are ENABLED" in notes and "WARNING" not in notes
     assert "get secret assayer-dashboard-auth -o jsonpath='{.data.pw}'" in notes
+
+
+def dashboard_sources(r: Any) -> list[dict[str, Any]]:
+    """The peers the dashboard's NetworkPolicy admits, on its http port only."""
+    spec = r.get("NetworkPolicy", DASHBOARD)["spec"]
+    assert spec["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "dashboard"
+    assert spec["policyTypes"] == ["Ingress"]
+    if not spec["ingress"]:
+        return []
+    (rule,) = spec["ingress"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    return list(rule["from"])
+
+
+RELEASE_PODS = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "assayer", "app.kubernetes.io/instance": "assayer"}}}
+INGRESS_NGINX = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}},
+                 "podSelector": {"matchLabels": {"app.kubernetes.io/name": "ingress-nginx"}}}
+
+
+def test_dashboard_network_policy_admits_only_the_named_sources(helm: str) -> None:
+    assert dashboard_sources(render(helm)) == [RELEASE_PODS]  # no Ingress: no controller, and never "from anyone"
+    assert dashboard_sources(render(helm, {"dashboard": {"ingress": {"enabled": True}}})) == [RELEASE_PODS, INGRESS_NGINX]
+    assert dashboard_sources(render(helm, files=case("ingress"))) == [INGRESS_NGINX, {"ipBlock": {"cidr": "10.8.0.0/16"}}]
+    traefik = {"namespace": "kube-system", "podLabels": {"app.kubernetes.io/name": "traefik"}}
+    r = render(helm, {"dashboard": {"ingress": {"enabled": True}},
+                      "networkPolicy": {"dashboard": {"fromReleasePods": False, "ingressController": traefik}}})
+    assert dashboard_sources(r) == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                                     "podSelector": {"matchLabels": {"app.kubernetes.io/name": "traefik"}}}]
+    assert dashboard_sources(render(helm, {"networkPolicy": {"dashboard": {"fromReleasePods": False}}})) == []
+
+
+def test_dashboard_actions_and_the_deprecated_allow_delete(helm: str) -> None:
+    for values in ({"dashboard": {"allowActions": True}}, {"dashboard": {"allowDelete": True}}):
+        env = env_of(container(render(helm, values).get("Deployment", DASHBOARD)))
+        assert env["ASSAYER_DASHBOARD_ALLOW_ACTIONS"]["value"] == "true", values
+        assert "actions are ENABLED" in render_notes(helm, values)
+    assert "dashboard.allowDelete is deprecated" in render_notes(helm, {"dashboard": {"allowDelete": True}})
+    assert "ENABLED" not in render_notes(helm)
+
+
+def test_an_ingress_without_tls_is_warned_about(helm: str) -> None:
+    notes = render_notes(helm, {"dashboard": {"ingress": {"enabled": True}}})
+    assert "http://assayer.example.com/" in notes
+    assert "WARNING: the dashboard's Ingress has no TLS" in notes
 
 
 def test_dashboard_can_be_left_out(helm: str) -> None:

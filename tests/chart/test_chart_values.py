@@ -159,6 +159,12 @@ COMBINATIONS: list[tuple[str, dict[str, Any], tuple[str, ...], str]] = [
         (),
         "dashboard.ingress.enabled is true but dashboard.enabled is false",
     ),
+    (
+        "ingress-the-network-policy-does-not-admit",
+        {"dashboard": {"ingress": {"enabled": True}}, "networkPolicy": {"dashboard": {"ingressController": {"namespace": ""}}}},
+        (),
+        "dashboard.ingress.enabled is true but the dashboard's NetworkPolicy admits no Ingress controller",
+    ),
 ]
 
 
@@ -189,6 +195,10 @@ def test_valid_neighbours_of_the_bad_combinations_render(helm: str) -> None:
     render(helm, {"checkpoints": {"existingClaim": "c", "persistence": {"enabled": False}}})
     render(helm, {"watches": [{"name": "a", "directory": "/checkpoints", "evaluator": "m:f"}]})
     render(helm, {"config": {"evalTimeout": 600}})
+    render(helm, {"dashboard": {"ingress": {"enabled": True}}, "networkPolicy": {
+        "dashboard": {"ingressController": {"namespace": ""}}, "dashboardFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}})
+    render(helm, {"dashboard": {"ingress": {"enabled": True}}, "networkPolicy": {
+        "enabled": False, "dashboard": {"ingressController": {"namespace": ""}}}})
     render(helm, {"results": {"persistence": {"accessMode": "ReadWriteOnce"}}, "eval": {"replicas": 1}})
     render(
         helm,

@@ -125,6 +125,10 @@ in one failure, with the keys involved and what to do.
 {{- if and $d.ingress.enabled (not $d.enabled) }}
 {{- $errors = append $errors "dashboard.ingress.enabled is true but dashboard.enabled is false: the Ingress would have no backend" }}
 {{- end }}
+{{- $np := $v.networkPolicy }}
+{{- if and $d.enabled $d.ingress.enabled $np.enabled (not $np.dashboard.ingressController.namespace) (not $np.dashboardFrom) }}
+{{- $errors = append $errors "dashboard.ingress.enabled is true but the dashboard's NetworkPolicy admits no Ingress controller: set networkPolicy.dashboard.ingressController.namespace (and podLabels), or name the controller's pods or address ranges in networkPolicy.dashboardFrom" }}
+{{- end }}
 
 {{- if $errors }}
 {{- $count := printf "%d %s" (len $errors) (ternary "problem" "problems" (eq (len $errors) 1)) }}
