@@ -3,6 +3,12 @@
 Everything lives in ``$ASSAYER_HOME/stack``: the supervisor config, logs, Redis' AOF, and the
 generated Redis and dashboard passwords (files readable by the owner only). Other ``assayer``
 commands find the stack's Redis through ``stack/redis.url`` when ``ASSAYER_REDIS_URL`` is unset.
+
+No variable passes through supervisor's config: it expands ``%(name)s`` in its values, and its
+``environment=`` strips quotes from a value's ends and cannot hold both kinds of quote. The
+programs inherit supervisord's own environment instead, and read the Redis URL and a generated
+dashboard password from those owner-only files (``ASSAYER_REDIS_URL_FILE``,
+``ASSAYER_DASHBOARD_PASSWORD_FILE``), so a password may hold any character.
 """
 
 from __future__ import annotations
@@ -10,13 +16,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import click
 from rq import Queue, Worker
@@ -44,13 +53,39 @@ def request_shutdown(conn: Any, settings: Settings, purge: bool = False) -> int:
     return count
 
 
+REDIS_VARS = ("ASSAYER_REDIS_URL", "ASSAYER_REDIS_URL_FILE", "ASSAYER_REDIS_PASSWORD", "ASSAYER_REDIS_PASSWORD_FILE")
+"""Variables the programs must not inherit: ``stack/redis.url`` alone says which Redis they use."""
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, from its first byte on."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fd, 0o600)  # an older file keeps its mode through O_CREAT
+        fh.write(text)
+
+
 def _secret(path: Path) -> str:
     if path.exists():
         return path.read_text().strip()
     value = secrets.token_urlsafe(24)
-    path.write_text(value + "\n")
-    path.chmod(0o600)
+    _write_private(path, value + "\n")
     return value
+
+
+def _ini(path: str) -> str:
+    """``path`` checked for supervisor's config. Supervisor expands ``%(name)s`` in its values, some of
+    them twice (the log files), so no escape is right for all; ``' ;'`` and ``' #'`` start a comment."""
+    if re.search(r"[%\n\r]|\s[;#]", path):
+        raise StackError(f"supervisor's config cannot hold the path {path!r}",
+                         "use an ASSAYER_HOME (and a Python installation) whose path has no '%', ' ;', ' #' "
+                         "or line break")
+    return path
+
+
+def _redis_quoted(value: str) -> str:
+    """``value`` as one argument of a redis.conf line, whatever its bytes (\\xHH escapes in double quotes)."""
+    return '"' + "".join(f"\\x{byte:02x}" for byte in value.encode()) + '"'
 
 
 def redis_binary() -> str:
@@ -69,58 +104,59 @@ def redis_binary() -> str:
         ) from None
 
 
-def _program(name: str, command: str, env: dict[str, str], log_dir: Path, **extra: Any) -> str:
-    lines = [f"[program:{name}]", f"command={command}", "autostart=true", "autorestart=unexpected",
-             "exitcodes=0", "startsecs=1", "redirect_stderr=true", f"stdout_logfile={log_dir / name}.log",
+def _program(name: str, argv: list[str], log_dir: Path, **extra: Any) -> str:
+    lines = [f"[program:{name}]", f"command={_ini(shlex.join(argv))}", "autostart=true", "autorestart=unexpected",
+             "exitcodes=0", "startsecs=1", "redirect_stderr=true", f"stdout_logfile={_ini(str(log_dir / name))}.log",
              "stdout_logfile_maxbytes=10MB", "stdout_logfile_backups=3"]
-    if env:
-        lines.append("environment=" + ",".join(f'{k}="{v}"' for k, v in sorted(env.items())))
     lines += [f"{k}={v}" for k, v in extra.items()]
     return "\n".join(lines) + "\n"
 
 
 def write_config(settings: Settings, stack: Path, eval_workers: int, watch_workers: int, external_url: str | None,
-                 redis_port: int, with_dashboard: bool, foreground: bool) -> Path:
+                 redis_port: int, with_dashboard: bool, foreground: bool) -> tuple[Path, dict[str, str], str]:
+    """Write the stack's files; returns supervisord's config, the environment to start it with, and the Redis URL."""
     logs = stack / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     (stack / "redis").mkdir(exist_ok=True)
-    env = {"ASSAYER_HOME": str(settings.home), "ASSAYER_RESULTS_DIR": str(settings.results_path),
-           "ASSAYER_WATCH_QUEUE": settings.watch_queue, "ASSAYER_EVAL_QUEUE": settings.eval_queue,
-           "PYTHONUNBUFFERED": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in REDIS_VARS}
+    env.update(ASSAYER_HOME=str(settings.home), ASSAYER_RESULTS_DIR=str(settings.results_path),
+               ASSAYER_WATCH_QUEUE=settings.watch_queue, ASSAYER_EVAL_QUEUE=settings.eval_queue,
+               ASSAYER_REDIS_URL_FILE=str(stack / "redis.url"), PYTHONUNBUFFERED="1")
     parts = [
-        "[unix_http_server]", f"file={stack / 'supervisor.sock'}", "chmod=0700", "",
-        "[supervisord]", f"logfile={logs / 'supervisord.log'}", f"pidfile={stack / 'supervisord.pid'}",
-        f"nodaemon={'true' if foreground else 'false'}", f"directory={os.getcwd()}", "",
+        "[unix_http_server]", f"file={_ini(str(stack / 'supervisor.sock'))}", "chmod=0700", "",
+        "[supervisord]", f"logfile={_ini(str(logs / 'supervisord.log'))}",
+        f"pidfile={_ini(str(stack / 'supervisord.pid'))}",
+        f"nodaemon={'true' if foreground else 'false'}", f"directory={_ini(os.getcwd())}", "",
         "[rpcinterface:supervisor]",
         "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface", "",
-        "[supervisorctl]", f"serverurl=unix://{stack / 'supervisor.sock'}", "",
+        "[supervisorctl]", f"serverurl=unix://{_ini(str(stack / 'supervisor.sock'))}", "",
     ]
     if external_url:
-        env["ASSAYER_REDIS_URL"] = external_url
+        url = external_url
     else:
         password = _secret(stack / "redis.password")
         conf = stack / "redis.conf"
-        conf.write_text(f"port {redis_port}\nbind 127.0.0.1\nprotected-mode yes\nrequirepass {password}\n"
-                        f"appendonly yes\nsave \"\"\ndir {stack / 'redis'}\n")
-        conf.chmod(0o600)
-        env["ASSAYER_REDIS_URL"] = f"redis://:{password}@127.0.0.1:{redis_port}/0"
-        parts.append(_program("redis", f"{redis_binary()} {conf}", {}, logs, priority=10, stopwaitsecs=60))
+        _write_private(conf, f"port {redis_port}\nbind 127.0.0.1\nprotected-mode yes\n"
+                             f"requirepass {_redis_quoted(password)}\nappendonly yes\nsave \"\"\n"
+                             f"dir {_redis_quoted(str(stack / 'redis'))}\n")
+        url = f"redis://:{quote(password, safe='')}@127.0.0.1:{redis_port}/0"
+        parts.append(_program("redis", [redis_binary(), str(conf)], logs, priority=10, stopwaitsecs=60))
+    _write_private(stack / "redis.url", url + "\n")
     python = sys.executable
-    parts.append(_program("watch", f"{python} -m assayer worker watch", env, logs, priority=20,
+    parts.append(_program("watch", [python, "-m", "assayer", "worker", "watch"], logs, priority=20,
                           numprocs=watch_workers, process_name="%(program_name)s-%(process_num)d", stopwaitsecs=60))
-    parts.append(_program("eval", f"{python} -m assayer worker eval", env, logs, priority=20, numprocs=eval_workers,
-                          process_name="%(program_name)s-%(process_num)d",
+    parts.append(_program("eval", [python, "-m", "assayer", "worker", "eval"], logs, priority=20,
+                          numprocs=eval_workers, process_name="%(program_name)s-%(process_num)d",
                           stopwaitsecs=defaults.SUPERVISOR_STOP_WAIT))  # let a running evaluation finish
     if with_dashboard:
-        dash_env = dict(env, ASSAYER_DASHBOARD_PASSWORD=settings.dashboard_password
-                        or _secret(stack / "dashboard.password"),
-                        ASSAYER_DASHBOARD_PORT=str(settings.dashboard_port),
-                        ASSAYER_DASHBOARD_BIND=settings.dashboard_bind)
-        parts.append(_program("dashboard", f"{python} -m assayer dashboard", dash_env, logs, priority=30))
+        env.update(ASSAYER_DASHBOARD_PORT=str(settings.dashboard_port), ASSAYER_DASHBOARD_BIND=settings.dashboard_bind)
+        if not settings.dashboard_password:  # else the dashboard inherits the variable that set it
+            _secret(stack / "dashboard.password")
+            env["ASSAYER_DASHBOARD_PASSWORD_FILE"] = str(stack / "dashboard.password")
+        parts.append(_program("dashboard", [python, "-m", "assayer", "dashboard"], logs, priority=30))
     path = stack / "supervisord.conf"
-    path.write_text("\n".join(parts))
-    path.chmod(0o600)
-    return path
+    _write_private(path, "\n".join(parts))
+    return path, env, url
 
 
 def _ctl(stack: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -164,16 +200,14 @@ def up(obj: Any, eval_workers: int, watch_workers: int, redis_port: int, dashboa
     if running(stack):
         click.echo(f"the local stack is already running (assayer down to stop it); config in {stack}")
         return
-    external = obj.flags.get("redis_url") or os.environ.get("ASSAYER_REDIS_URL")
-    conf = write_config(settings, stack, eval_workers, watch_workers, external and settings.effective_redis_url,
-                        redis_port, dashboard, foreground)
-    url = settings.effective_redis_url if external else f"redis://:{_secret(stack / 'redis.password')}@127.0.0.1:{redis_port}/0"
-    (stack / "redis.url").write_text(url + "\n")
-    (stack / "redis.url").chmod(0o600)
+    external = (obj.flags.get("redis_url") or os.environ.get("ASSAYER_REDIS_URL")
+                or os.environ.get("ASSAYER_REDIS_URL_FILE"))
+    conf, env, url = write_config(settings, stack, eval_workers, watch_workers,
+                                  external and settings.effective_redis_url, redis_port, dashboard, foreground)
     command = [sys.executable, "-m", "supervisor.supervisord", "-c", str(conf)]
     if foreground:
-        os.execv(sys.executable, command)
-    result = subprocess.run(command, capture_output=True, text=True)
+        os.execve(sys.executable, command, env)
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise StackError(f"supervisord failed to start: {result.stderr.strip() or result.stdout.strip()}",
                          f"see {stack / 'logs' / 'supervisord.log'}")

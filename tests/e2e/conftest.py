@@ -24,6 +24,7 @@ from e2elib import (
     DASHBOARD_USER,
     EVAL_REPLICAS,
     HERE,
+    ODD_PASSWORD_CHARACTERS,
     REDIS_IMAGE,
     ROOT,
     Compose,
@@ -76,7 +77,8 @@ def stack() -> Iterator[Stack]:
         path.chmod(READABLE_DIR if path.is_dir() else 0o644)
     declared_sum = write_checkpoint(checkpoints / "declared" / "step_000001.pt", tag=1)
 
-    password = "dash-" + os.urandom(6).hex()
+    password = "dash-" + os.urandom(6).hex() + ODD_PASSWORD_CHARACTERS
+    redis_password = "redis-" + os.urandom(6).hex() + ODD_PASSWORD_CHARACTERS
     port = free_port()
     project = project_name()
     image = f"assayer-e2e:{project}"
@@ -84,7 +86,7 @@ def stack() -> Iterator[Stack]:
         project=project,
         env={
             "CHECKPOINT_DIR": str(checkpoints),
-            "ASSAYER_REDIS_PASSWORD": "redis-" + os.urandom(6).hex(),
+            "ASSAYER_REDIS_PASSWORD": redis_password,
             "ASSAYER_DASHBOARD_USER": DASHBOARD_USER,
             "ASSAYER_DASHBOARD_PASSWORD": password,
             "ASSAYER_DASHBOARD_PORT": str(port),
@@ -100,7 +102,7 @@ def stack() -> Iterator[Stack]:
     try:
         compose("up", "--detach", "--scale", f"eval={EVAL_REPLICAS}", "--wait", "--wait-timeout", "150",
                 "--pull", "never", timeout=600)
-        yield Stack(compose, checkpoints, f"http://127.0.0.1:{port}", password, declared_sum)
+        yield Stack(compose, checkpoints, f"http://127.0.0.1:{port}", password, redis_password, declared_sum)
     finally:
         log = compose.save_logs()
         compose.down()

@@ -167,6 +167,8 @@ class Compose:
 EVAL_REPLICAS = 4
 """`docker compose up --scale eval=4`, as in the README."""
 DASHBOARD_USER = "e2e"
+ODD_PASSWORD_CHARACTERS = " %x %(ENV_HOME)s \"q\" 's' a,b=c \\ $HOME `id` ;# "
+"""Part of every password of the stack: what compose, a shell, supervisor or a URL could mangle."""
 
 
 @dataclass
@@ -178,6 +180,7 @@ class Stack:
     """Host directory mounted read-only at /checkpoints."""
     dashboard_url: str
     dashboard_password: str
+    redis_password: str
     declared_sum: float
     """Weight sum of the checkpoint the declared watch finds at start."""
 

@@ -110,9 +110,23 @@ def test_services_are_wired_and_hardened() -> None:
     redis = services["redis"]
     command = redis["command"]
     assert command[command.index("--appendonly") + 1] == "yes"
-    assert command[command.index("--requirepass") + 1] == "redis-secret"
-    assert redis["environment"]["REDISCLI_AUTH"] == "redis-secret"
     assert mounts(redis)["/data"]["type"] == "volume"
+
+
+def test_redis_gets_its_password_on_no_command_line() -> None:
+    redis = config("default")["services"]["redis"]
+    # Only the environment carries it: docker/redis-entrypoint.sh writes it into a config file.
+    assert redis["environment"] == {"ASSAYER_REDIS_PASSWORD": "redis-secret"}
+    shown = json.dumps({k: v for k, v in redis.items() if k != "environment"})
+    assert "redis-secret" not in shown, "the password is in the entrypoint, command or healthcheck"
+    entrypoint = mounts(redis)["/usr/local/bin/assayer-redis-entrypoint"]
+    assert entrypoint["read_only"] and entrypoint["source"] == str(ROOT / "docker" / "redis-entrypoint.sh")
+    assert redis["entrypoint"] == ["sh", "/usr/local/bin/assayer-redis-entrypoint"]
+    assert redis["tmpfs"] == ["/run/redis:uid=999,gid=999,mode=0700"] and redis["read_only"] is True
+    # redis-cli reads REDISCLI_AUTH, which the container's shell sets (`config` prints its $ as $$,
+    # the container gets one: test_e2e_stack inspects it).
+    assert redis["healthcheck"]["test"] == [
+        "CMD-SHELL", 'REDISCLI_AUTH="$$ASSAYER_REDIS_PASSWORD" redis-cli ping | grep -q PONG']
 
 
 def test_gpu_variant_reserves_nvidia_devices_for_eval_only() -> None:

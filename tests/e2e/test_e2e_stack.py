@@ -65,6 +65,23 @@ def test_declared_watch_evaluates_the_existing_checkpoint(stack: Stack) -> None:
     assert record["metrics"]["sum"] == stack.declared_sum
 
 
+def test_the_redis_password_is_on_no_command_line_and_odd_characters_work(stack: Stack) -> None:
+    # The stack is up and healthy with passwords full of odd characters: Redis, its healthcheck,
+    # every worker and the dashboard took them as they are.
+    (redis_id,) = stack.compose.container_ids("redis")
+    shown = run([docker_cli(), "inspect", "--format",
+                 "{{json .Path}} {{json .Args}} {{json .Config.Cmd}} {{json .Config.Entrypoint}} "
+                 "{{json .Config.Healthcheck}} {{json .State.Health}}", redis_id]).stdout
+    unique = stack.redis_password.split()[0]  # "redis-<random hex>": JSON escapes the odd part
+    assert unique not in shown, shown
+    assert '"Status":"healthy"' in shown and "$ASSAYER_REDIS_PASSWORD" in shown
+    processes = run(["ps", "-eo", "args"]).stdout  # the containers' processes, as the host sees them
+    assert unique not in processes
+    config = stack.compose.exec("redis", "sh", "-c", "stat -c '%a %U' /run/redis/redis.conf").stdout.split()
+    assert config == ["600", "redis"]
+    assert stack.compose.status()["workers"], "the workers reached Redis with the password"
+
+
 def test_batch_is_evaluated_exactly_once_by_all_four_eval_containers(stack: Stack) -> None:
     run_dir = stack.checkpoints / "run"
     run_dir.mkdir(mode=0o755)
