@@ -147,13 +147,16 @@ def watch() -> None:
 @click.option("--ready-marker", "ready_markers", multiple=True, metavar="NAME",
               help="A file your trainer writes last into each checkpoint directory (repeatable); "
                    "step-named directories then wait for it")
+@click.option("--follow-symlinks", is_flag=True, help="Also follow links that lead out of DIRECTORY")
 @pass_ctx
 def watch_add(ctx: Context, directory: str, evaluator: str, name: str | None, regex: str | None,
               eval_existing: bool, poll_interval: float | None, settle: float | None, layout: str,
-              ready_markers: tuple[str, ...]) -> None:
+              ready_markers: tuple[str, ...], follow_symlinks: bool) -> None:
     """Watch DIRECTORY (recursively) and evaluate each new complete checkpoint: a file or a directory."""
     spec, warnings = watches.build_spec(directory, evaluator, name, regex, eval_existing, poll_interval, settle,
-                                        layout=layout, ready_markers=ready_markers)
+                                        layout=layout, ready_markers=ready_markers,
+                                        evaluator_paths=ctx.settings.evaluator_paths,
+                                        follow_symlinks=follow_symlinks)
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
     outcome = ledger.register(ctx.conn, ctx.settings, spec)
@@ -293,6 +296,29 @@ def status_command(ctx: Context, fmt: str) -> None:
 
 
 @cli.command()
+@pass_ctx
+def restore(ctx: Context) -> None:
+    """Rebuild watches, ledgers and results from ASSAYER_RESULTS_DIR after Redis lost its data.
+
+    Then queue exactly the checkpoint versions that were queued but never got a final result.
+    """
+    from . import backup
+
+    results_dir = ctx.settings.results_path
+    summary = backup.restore(ctx.conn, results_dir)
+    if not summary:
+        raise ConfigError(f"{results_dir} holds no mirrored watch ({backup.SPEC_SUFFIX} files)",
+                          "point ASSAYER_RESULTS_DIR (or ASSAYER_HOME) at the results directory the workers used")
+    for name, counts in summary.items():
+        spec = watches.require(ctx.conn, name)
+        todo = backup.unfinished(ctx.conn, name)
+        ready = [c for c in spec.scanner(ctx.settings).scan(time.time()).ready if todo.get(c.relpath) == c.version]
+        ids = ledger.enqueue_new(ctx.conn, ctx.settings, spec, ready, force=True) if ready else []
+        click.echo(f"watch {name}: {counts['ledger']} ledger entries and {counts['results']} results restored; "
+                   f"{len(ids)} unfinished evaluation(s) queued again")
+
+
+@cli.command()
 @click.option("--purge", is_flag=True, help="Also empty the queues (queued evaluations are dropped)")
 @pass_ctx
 def shutdown(ctx: Context, purge: bool) -> None:
@@ -307,7 +333,7 @@ def shutdown(ctx: Context, purge: bool) -> None:
 @cli.command()
 @pass_ctx
 def dashboard(ctx: Context) -> None:
-    """Run rq-dashboard (JSON serializer, basic auth, delete actions off unless allowed)."""
+    """Run rq-dashboard on waitress (JSON serializer, basic auth, actions off unless allowed, CSRF-checked)."""
     from .dashboard import run
 
     run(ctx.settings)

@@ -46,6 +46,13 @@ REAP_INTERVAL = 3.0
 SCAN_LEASE = 30
 """Seconds a claimed watch stays claimed; a watch whose scan was lost is scanned again after this."""
 
+STALL_AFTER = 600.0
+"""Seconds a checkpoint may stay incomplete and unchanged before ``assayer status`` calls it stalled."""
+
+HOT_RECHECK = 5.0
+"""Seconds between re-stats of a recently modified file that was already handed over (an in-place rewrite
+is still noticed within this long; a fresh run of 20,000 files no longer costs 40,000 stats a second)."""
+
 SCAN_BUDGET = 2.0
 """Seconds one scan of one watch may take; a slower watch is reported and goes on at its next scan, so
 it never keeps the other watches of its batch waiting."""
@@ -64,6 +71,9 @@ NOTIFIED_IDLE_POLL = 30.0
 
 QUIET_AFTER = 10.0
 """Seconds without any change after which a watch counts as quiet and is polled less often."""
+
+MIRROR_INTERVAL = 5.0
+"""Seconds between two mirrors of watches and ledgers into the results directory (``assayer restore``)."""
 
 WATCH_TICK = 0.1
 """Seconds between two looks of a watch worker for due watches."""

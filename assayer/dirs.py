@@ -36,6 +36,7 @@ def walk(path: str) -> dict[str, Member]:
     members: dict[str, Member] = {}
     stack = [("", path)]
     os.stat(path)  # FileNotFoundError for a deleted checkpoint
+    inside = os.path.realpath(path).rstrip(os.sep) + os.sep
     while stack:
         rel, folder = stack.pop()
         try:
@@ -49,6 +50,11 @@ def walk(path: str) -> dict[str, Member]:
             try:
                 if entry.is_dir(follow_symlinks=False):
                     stack.append((name, entry.path))
+                    continue
+                if entry.is_symlink() and not os.path.realpath(entry.path).startswith(inside):
+                    # A link out of the checkpoint is part of its version by its target, never opened here.
+                    st = entry.stat(follow_symlinks=False)
+                    members[name] = Member(0, st.st_mtime, "l:" + os.readlink(entry.path))
                     continue
                 st = entry.stat()
             except FileNotFoundError:
@@ -95,6 +101,8 @@ class LocalDir:
         member = self._members.get(rel)
         if member is None:
             return Format.INCOMPLETE
+        if member.version.startswith("l:"):
+            return Format.UNKNOWN  # a link out of the checkpoint: not read
         cached = self._formats.get(rel)
         if cached is not None and cached[0] == member.version:
             return cached[1]

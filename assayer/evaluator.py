@@ -62,6 +62,38 @@ def parse_ref(ref: str, base_dir: str | None = None) -> EvaluatorRef:
     return EvaluatorRef(file=None, module=target, func=func)
 
 
+def check_allowed(ref: EvaluatorRef | str, roots: tuple[str, ...] | list[str]) -> None:
+    """Refuse an evaluator outside ``roots`` (ASSAYER_EVALUATOR_PATHS); no roots means any evaluator.
+
+    A root that is a path (starts with ``/``, ``.`` or ``~``) admits the ``.py`` files below it,
+    links resolved; any other root is a module prefix (``mylab.evals`` admits ``mylab.evals.lm:run``).
+    Anyone who can write to Redis can name an evaluator, so workers check this again before running one.
+    """
+    if not roots:
+        return
+    parsed = parse_ref(ref) if isinstance(ref, str) else ref
+    dirs = [os.path.realpath(os.path.expanduser(r)) for r in roots if r.startswith(("/", ".", "~"))]
+    prefixes = [r for r in roots if not r.startswith(("/", ".", "~"))]
+    if parsed.file:
+        real = os.path.realpath(parsed.file)
+        if any(real == d or real.startswith(d.rstrip("/") + "/") for d in dirs):
+            return
+    elif parsed.module and any(parsed.module == m or parsed.module.startswith(m + ".") for m in prefixes):
+        return
+    raise EvaluatorError(
+        f"evaluator {parsed} is outside the allowed evaluator roots ({', '.join(roots)})",
+        "put it under one of them, or add its directory (or module prefix) to ASSAYER_EVALUATOR_PATHS",
+    )
+
+
+def is_allowed(ref: str, roots: tuple[str, ...] | list[str]) -> bool:
+    try:
+        check_allowed(ref, roots)
+    except EvaluatorError:
+        return False
+    return True
+
+
 def _import_file(path: str) -> ModuleType:
     if not os.path.isfile(path):
         raise EvaluatorError(

@@ -20,8 +20,9 @@ from rq import get_current_job
 
 from . import defaults, keys, ledger, results, watches
 from .dirs import version_of_path
-from .errors import EvaluationFailed
+from .errors import AssayerError, EvaluationFailed
 from .evalhost import EvaluatorPool
+from .evaluator import check_allowed
 from .notify import Notifier
 from .scan import Scanner, ScanReport
 from .settings import Settings
@@ -157,9 +158,21 @@ def scan_one(rt: Runtime, spec: watches.WatchSpec, batch_start: float) -> tuple[
     waiting = "; ".join(f"{rel}: {why}" for rel, why in sorted(report.waiting.items())[:3])
     if len(report.waiting) > 3:
         waiting += f"; and {len(report.waiting) - 3} more"
+    stalled = "; ".join(f"{rel} ({report.waiting.get(rel) or 'incomplete'}, unchanged for {_age(age)})"
+                        for rel, age in sorted(report.stalled.items(), key=lambda kv: -kv[1])[:3])
+    if len(report.stalled) > 3:
+        stalled += f"; and {len(report.stalled) - 3} more"
     state = {"last_scan": now, "files": report.files, "incomplete": len(report.pending), "error": error,
-             "waiting": waiting}
+             "waiting": waiting, "stalled": stalled}
     return {"queued": len(queued), "incomplete": len(report.pending), "files": report.files}, next_scan, state
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _poll_interval(rt: Runtime, spec: watches.WatchSpec, scanner: Scanner, report: ScanReport, poll: float,
@@ -222,6 +235,13 @@ def evaluate(
         "job_id": job_id, "attempt": attempt, "worker": rt.worker_name, "started_at": results.utcnow(),
         "evaluator": evaluator, "metrics": {}, "error": None, "traceback": None, "duration": 0.0, "layout": layout,
     }
+    try:
+        check_allowed(evaluator, rt.settings.evaluator_paths)
+    except AssayerError as exc:  # written into Redis by someone else: never run, never retried
+        rec.update(status="failed", error=str(exc), final=True, finished_at=results.utcnow())
+        results.record(rt.conn, rt.settings.results_path, rec)
+        log.error("%s: %s", relpath, exc)
+        return {"status": "failed", "error": str(exc)}
     missing = _missing_reason(checkpoint, version)
     if missing:
         rec.update(status="missing", error=f"the checkpoint was {missing} before it could be evaluated",

@@ -10,6 +10,15 @@ WATCHES = P + "watches"
 DUE = P + "due"
 """Sorted set: active watch name -> when its next scan is due (unix seconds)."""
 
+EPOCH = P + "epoch"
+"""String: id of this Redis's Assayer data; the results directory keeps it too (see :mod:`assayer.backup`)."""
+
+DATA_LOST = P + "data-lost"
+"""String: set while Redis lacks data the results directory remembers (until ``assayer restore``)."""
+
+MIRROR_LOCK = P + "mirror-lock"
+"""String with TTL: the eval worker mirroring watches and ledgers to the results directory."""
+
 SHUTDOWN = P + "shutdown"
 """String: unix time of the last ``assayer shutdown``; workers born before it stop."""
 

@@ -18,7 +18,7 @@ from typing import Any
 import redis
 from rq import Queue, Retry
 
-from . import defaults, keys
+from . import backup, defaults, keys
 from .errors import WatchError
 from .scan import Candidate
 from .settings import Settings
@@ -129,6 +129,7 @@ def register(conn: Any, settings: Settings, spec: WatchSpec) -> str:
             f"a watch named {spec.name!r} already watches {existing.directory} with {existing.evaluator}",
             f"pick another --name, or `assayer watch remove {spec.name}` first",
         )
+    backup.refuse_baseline_if_lost(conn, settings.results_path, spec.name)
     baseline: dict[str, str] = {}
     if not spec.eval_existing:
         scanner = spec.scanner(settings)

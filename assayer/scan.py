@@ -96,6 +96,7 @@ class ScanReport:
     pending: list[str] = field(default_factory=list)
     waiting: dict[str, str] = field(default_factory=dict)  # pending checkpoint -> what it waits for
     changed: bool = False  # a directory was listed anew, or a checkpoint version appeared: not a quiet scan
+    stalled: dict[str, float] = field(default_factory=dict)  # incomplete and unchanged for stall_after: age
     truncated: bool = False  # the scan ran out of its time budget; the next one goes on (cached parts cost a stat)
     errors: list[str] = field(default_factory=list)
     next_check: float | None = None
@@ -113,6 +114,7 @@ class _File:
     first_seen: float
     format: Format | None = None
     done: bool = False
+    recheck_at: float = 0.0
 
 
 @dataclass
@@ -151,6 +153,8 @@ class Scanner:
         layout: str = "auto",
         markers: tuple[str, ...] | list[str] = (),
         quiet: float = defaults.DIR_QUIET,
+        follow_symlinks: bool = False,
+        stall_after: float = defaults.STALL_AFTER,
     ) -> None:
         self.root = os.path.abspath(root)
         self.pattern = compile_filter(regex)
@@ -161,6 +165,8 @@ class Scanner:
         self.full_scan_interval = full_scan_interval
         self.hot_window = hot_window
         self.resolver = Resolver(layout, tuple(markers))
+        self.follow_symlinks = follow_symlinks
+        self.stall_after = stall_after
         self._dirs: dict[str, _Dir] = {}
         self._files: dict[str, _File] = {}
         self._ckpts: dict[str, _DirCheckpoint] = {}
@@ -171,7 +177,8 @@ class Scanner:
     @property
     def options(self) -> tuple[object, ...]:
         """What the scanner was built from; a watch whose options differ needs a new scanner."""
-        return (self.root, self.pattern.pattern, self.settle, self.resolver.layout, self.resolver.marker.markers)
+        return (self.root, self.pattern.pattern, self.settle, self.resolver.layout, self.resolver.marker.markers,
+                self.follow_symlinks, self.stall_after)
 
     def directories(self) -> set[str]:
         """Absolute paths of every directory this scanner lists (folders and directory checkpoints)."""
@@ -248,7 +255,7 @@ class Scanner:
         stat_all = listed or len(self._files) <= SMALL_WATCH
         # Idle cost: an unchanged directory costs one stat plus its hot files, never a walk over cold ones.
         cached.hot = {name for name in (cached.files if stat_all else cached.hot)
-                      if self._check_file(os.path.join(rel, name), now, report)}
+                      if self._check_file(os.path.join(rel, name), now, report, force=stat_all)}
         for sub in cached.subdirs:
             self._scan_dir(sub, now, full, visited, seen, report)
 
@@ -277,6 +284,8 @@ class Scanner:
                 for entry in entries:
                     names.add(entry.name)
                     try:
+                        if entry.is_symlink() and not self._link_allowed(entry.path):
+                            continue  # a link out of the watched tree (to /etc/passwd, say) is never followed
                         if entry.is_dir():
                             if not is_ignored(entry.name, is_dir=True):
                                 subdirs.add(os.path.join(rel, entry.name))
@@ -294,6 +303,13 @@ class Scanner:
         excluded = layout is not None and self.filter_dirs and not (
             self.pattern.search(path + os.sep) or any(self.pattern.search(os.path.join(path, n)) for n in names))
         return _Dir(path, mtime_ns, files, subdirs, layout=layout, excluded=excluded)
+
+    def _link_allowed(self, path: str) -> bool:
+        if self.follow_symlinks:
+            return True
+        real = os.path.realpath(path)
+        root = os.path.realpath(self.root)
+        return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
     def _forget_below(self, rel: str) -> None:
         prefix = rel + os.sep
@@ -341,6 +357,8 @@ class Scanner:
         if not verdict.complete:
             report.pending.append(rel)
             report.waiting[rel] = verdict.waiting
+            if members and now - state.mtime >= self.stall_after:
+                report.stalled[rel] = now - state.mtime
             return
         due = settled_at(state.mtime, state.first_seen, self.settle if folder.layout.settle_only else self.quiet)
         if now >= due:
@@ -351,8 +369,15 @@ class Scanner:
             report.waiting[rel] = f"its files to stay unchanged until {due - now:.1f}s from now"
             report.wake_at(due)
 
-    def _check_file(self, relpath: str, now: float, report: ScanReport) -> bool:
-        """Look at one file; return whether it stays hot (not handed over, or recently modified)."""
+    def _check_file(self, relpath: str, now: float, report: ScanReport, force: bool = True) -> bool:
+        """Look at one file; return whether it stays hot (not handed over, or recently modified).
+
+        A hot file already handed over is re-stat'ed every HOT_RECHECK seconds, not every scan: that
+        is what an in-place rewrite waits for, and what keeps a fresh run of many files cheap.
+        """
+        known = self._files.get(relpath)
+        if not force and known is not None and known.done and now < known.recheck_at:
+            return now - known.mtime <= self.hot_window
         path = os.path.join(self.root, relpath)
         try:
             st = os.stat(path)
@@ -362,6 +387,7 @@ class Scanner:
                 state = self._files[relpath] = _File(version, st.st_mtime, now)
                 report.changed = True
             if state.done:
+                state.recheck_at = now + defaults.HOT_RECHECK
                 return now - state.mtime <= self.hot_window
             if state.format is None or state.format is Format.UNKNOWN:
                 state.format = check_format(path, st.st_size)
@@ -379,4 +405,6 @@ class Scanner:
             report.waiting[relpath] = "still being written" if state.format is Format.INCOMPLETE else "settling"
             if state.format is Format.UNKNOWN:
                 report.wake_at(due)
+            elif now - st.st_mtime >= self.stall_after:
+                report.stalled[relpath] = now - st.st_mtime
         return True

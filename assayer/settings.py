@@ -6,17 +6,26 @@ Library code never reads the environment: it is handed a :class:`Settings`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from . import defaults
 from .errors import ConfigError
 
 ENV_PREFIX = "ASSAYER_"
+log = logging.getLogger("assayer.settings")
+
+DEPRECATED_NAMES = {"ASSAYER_DASHBOARD_ALLOW_DELETE": "dashboard_allow_actions"}
+"""Old variable -> field it still sets when the field's own variable is unset (ALLOW_DELETE now allows every action)."""
+
+PLACEHOLDER_PASSWORDS = frozenset({"change-me-redis", "change-me-dashboard"})
+"""The passwords ``.env.example`` ships with: public, so refused wherever a password is read."""
 
 
 def _default_home() -> Path:
@@ -47,12 +56,14 @@ class Settings:
     inotify: bool = True
     max_warm_evaluators: int = defaults.MAX_WARM_EVALUATORS
     eval_max_calls: int = 0
+    stall_after: float = defaults.STALL_AFTER
+    evaluator_paths: tuple[str, ...] = ()
     eval_max_rss: float = 0.0
     dashboard_user: str = defaults.DASHBOARD_USER
     dashboard_password: str | None = field(default=None, repr=False)
     dashboard_port: int = defaults.DASHBOARD_PORT
     dashboard_bind: str = defaults.DASHBOARD_BIND
-    dashboard_allow_delete: bool = False
+    dashboard_allow_actions: bool = False
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -76,6 +87,25 @@ class Settings:
             )
         if not self.retry_backoff:
             raise ConfigError("retry backoff is empty", "give seconds as a comma list, e.g. 10,60")
+        self._refuse_placeholder_passwords()
+
+    def _refuse_placeholder_passwords(self) -> None:
+        url_password = unquote(urlsplit(self.redis_url).password or "")
+        for var, value in (("ASSAYER_REDIS_PASSWORD", self.redis_password),
+                           ("the password in ASSAYER_REDIS_URL", url_password),
+                           ("ASSAYER_DASHBOARD_PASSWORD", self.dashboard_password)):
+            if value in PLACEHOLDER_PASSWORDS:
+                raise ConfigError(
+                    f"{var} is still the placeholder {value!r} from .env.example, which anyone can read",
+                    f"replace {var.removeprefix('the password in ')} in .env (or your environment) with a secret "
+                    "of your own, e.g. the output of `openssl rand -hex 24`",
+                )
+
+    def __repr__(self) -> str:
+        # The dataclass repr would print the password a Redis URL may carry.
+        shown = (f"{f.name}={redact_url(self.redis_url) if f.name == 'redis_url' else getattr(self, f.name)!r}"
+                 for f in fields(self) if f.repr)
+        return f"{type(self).__name__}({', '.join(shown)})"
 
     # -- derived values -------------------------------------------------
 
@@ -126,6 +156,10 @@ class Settings:
                 values[f.name] = _parse(f.name, env[name])
             elif name + "_FILE" in env and env[name + "_FILE"] != "":
                 values[f.name] = _read_secret_file(name + "_FILE", env[name + "_FILE"])
+        for old, new in DEPRECATED_NAMES.items():
+            if env.get(old) and new not in values:
+                log.warning("%s is deprecated: use %s", old, ENV_PREFIX + new.upper())
+                values[new] = _parse(new, env[old])
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "redis_url" not in values:
             home = Path(values.get("home") or _default_home())
@@ -135,10 +169,10 @@ class Settings:
         return cls(**values)
 
 
-_FLOATS = {"eval_max_rss", "poll_interval", "settle", "eval_timeout", "heartbeat_interval", "reap_interval",
+_FLOATS = {"stall_after", "eval_max_rss", "poll_interval", "settle", "eval_timeout", "heartbeat_interval", "reap_interval",
            "full_scan_interval",
            "idle_poll_interval"}
-_BOOLS = {"dashboard_allow_delete", "inotify"}
+_BOOLS = {"dashboard_allow_actions", "inotify"}
 _INTS = {"retries", "lease_ttl", "max_warm_evaluators", "dashboard_port", "eval_max_calls"}
 _PATHS = {"home", "results_dir", "watches_file"}
 
@@ -152,6 +186,8 @@ def _parse(name: str, raw: str) -> Any:
             return int(raw)
         if name in _PATHS:
             return Path(raw).expanduser()
+        if name == "evaluator_paths":
+            return tuple(x.strip() for x in raw.split(",") if x.strip())
         if name == "retry_backoff":
             return tuple(int(x) for x in raw.split(",") if x.strip())
         if name in _BOOLS:
@@ -180,11 +216,11 @@ def local_stack_url(home: Path) -> str | None:
 
 
 def redact_url(url: str) -> str:
-    """``redis://:secret@host`` -> ``redis://:***@host``."""
+    """``redis://:secret@host`` -> ``redis://:***@host``; a ``?password=`` (redis-py reads it) too."""
     parts = urlsplit(url)
-    if not parts.password:
+    netloc, query = parts.netloc, re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
+    if parts.password:
+        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"  # the host as written: [::1], unix
+    if (netloc, query) == (parts.netloc, parts.query):
         return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

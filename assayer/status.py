@@ -15,7 +15,9 @@ from .settings import Settings
 
 def collect(conn: Any, settings: Settings) -> dict[str, Any]:
     now = time.time()
-    out: dict[str, Any] = {"redis": settings.redacted_redis_url, "watches": [], "queues": [], "workers": []}
+    lost = conn.get(keys.DATA_LOST)
+    out: dict[str, Any] = {"redis": settings.redacted_redis_url, "data_lost": lost.decode() if lost else None,
+                           "watches": [], "queues": [], "workers": []}
     for spec in watches.all_specs(conn):
         state = {k.decode(): v.decode() for k, v in conn.hgetall(keys.watch_state(spec.name)).items()}
         last_scan = float(state["last_scan"]) if state.get("last_scan") else None
@@ -31,6 +33,7 @@ def collect(conn: Any, settings: Settings) -> dict[str, Any]:
             "last_scan_ago": None if last_scan is None else round(now - last_scan, 1),
             "error": state.get("error") or None,
             "waiting": state.get("waiting") or None,
+            "stalled": state.get("stalled") or None,
             "results_copy": _copy_state(conn, spec.name),
             "layout": spec.layout,
         })
@@ -61,6 +64,8 @@ def _copy_state(conn: Any, watch: str) -> str | None:
 
 def render(info: dict[str, Any]) -> str:
     lines = [f"redis: {info['redis']}", "", "watches:"]
+    if info.get("data_lost"):
+        lines[1:1] = ["", f"!! {info['data_lost']}"]
     if not info["watches"]:
         lines.append("  none (add one with `assayer watch add DIR --evaluator file.py:fn`)")
     for w in info["watches"]:
@@ -73,6 +78,8 @@ def render(info: dict[str, Any]) -> str:
         )
         if w["waiting"]:
             lines.append(f"    waiting for: {w['waiting']}")
+        if w["stalled"]:
+            lines.append(f"    stalled: {w['stalled']}")
         if w["error"]:
             lines.append(f"    last error: {w['error']}")
         if w["results_copy"]:

@@ -37,6 +37,7 @@ class WatchSpec:
     settle: float | None = None
     layout: str = "auto"
     ready_markers: list[str] = field(default_factory=list)
+    follow_symlinks: bool = False
     paused: bool = False
     created_at: float = field(default_factory=time.time)
 
@@ -57,7 +58,8 @@ class WatchSpec:
     def scanner(self, settings: Settings) -> Scanner:
         """A scanner of this watch's directory with its filter, layout and settle time."""
         return Scanner(self.directory, self.regex, self.settle if self.settle is not None else settings.settle,
-                       full_scan_interval=settings.full_scan_interval, layout=self.layout, markers=self.ready_markers)
+                       full_scan_interval=settings.full_scan_interval, layout=self.layout, markers=self.ready_markers,
+                       follow_symlinks=self.follow_symlinks, stall_after=settings.stall_after)
 
 
 def default_name(directory: str) -> str:
@@ -76,6 +78,8 @@ def build_spec(
     import_evaluator: bool = True,
     layout: str | None = None,
     ready_markers: list[str] | tuple[str, ...] = (),
+    evaluator_paths: tuple[str, ...] = (),
+    follow_symlinks: bool = False,
 ) -> tuple[WatchSpec, list[str]]:
     """Check every part of a watch and return it with warnings; raise on the first bad part.
 
@@ -103,6 +107,7 @@ def build_spec(
             raise WatchError(f"{directory} is not readable by this user", "fix its permissions or mount it readable")
     else:
         warnings.append(f"{directory} does not exist yet; it will be watched once training creates it")
+    evaluator.check_allowed(evaluator.parse_ref(evaluator_ref), evaluator_paths)
     if import_evaluator:
         ref = evaluator.validate(evaluator_ref)
     else:
@@ -110,7 +115,8 @@ def build_spec(
         if parsed.file and not os.path.isfile(parsed.file):
             raise WatchError(f"evaluator file {parsed.file} does not exist", "mount the evaluators directory")
         ref = str(parsed)
-    spec = WatchSpec(name, directory, ref, regex, eval_existing, poll_interval, settle, layout, markers)
+    spec = WatchSpec(name, directory, ref, regex, eval_existing, poll_interval, settle, layout, markers,
+                     bool(follow_symlinks))
     return spec, warnings
 
 
@@ -147,7 +153,7 @@ def load_file(path: Path) -> list[dict[str, Any]]:
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise ConfigError(f"watches file {path}: 'watches' must be a list of mappings", "see README, Watches file")
     allowed = {"name", "directory", "evaluator", "regex", "eval_existing", "poll_interval", "settle", "layout",
-               "ready_markers"}
+               "ready_markers", "follow_symlinks"}
     for entry in entries:
         unknown = set(entry) - allowed
         if unknown:

@@ -33,7 +33,7 @@ from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker, WorkerStatus
 from rq.worker_registration import REDIS_WORKER_KEYS
 
-from . import defaults, jobs, keys, ledger, results, watches
+from . import backup, defaults, evaluator, jobs, keys, ledger, results, watches
 from .errors import AssayerError
 from .notify import Notifier
 from .settings import Settings
@@ -55,6 +55,9 @@ MAX_WATCHES_PER_SCAN = 100
 
 SHUTDOWN_CHECK_INTERVAL = 0.5
 """Seconds between two looks at the shutdown flag."""
+
+JOB_FUNCTIONS = {"watch": "assayer.jobs.scan", "eval": "assayer.jobs.evaluate"}
+"""The one job function each role runs; any other job is failed unrun."""
 
 STOP_POLL = 2
 """Seconds an idle worker waits for a job before it looks at its stop flag again."""
@@ -151,6 +154,17 @@ class AssayerWorker(SimpleWorker):
         self.set_state(WorkerStatus.BUSY if busy else WorkerStatus.IDLE)
         if busy and self._busy_job is not None:
             self.set_current_job_id(job_id or self._busy_job.id)
+
+    def perform_job(self, job: Job, queue: Queue) -> bool:
+        """Run only Assayer's own job function for this role: anyone who can write to Redis can enqueue a job."""
+        if job.func_name != JOB_FUNCTIONS[self.role]:
+            why = (f"refused: {self.role} workers run only {JOB_FUNCTIONS[self.role]}, "
+                   f"not {job.func_name!r} (a job not enqueued by Assayer)")
+            log.error("job %s %s", job.id, why)
+            job.retries_left = 0
+            self.handle_job_failure(job, queue, exc_string=why)
+            return False
+        return bool(super().perform_job(job, queue))
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         self._busy_job = job
@@ -269,9 +283,10 @@ class EvalWorker(AssayerWorker):
         super().__init__(settings, connection, settings.eval_queue, name)
         self._last_sweep = 0.0
         self._last_beat = 0.0
+        self._last_mirror = 0.0
         # Warm the evaluators of the watches there are, most recently added first.
         for spec in sorted(watches.all_specs(connection), key=lambda s: -s.created_at):
-            if not spec.paused:
+            if not spec.paused and evaluator.is_allowed(spec.evaluator, settings.evaluator_paths):
                 self.runtime.pool.prestart(spec.evaluator)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
@@ -308,6 +323,21 @@ class EvalWorker(AssayerWorker):
             self._last_sweep = now
             self.sweep()
             results.catch_up_all(self.connection, self.settings.results_path)
+        if now - self._last_mirror >= defaults.MIRROR_INTERVAL:
+            self._last_mirror = now
+            self.mirror()
+
+    def mirror(self) -> None:
+        """Check that Redis still holds our data, and mirror watches and ledgers for ``assayer restore``."""
+        if not self.connection.set(keys.MIRROR_LOCK, self.name, nx=True, px=int(defaults.MIRROR_INTERVAL * 2000)):
+            return
+        try:
+            if backup.check_epoch(self.connection, self.settings.results_path) is None:
+                backup.mirror(self.connection, self.settings.results_path)
+        except OSError as exc:  # the results directory is a copy: its trouble shows in status, never fails work
+            log.warning("cannot mirror watches into %s: %s", self.settings.results_path, exc.strerror or exc)
+        finally:
+            self.connection.delete(keys.MIRROR_LOCK)
 
 
 def reap_dead_workers(conn: Any, settings: Settings, queue_name: str, role: str) -> list[str]:
@@ -358,7 +388,8 @@ def sync_watches_file(conn: Any, settings: Settings) -> None:
                 entry["directory"], entry["evaluator"], name=entry.get("name"), regex=entry.get("regex"),
                 eval_existing=bool(entry.get("eval_existing", False)), poll_interval=entry.get("poll_interval"),
                 settle=entry.get("settle"), import_evaluator=False, layout=entry.get("layout"),
-                ready_markers=entry.get("ready_markers") or (),
+                ready_markers=entry.get("ready_markers") or (), evaluator_paths=settings.evaluator_paths,
+                follow_symlinks=bool(entry.get("follow_symlinks", False)),
             )
             for warning in warnings:
                 log.warning("watch %s: %s", spec.name, warning)

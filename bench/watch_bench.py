@@ -6,6 +6,7 @@
     python bench/watch_bench.py idle300    # CPU of one watch worker over 300 idle watches (inotify on, then off)
     python bench/watch_bench.py dirs       # CPU over one run of 1,000 idle checkpoint directories of 12 files
     python bench/watch_bench.py dirlatency # marker written / last shard complete -> eval started, per layout
+    python bench/watch_bench.py fresh      # CPU over 20,000 checkpoints written in the last minutes, handed over
     python bench/watch_bench.py all
 
 Each run starts its own redis-server and real worker processes in a temp directory, and writes
@@ -298,6 +299,24 @@ def bench_idle300(tmp: Path, seconds: float, n_watches: int = 300, files: int = 
     return out
 
 
+def bench_fresh(tmp: Path, seconds: float, n_files: int = 20_000, per_dir: int = 100) -> dict:
+    """20,000 checkpoints written a minute ago (inside the hot window), already handed over, one watch."""
+    recent = time.time() - 60
+    run = tmp / "run"
+    for i in range(n_files):
+        folder = run / f"epoch{i // per_dir:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        p = folder / f"step_{i:06d}.pt"
+        p.write_bytes(b"\x80\x04checkpoint")
+        os.utime(p, (recent, recent))
+    stack = Stack(tmp)
+    try:
+        stack.add_watch(run, "run")
+        return {"files": n_files, "directories": n_files // per_dir, **_measure_watch_worker(stack, ["run"], seconds)}
+    finally:
+        stack.close()
+
+
 HF_MEMBERS = ("config.json", "generation_config.json", "model.safetensors", "optimizer.pt", "scheduler.pt",
               "rng_state.pth", "training_args.bin", "trainer_state.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "vocab.json")
@@ -400,13 +419,13 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=["latency", "many", "idle", "idle300", "dirs", "dirlatency", "all"])
+    parser.add_argument("which", choices=["latency", "many", "idle", "idle300", "dirs", "dirlatency", "fresh", "all"])
     parser.add_argument("--per-kind", type=int, default=15, help="checkpoints per completeness path (latency)")
     parser.add_argument("--idle-seconds", type=float, default=60.0, help="CPU measuring window (idle)")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine()}")
-    runs = ["latency", "dirlatency", "many", "idle", "idle300", "dirs"] if args.which == "all" else [args.which]
+    runs = ["latency", "dirlatency", "many", "idle", "idle300", "dirs", "fresh"] if args.which == "all" else [args.which]
     for name in runs:
         with tempfile.TemporaryDirectory(prefix=f"assayer-bench-{name}-") as tmp:
             if name in ("latency", "dirlatency"):
@@ -427,6 +446,11 @@ def main() -> None:
                       f"{figures['polling']['watch_worker_cpu_percent']}% polling only, "
                       f"{figures['every_poll_interval']['watch_worker_cpu_percent']}% when quiet watches are still "
                       f"polled every 0.5 s as before (target < 3%)")
+            elif name == "fresh":
+                figures = bench_fresh(Path(tmp), args.idle_seconds)
+                print(f"\n{figures['files']:,} checkpoints written a minute ago, handed over: watch worker "
+                      f"{figures['watch_worker_cpu_percent']}% of one core, redis-server {figures['redis_cpu_percent']}% "
+                      "(target < 10%)")
             elif name == "dirs":
                 figures = bench_dirs(Path(tmp), args.idle_seconds)
                 print(f"\n{figures['checkpoint_directories']:,} idle checkpoint directories ({figures['files']:,} files): "

@@ -192,3 +192,139 @@ def test_a_full_results_directory_never_fails_an_evaluation_is_shown_and_catches
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "2 result line(s) from Redis" in out.stdout, out.stderr
     assert sorted(json.loads(line)["relpath"] for line in copy.read_text().splitlines()) == ["0.pt", "1.pt"]
+
+
+def test_workers_run_only_assayers_job_functions(conn: redis.Redis, settings: Settings, workers: Workers,
+                                                 tmp_path: Path) -> None:
+    from rq import Queue
+
+    proof = tmp_path / "pwned"
+    workers.start("eval")
+    workers.start("watch")
+    for name in ("assayer-eval", "assayer-watch"):  # anyone who can write to Redis can enqueue this
+        Queue(name, connection=conn, serializer="json").enqueue("os.system", f"touch {proof}")
+    wait_for(lambda: conn.zcard("rq:failed:assayer-eval") == 1 and conn.zcard("rq:failed:assayer-watch") == 1, 15,
+             what="both jobs failed unrun")
+    time.sleep(0.5)
+    assert not proof.exists()
+    assert "refused: eval workers run only assayer.jobs.evaluate" in workers.logs()
+
+
+def test_evaluators_outside_the_allowed_roots_are_refused_at_add_and_in_the_worker(
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from harness import EVALUATORS, ROOT, env_for
+
+    from assayer import watches
+
+    allowed = dataclasses.replace(settings, evaluator_paths=(str(EVALUATORS.parent),))
+    env = env_for(allowed) | {"ASSAYER_EVALUATOR_PATHS": str(EVALUATORS.parent)}
+    outside = tmp_path / "elsewhere.py"
+    outside.write_text("def evaluate(path):\n    return {'ran': 1}\n")
+    for ref in (f"{outside}:evaluate", "os:system"):
+        out = subprocess.run([sys.executable, "-m", "assayer", "watch", "add", str(tmp_path / "run"), "-e", ref],
+                             env=env, capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode == 2 and "outside the allowed evaluator roots" in out.stderr and "fix:" in out.stderr
+    ckpts = tmp_path / "ckpts"
+    add_watch(conn, settings, ckpts)  # allowed: tests/evaluators.py
+    spec = watches.get(conn, "run")
+    assert spec is not None
+    spec.evaluator = f"{outside}:evaluate"  # rewritten in Redis by someone who can write to it
+    conn.hset("assayer:watches", "run", spec.to_json())
+    workers.start("watch", {"ASSAYER_EVALUATOR_PATHS": str(EVALUATORS.parent)})
+    workers.start("eval", {"ASSAYER_EVALUATOR_PATHS": str(EVALUATORS.parent)})
+    (ckpts / "a.pt").write_bytes(torch_bytes())
+    rec = wait_for(lambda: final_results(conn, "run"), 20, what="a result")[0]
+    assert rec["status"] == "failed" and "outside the allowed evaluator roots" in rec["error"]
+    assert rec["metrics"] == {} and len(attempts(conn, rec["job_id"])) == 1
+    assert json.loads(conn.hget("assayer:watches", "run"))["evaluator"].endswith("elsewhere.py:evaluate")
+
+
+def test_links_out_of_the_watched_tree_are_not_followed_unless_asked(tmp_path: Path) -> None:
+    from assayer.scan import Scanner
+
+    secret, run = tmp_path / "secret", tmp_path / "run"
+    (secret / "dir").mkdir(parents=True)
+    (secret / "passwd").write_bytes(b"root:x:0:0\n" * 20)
+    (secret / "dir" / "model.pt").write_bytes(torch_bytes())
+    run.mkdir()
+    (run / "steal.pt").symlink_to(secret / "passwd")
+    (run / "linked").symlink_to(secret / "dir")
+    (run / "real.pt").write_bytes(torch_bytes(1))
+    (run / "alias.pt").symlink_to(run / "real.pt")  # a link inside the tree is fine
+    later = time.time() + 3600
+    assert {c.relpath for c in Scanner(str(run)).scan(later).ready} == {"real.pt", "alias.pt"}
+    followed = {c.relpath for c in Scanner(str(run), follow_symlinks=True).scan(later).ready}
+    assert followed == {"real.pt", "alias.pt", "steal.pt", "linked/model.pt"}
+
+
+def test_files_that_never_complete_are_listed_as_stalled_with_their_age(
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    from assayer import status
+
+    ckpts = tmp_path / "ckpts"
+    add_watch(conn, settings, ckpts)
+    workers.start("watch", {"ASSAYER_STALL_AFTER": "60"})
+    data = torch_bytes()
+    (ckpts / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (ckpts / "empty.pt").write_bytes(b"")
+    (ckpts / "fresh.pt").write_bytes(data[:100])
+    old = time.time() - 3 * 3600
+    for name in ("truncated.pt", "empty.pt"):
+        os.utime(ckpts / name, (old, old))
+    info = wait_for(lambda: status.collect(conn, settings)["watches"][0]["stalled"], 10, what="stalled files in status")
+    assert "truncated.pt (still being written, unchanged for 3.0 h)" in info and "empty.pt" in info
+    assert "fresh.pt" not in info
+    assert "stalled: " in status.render(status.collect(conn, settings))
+
+
+def test_redis_that_lost_its_data_is_detected_and_restore_evaluates_exactly_what_never_finished(
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from harness import ROOT, env_for, evaluator_ref, results_by_path
+
+    from assayer import status
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "assayer", *args], env=env_for(settings), capture_output=True,
+                              text=True, cwd=ROOT)
+
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    assert cli("watch", "add", str(ckpts), "-e", evaluator_ref("record"), "--name", "run").returncode == 0
+    workers.start("watch")
+    evaluator = workers.start("eval")
+    for name in ("a.pt", "b.pt"):
+        (ckpts / name).write_bytes(torch_bytes(len(name)))
+    wait_for(lambda: len(final_results(conn, "run")) == 2, 20, what="a and b evaluated")
+    workers.kill9(evaluator)
+    (ckpts / "c.pt").write_bytes(torch_bytes(3))  # queued; its evaluation never happens before the loss
+    mirrored = settings.results_path / "run.ledger.json"
+    bystander = workers.start("eval", {"ASSAYER_EVAL_QUEUE": "elsewhere"})  # mirrors, never takes c's job
+    wait_for(lambda: mirrored.exists() and "c.pt" in json.loads(mirrored.read_text()), 20,
+             what="the ledger mirrored with c.pt")
+    assert conn.llen("rq:queue:assayer-eval") == 1
+    conn.flushall()  # Redis lost everything: no AOF
+    (ckpts / "d.pt").write_bytes(torch_bytes(4))  # written while Redis knows nothing
+    lost = wait_for(lambda: status.collect(conn, settings)["data_lost"], 20, what="status to say Redis lost data")
+    assert "assayer restore" in lost and "run" in lost
+    again = cli("watch", "add", str(ckpts), "-e", evaluator_ref("record"), "--name", "run")
+    assert again.returncode == 2 and "assayer restore" in again.stderr, again.stderr  # no silent baseline
+    out = cli("restore")
+    assert out.returncode == 0 and "1 unfinished evaluation(s) queued again" in out.stdout, out.stderr
+    workers.kill9(bystander)
+    workers.start("eval")
+    wait_for(lambda: len(final_results(conn, "run")) == 4, 30, what="c and d evaluated after the restore")
+    time.sleep(1.5)
+    got = results_by_path(conn)
+    assert sorted(got) == ["a.pt", "b.pt", "c.pt", "d.pt"] and all(len(v) == 1 for v in got.values())
+    assert status.collect(conn, settings)["data_lost"] is None

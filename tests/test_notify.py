@@ -74,8 +74,14 @@ def test_a_network_watch_is_never_covered(tmp_path: Path, monkeypatch) -> None: 
         notifier.close()
 
 
-def next_scan_in(conn, name: str) -> float:  # type: ignore[no-untyped-def]
-    return float(conn.zscore("assayer:due", name) or 0) - time.time()
+def scans_during(conn, seconds: float) -> int:  # type: ignore[no-untyped-def]
+    """Scan jobs the watch worker finished in the next ``seconds`` (rq keeps them a minute)."""
+    from rq.registry import FinishedJobRegistry
+
+    registry = FinishedJobRegistry("assayer-watch", connection=conn)
+    before = set(registry.get_job_ids())
+    time.sleep(seconds)
+    return len(set(registry.get_job_ids()) - before)
 
 
 def test_a_quiet_watch_is_polled_rarely_yet_a_new_checkpoint_wakes_it_at_once(
@@ -85,8 +91,9 @@ def test_a_quiet_watch_is_polled_rarely_yet_a_new_checkpoint_wakes_it_at_once(
     add_watch(conn, settings, run)
     workers.start("watch")
     workers.start("eval")
-    time.sleep(defaults.QUIET_AFTER + 1)
-    wait_for(lambda: next_scan_in(conn, "run") > 10, 10, what="the quiet watch to be polled rarely")
+    assert scans_during(conn, 3) >= 5  # active: every poll interval (0.2 s here)
+    time.sleep(defaults.QUIET_AFTER)
+    assert scans_during(conn, 6) <= 1  # quiet and notified: every 30 s
     save_dcp(run / "step-1")
     rec = wait_for(lambda: final_results(conn, "run"), 5, what="the change to wake the quiet watch")[0]
     assert rec["relpath"] == "step-1"
@@ -99,6 +106,5 @@ def test_without_notification_a_quiet_watch_keeps_the_idle_poll_interval(
     add_watch(conn, settings, run)
     workers.start("watch", {"ASSAYER_INOTIFY": "false"})
     time.sleep(defaults.QUIET_AFTER + 1)
-    gaps = [next_scan_in(conn, "run") for _ in range(40) if not time.sleep(0.1)]
-    assert max(gaps) > settings.poll_interval + 0.5  # slowed down once quiet ...
-    assert max(gaps) <= settings.idle_poll_interval + 0.2  # ... but never past the idle poll interval
+    scans = scans_during(conn, 3 * settings.idle_poll_interval)
+    assert 1 <= scans <= 4  # every idle_poll_interval (2 s), not every poll interval (0.2 s: 30 scans)
