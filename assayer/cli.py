@@ -23,6 +23,10 @@ from .settings import Settings
 log = logging.getLogger("assayer.cli")
 
 
+LONG_RUNNING = frozenset({"worker", "dashboard", "up"})
+"""Commands that run on (they log at ASSAYER_LOG_LEVEL, INFO by default); the others log warnings only."""
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -73,7 +77,10 @@ pass_ctx = click.make_pass_decorator(Context)
 def cli(ctx: click.Context, redis_url: str | None, log_level: str | None) -> None:
     """Evaluate every checkpoint of a training run on Redis Queue workers."""
     ctx.obj = Context(redis_url=redis_url, log_level=log_level)
-    setup_logging(log_level or os.environ.get("ASSAYER_LOG_LEVEL") or "INFO")
+    if ctx.invoked_subcommand in LONG_RUNNING:
+        setup_logging(log_level or os.environ.get("ASSAYER_LOG_LEVEL") or "INFO")
+    else:  # a command's output is its answer: only warnings and errors go to stderr beside it
+        setup_logging(log_level or "WARNING")
 
 
 # -- workers ---------------------------------------------------------------------------------
@@ -153,6 +160,7 @@ def watch_add(ctx: Context, directory: str, evaluator: str, name: str | None, re
               eval_existing: bool, poll_interval: float | None, settle: float | None, layout: str,
               ready_markers: tuple[str, ...], follow_symlinks: bool) -> None:
     """Watch DIRECTORY (recursively) and evaluate each new complete checkpoint: a file or a directory."""
+    ctx.conn  # noqa: B018 -- Redis first: importing an evaluator (torch, say) can take seconds before that error
     spec, warnings = watches.build_spec(directory, evaluator, name, regex, eval_existing, poll_interval, settle,
                                         layout=layout, ready_markers=ready_markers,
                                         evaluator_paths=ctx.settings.evaluator_paths,
@@ -161,6 +169,10 @@ def watch_add(ctx: Context, directory: str, evaluator: str, name: str | None, re
         click.echo(f"warning: {warning}", err=True)
     outcome = ledger.register(ctx.conn, ctx.settings, spec)
     click.echo(f"watch {spec.name} {outcome}: {spec.directory} -> {spec.evaluator}")
+    existing = ledger.baseline_size(ctx.conn, spec.name) if outcome == "added" else 0
+    if existing:
+        click.echo(f"{existing} existing checkpoint(s) are not evaluated; use --eval-existing or "
+                   f"`assayer evaluate --watch {spec.name}`")
 
 
 @watch.command("list")
@@ -235,10 +247,11 @@ def evaluate(ctx: Context, paths: tuple[str, ...], watch_name: str, force: bool)
 @click.option("--source", type=click.Choice(["redis", "files"]), default="redis",
               help="files: read the JSON-lines copies in ASSAYER_RESULTS_DIR (when Redis was lost)")
 @click.option("--export", is_flag=True, help="Rebuild the JSON-lines files in ASSAYER_RESULTS_DIR from Redis")
+@click.option("--failed", is_flag=True, help="Only failed evaluations (final or waiting to retry), with full tracebacks")
 @pass_ctx
 def results_command(ctx: Context, watch_name: str | None, fmt: str, best: str | None, plot: Path | None,
-                    metric: str | None, source: str, export: bool) -> None:
-    """Show evaluation results."""
+                    metric: str | None, source: str, export: bool, failed: bool) -> None:
+    """Show evaluation results (and evaluations failing now, waiting to retry)."""
     if export:
         names = [watches.require(ctx.conn, watch_name).name] if watch_name else [s.name for s in watches.all_specs(ctx.conn)]
         for name in names:
@@ -252,11 +265,16 @@ def results_command(ctx: Context, watch_name: str | None, fmt: str, best: str | 
         if watch_name and not ctx.conn.exists(keys.results(watch_name)):
             watches.require(ctx.conn, watch_name)
         records = results.load(ctx.conn, names)
+    if failed:
+        shown = [r for r in records if r.get("status") != "ok" and r.get("error")]
+        click.echo(results.to_json(shown) if fmt == "json" else results.tracebacks(shown) or "no failed evaluations")
+        return
     best_pair = _parse_best(best)
     winners: dict[str, dict[str, Any]] = {}
+    rule = None
     if best_pair:
         try:
-            winners = results.best(records, *best_pair)
+            winners, rule = results.best(records, *best_pair)
         except ValueError as exc:
             raise ConfigError(str(exc), "pick a metric your evaluator returns") from None
     if plot:
@@ -270,17 +288,38 @@ def results_command(ctx: Context, watch_name: str | None, fmt: str, best: str | 
     if fmt == "table":
         click.echo(results.to_table(records, {r["job_id"] for r in winners.values()}))
         for w, r in winners.items():
-            click.echo(f"best {best_pair[0]} for {w}: {r['metrics'][best_pair[0]]} at {r['checkpoint']}")  # type: ignore[index]
+            click.echo(f"best {best_pair[0]} for {w}: {r['metrics'][best_pair[0]]} at {r['checkpoint']}"  # type: ignore[index]
+                       f" ({rule})")
         return
     shown = list(winners.values()) if best_pair else records
     click.echo(results.to_json(shown) if fmt == "json" else results.to_csv(shown), nl=fmt == "json")
 
 
-def _parse_best(best: str | None) -> tuple[str, str] | None:
+@cli.command()
+@click.argument("checkpoint")
+@click.option("--watch", "watch_name", help="The watch it belongs to [default: every watch whose directory holds it]")
+@pass_ctx
+def show(ctx: Context, checkpoint: str, watch_name: str | None) -> None:
+    """Every attempt at evaluating CHECKPOINT (a path, or a path relative to the watch), with full tracebacks."""
+    specs = [watches.require(ctx.conn, watch_name)] if watch_name else watches.all_specs(ctx.conn)
+    found = []
+    for spec in specs:
+        path = os.path.abspath(checkpoint)
+        rel = os.path.relpath(path, spec.directory) if path.startswith(spec.directory.rstrip("/") + "/") else checkpoint
+        found += results.for_checkpoint(ctx.conn, spec.name, rel.rstrip("/"))
+    if not found:
+        raise WatchError(f"no evaluation of {checkpoint} is recorded",
+                         "give its path (or its path relative to the watch directory) as `assayer results` shows it")
+    click.echo(results.tracebacks(found))
+
+
+def _parse_best(best: str | None) -> tuple[str, str | None] | None:
+    """``METRIC[:max|min]``; without a mode, :func:`assayer.directions.direction` decides (and says why)."""
     if not best:
         return None
     metric, _, mode = best.partition(":")
-    mode = mode or ("min" if "loss" in metric or "error" in metric else "max")
+    if not mode:
+        return metric, None
     if mode not in ("max", "min"):
         raise ConfigError(f"--best {best}: mode must be max or min", "e.g. --best accuracy:max or --best loss:min")
     return metric, mode
@@ -288,11 +327,18 @@ def _parse_best(best: str | None) -> tuple[str, str] | None:
 
 @cli.command("status")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+@click.option("--interval", type=float, help="Refresh every INTERVAL seconds in place (as `rq info --interval`)")
 @pass_ctx
-def status_command(ctx: Context, fmt: str) -> None:
-    """Watches and their lag, queue depths, workers, last errors."""
-    info = status.collect(ctx.conn, ctx.settings)
-    click.echo(json.dumps(info, indent=2) if fmt == "json" else status.render(info))
+def status_command(ctx: Context, fmt: str, interval: float | None) -> None:
+    """Watches and their lag, failures, queue depths, workers and what they evaluate."""
+    while True:
+        info = status.collect(ctx.conn, ctx.settings)
+        text = json.dumps(info, indent=2) if fmt == "json" else status.render(info)
+        if not interval:
+            click.echo(text)
+            return
+        click.echo("\x1b[H\x1b[2J" + text if sys.stdout.isatty() else text + "\n")  # home, clear: in place
+        time.sleep(interval)
 
 
 @cli.command()

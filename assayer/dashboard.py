@@ -32,6 +32,7 @@ from typing import Any
 from flask import Response, request
 
 from .errors import ConfigError
+from .ports import require_free
 from .settings import Settings
 
 log = logging.getLogger("assayer.dashboard")
@@ -163,6 +164,8 @@ def run(settings: Settings) -> None:
     import waitress
 
     app = make_app(settings)
+    require_free(settings.dashboard_port, settings.dashboard_bind, "rq-dashboard",
+                 "stop that process, or set ASSAYER_DASHBOARD_PORT to a free port")
     log.info("rq-dashboard on http://%s:%d (user %s, actions %s), served by waitress", settings.dashboard_bind,
              settings.dashboard_port, settings.dashboard_user, "allowed" if settings.dashboard_allow_actions else "off")
     waitress.serve(app, host=settings.dashboard_bind, port=settings.dashboard_port, threads=SERVER_THREADS,

@@ -43,6 +43,14 @@ class StackError(AssayerError):
     exit_code = 4
 
 
+class Retry(Exception):
+    """Raise it from an evaluator for a failure worth another attempt (a busy GPU, a flaky mount).
+
+    Crashes, OOM kills, timeouts and lost workers are retried anyway; any other exception an
+    evaluator raises is taken as deterministic and ends the evaluation as failed at once.
+    """
+
+
 class EvaluationFailed(Exception):
     """Raised inside an eval job so rq records the attempt as failed (and retries it).
 

@@ -39,6 +39,9 @@ class Outcome:
     error: str | None = None
     traceback: str | None = None
     duration: float = 0.0
+    directions: dict[str, str] | None = None  # what the evaluator declared: {metric: "min" | "max"}
+    retryable: bool = True  # False for an exception the evaluator raised (unless assayer.Retry)
+    step: int | None = None  # what the evaluator reported (ctx.step = ..., or a "_step" metric)
 
 
 class EvaluatorProcess:
@@ -106,7 +109,10 @@ class EvaluatorProcess:
         line, self._buffer = self._buffer.split(b"\n", 1)
         try:
             reply = json.loads(line)
-            return Outcome(bool(reply["ok"]), reply.get("metrics"), reply.get("error"), reply.get("traceback"))
+            step = reply.get("step")
+            return Outcome(bool(reply["ok"]), reply.get("metrics"), reply.get("error"), reply.get("traceback"),
+                           directions=reply.get("directions") or None, retryable=bool(reply.get("retryable", True)),
+                           step=step if isinstance(step, int) and not isinstance(step, bool) else None)
         except (ValueError, KeyError, TypeError):
             self.close()
             return Outcome(False, error=f"the evaluator process sent an unreadable reply while {what}: {line[:200]!r}")
@@ -241,6 +247,8 @@ def to_metrics(value: Any) -> dict[str, Any]:
 
 
 def _serve(ref: str, inp: int, out: int) -> int:
+    from .directions import check_declared
+    from .errors import Retry
     from .evaluator import EvalContext, load, takes_context
 
     def send(message: dict[str, Any]) -> None:
@@ -251,9 +259,10 @@ def _serve(ref: str, inp: int, out: int) -> int:
     try:
         fn = load(ref)
         with_context = takes_context(fn)
+        declared = check_declared(getattr(fn, "directions", None))
     except BaseException as exc:
         send({"ok": False, "error": f"evaluator {ref} failed to import: {type(exc).__name__}: {exc}",
-              "traceback": traceback.format_exc()})
+              "traceback": traceback.format_exc(), "retryable": False})
         return 1
     send({"ok": True})
     with os.fdopen(inp, "rb") as requests:
@@ -261,13 +270,18 @@ def _serve(ref: str, inp: int, out: int) -> int:
             request = json.loads(line)
             path = request["checkpoint"]
             try:
-                if with_context:
-                    result = fn(path, EvalContext(**request["context"]))
-                else:
-                    result = fn(path)
-                send({"ok": True, "metrics": to_metrics(result)})
+                ctx = EvalContext(**request["context"])
+                result = fn(path, ctx) if with_context else fn(path)
+                metrics = to_metrics(result)
+                step = metrics.pop("_step", None)
+                if ctx.step != request["context"].get("step"):
+                    step = ctx.step  # the evaluator set ctx.step
+                if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
+                    raise TypeError(f"the reported step must be an integer, not {step!r}")
+                send({"ok": True, "metrics": metrics, "directions": declared, "step": step})
             except BaseException as exc:  # the evaluator's error is the job's outcome, not ours
-                send({"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+                send({"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(),
+                      "retryable": isinstance(exc, Retry)})
     return 0
 
 

@@ -16,9 +16,13 @@ from typing import Any
 from .errors import EvaluatorError
 
 
-@dataclass(frozen=True)
+@dataclass
 class EvalContext:
-    """What an evaluator taking a second argument receives."""
+    """What an evaluator taking a second argument receives.
+
+    Set ``ctx.step`` to report the checkpoint's training step when its name does not tell it
+    (or return it as a ``_step`` metric).
+    """
 
     watch: str
     checkpoint: str

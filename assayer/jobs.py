@@ -29,6 +29,9 @@ from .settings import Settings
 
 log = logging.getLogger("assayer.jobs")
 
+RETRY_POLICY = "the evaluator raised; raise assayer.Retry for failures worth another attempt"
+"""Crashes, kills (OOM), timeouts and lost workers are retried; an exception is not, unless it is a Retry."""
+
 STATE_REFRESH = 5.0
 """Seconds between two writes of an unchanged watch state (``assayer status`` shows its age)."""
 
@@ -219,7 +222,7 @@ def _state_changed(rt: Runtime, name: str, state: dict[str, Any]) -> bool:
 
 def evaluate(
     watch: str, checkpoint: str, relpath: str, version: str, evaluator: str, step: int | None, retries: int,
-    layout: str = "file",
+    layout: str = "file", epoch: int | None = None, mtime: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate one checkpoint version in a warm evaluator process and store the outcome."""
     rt = runtime()
@@ -234,6 +237,7 @@ def evaluate(
         "watch": watch, "checkpoint": checkpoint, "relpath": relpath, "version": version, "step": step,
         "job_id": job_id, "attempt": attempt, "worker": rt.worker_name, "started_at": results.utcnow(),
         "evaluator": evaluator, "metrics": {}, "error": None, "traceback": None, "duration": 0.0, "layout": layout,
+        "epoch": epoch, "checkpoint_time": results.iso(mtime) if mtime else None, "attempts_allowed": retries + 1,
     }
     try:
         check_allowed(evaluator, rt.settings.evaluator_paths)
@@ -259,7 +263,15 @@ def evaluate(
         results.record(rt.conn, rt.settings.results_path, rec)
         log.warning("%s changed while being evaluated; result discarded", relpath)
         return {"status": "missing"}
-    final = outcome.ok or retries_left <= 0
+    final = outcome.ok or retries_left <= 0 or not outcome.retryable
+    if not outcome.ok and not outcome.retryable and retries_left > 0:  # another attempt would fail alike
+        if job is not None:
+            job.retries_left = 0  # rq must not retry it either
+        outcome.error = f"{outcome.error} (not retried: {RETRY_POLICY})"
+    if outcome.step is not None:
+        rec["step"] = outcome.step  # reported by the evaluator: it knows better than the name
+    if outcome.directions:
+        rec["directions"] = outcome.directions
     rec.update(
         status="ok" if outcome.ok else "failed", metrics=outcome.metrics or {}, error=outcome.error,
         traceback=outcome.traceback, duration=round(outcome.duration, 4), final=final,
@@ -267,7 +279,7 @@ def evaluate(
     )
     results.record(rt.conn, rt.settings.results_path, rec)
     if not outcome.ok:
-        left = f"retrying ({retries_left} left)" if retries_left > 0 else "no retries left"
+        left = f"retrying ({retries_left} left)" if not final else "final"
         log.warning("evaluation of %s failed, %s: %s", relpath, left, outcome.error)
         raise EvaluationFailed(outcome.error or "evaluation failed")
     log.info("evaluated %s in %.2fs: %s", relpath, outcome.duration, outcome.metrics)
@@ -296,6 +308,7 @@ def record_lost(conn: Any, settings: Settings, job: Any) -> None:
         "attempt": kwargs.get("retries", 0) - retries_left + 1, "worker": job.worker_name,
         "started_at": job.started_at.isoformat() if job.started_at else None, "finished_at": results.utcnow(),
         "status": "failed", "metrics": {}, "traceback": None, "duration": 0.0, "final": retries_left <= 0,
+        "attempts_allowed": kwargs.get("retries", 0) + 1, "layout": kwargs.get("layout", "file"),
         "error": "the eval worker was lost (killed, OOM or node failure) during the evaluation"
         + ("; retrying" if retries_left > 0 else "; no retries left"),
     }

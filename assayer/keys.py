@@ -52,6 +52,11 @@ def copy_backlog(watch: str) -> str:
     return f"{P}copy-backlog:{watch}"
 
 
+def failing(watch: str) -> str:
+    """Hash: eval job id -> its last failed attempt, while the job waits for a retry (no final result yet)."""
+    return f"{P}failing:{watch}"
+
+
 def attempts(job_id: str) -> str:
     """List: every attempt record of one eval job."""
     return f"{P}attempts:{job_id}"

@@ -50,6 +50,8 @@ def _new_job(queue: Queue, settings: Settings, spec: WatchSpec, cand: Candidate,
         "step": cand.step,
         "retries": settings.retries,
         "layout": cand.layout,
+        "epoch": cand.epoch,
+        "mtime": cand.mtime,
     }
     retry = Retry(max=settings.retries, interval=list(settings.retry_backoff)) if settings.retries else None
     return queue.create_job(
@@ -151,6 +153,11 @@ def register(conn: Any, settings: Settings, spec: WatchSpec) -> str:
             return register(conn, settings, spec)
     log.info("watch %s added on %s (%d existing checkpoints as baseline)", spec.name, spec.directory, len(baseline))
     return "added"
+
+
+def baseline_size(conn: Any, watch: str) -> int:
+    """Checkpoints taken as already there when the watch was added (ledgered without a job)."""
+    return sum(1 for raw in conn.hvals(keys.ledger(watch)) if json.loads(raw).get("job") is None)
 
 
 def update(conn: Any, spec: WatchSpec) -> None:

@@ -12,10 +12,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .directions import direction
+
 Record = dict[str, Any]
-
-_LOWER_IS_BETTER = ("loss", "error", "perplexity", "ppl", "wer", "cer")
-
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
@@ -30,11 +29,6 @@ def numeric_metrics(records: Iterable[Record]) -> list[str]:
                 if _is_number(value):
                     names.setdefault(name, None)
     return list(names)
-
-
-def default_mode(metric: str) -> str:
-    """``min`` for losses and error rates, ``max`` for everything else."""
-    return "min" if any(word in metric.lower() for word in _LOWER_IS_BETTER) else "max"
 
 
 def series(records: Iterable[Record], metric: str) -> dict[str, list[tuple[float, Record]]]:
@@ -79,13 +73,14 @@ def plot_results(
     records: list[Record],
     out: Path,
     metric: str | None = None,
-    best: tuple[str, str] | None = None,
+    best: tuple[str, str | None] | None = None,
 ) -> Path:
     """Draw ``metric`` against step for every watch in ``records`` into the PNG ``out``; return ``out``.
 
     ``metric`` defaults to the best metric if ``best`` is given, else to the first numeric
-    metric found. ``best`` is ``(metric, "max" | "min")``; by default the plotted metric,
-    minimised when it looks like a loss or error and maximised otherwise.
+    metric found. ``best`` is ``(metric, "max" | "min" | None)``; by default the plotted metric.
+    Which way is better comes from :func:`assayer.directions.direction` (the same rule as
+    ``results --best``) unless given, and the title says which rule decided it.
     Raises ValueError when there is nothing to plot.
     """
     available = numeric_metrics(records)
@@ -95,7 +90,9 @@ def plot_results(
     points = series(records, metric)
     if not points:
         raise ValueError(f"nothing to plot: {_missing(metric, available)}")
-    best_metric, mode = best or (metric, default_mode(metric))
+    best_metric, given = best or (metric, None)
+    rule = direction(best_metric, records, given)
+    mode = rule.mode
     marked = best_points(points, best_metric, mode)
     if not marked:
         raise ValueError(f"cannot mark the best checkpoint: {_missing(best_metric, available)}")
@@ -120,7 +117,7 @@ def plot_results(
         stepped = all(any(r.get("step") is not None for _, r in rows) for rows in points.values())
         ax.set_xlabel("step" if stepped else "step (finish order where a watch has no steps)")
         ax.set_ylabel(metric)
-        ax.set_title(f"{metric} by training step (\u2605 best {best_metric}, {mode})")
+        ax.set_title(f"{metric} by training step (\u2605 best {best_metric}: {rule})", fontsize=10)
         ax.grid(alpha=0.3)
         ax.margins(x=0.05, y=0.12)
         ax.legend(title="watch", fontsize=8)

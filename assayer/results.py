@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import keys
+from .directions import Direction, direction
 
 log = logging.getLogger("assayer.results")
 
@@ -34,6 +35,7 @@ FIELDS = ("watch", "checkpoint", "step", "status", "metrics", "attempt", "durati
 _RECORD_FINAL = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('SREM', KEYS[2], ARGV[1])
+  redis.call('HDEL', KEYS[3], ARGV[1])
   return 1
 end
 return 0
@@ -44,17 +46,22 @@ def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+def iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
+
+
 def record(conn: Any, results_dir: Path, rec: dict[str, Any]) -> bool:
     """Store one attempt. Returns False when ``rec`` is final but its job already had a final result."""
     line = json.dumps(rec, sort_keys=True)
     stored = True
     if rec.get("final"):
-        stored = bool(
-            conn.eval(_RECORD_FINAL, 2, keys.results(rec["watch"]), keys.pending(rec["watch"]), rec["job_id"], line)
-        )
+        stored = bool(conn.eval(_RECORD_FINAL, 3, keys.results(rec["watch"]), keys.pending(rec["watch"]),
+                                keys.failing(rec["watch"]), rec["job_id"], line))
         if not stored:
             log.warning("job %s already has a final result; discarding this late attempt", rec["job_id"])
             return False
+    elif rec.get("status") == "failed":  # shown at once in status and results, until a final result
+        conn.hset(keys.failing(rec["watch"]), rec["job_id"], line)
     conn.rpush(keys.attempts(rec["job_id"]), line)
     copy(conn, results_dir, rec["watch"], line)
     return stored
@@ -140,12 +147,33 @@ def has_final(conn: Any, watch: str, job_id: str) -> bool:
     return bool(conn.hexists(keys.results(watch), job_id))
 
 
-def load(conn: Any, watch_names: Iterable[str]) -> list[dict[str, Any]]:
-    """Final records of these watches, from Redis."""
+def load(conn: Any, watch_names: Iterable[str], retrying: bool = True) -> list[dict[str, Any]]:
+    """Final records of these watches, from Redis, and (``retrying``) the last failed attempt of jobs awaiting a retry."""
     out: list[dict[str, Any]] = []
     for name in watch_names:
         out.extend(json.loads(v) for v in conn.hvals(keys.results(name)))
+        if retrying:
+            for raw in conn.hvals(keys.failing(name)):
+                rec = json.loads(raw)
+                rec["status"] = f"retrying {rec.get('attempt', 1) + 1}/{rec.get('attempts_allowed') or '?'}"
+                out.append(rec)
     return sort_records(out)
+
+
+def for_checkpoint(conn: Any, watch: str, relpath: str) -> list[dict[str, Any]]:
+    """Every attempt stored for one checkpoint path of a watch (all its versions), oldest first."""
+    job_ids = {json.loads(v).get("job_id") for v in conn.hvals(keys.results(watch))} | {
+        k.decode() for k in conn.hkeys(keys.failing(watch))} | {k.decode() for k in conn.smembers(keys.pending(watch))}
+    entry = conn.hget(keys.ledger(watch), relpath)
+    if entry:
+        job_ids.add(json.loads(entry).get("job"))
+    out = []
+    for job_id in job_ids - {None}:
+        for raw in conn.lrange(keys.attempts(job_id), 0, -1):
+            rec = json.loads(raw)
+            if rec.get("relpath") == relpath:
+                out.append(rec)
+    return sorted(out, key=lambda r: str(r.get("started_at") or ""))
 
 
 def load_files(results_dir: Path, watch: str | None = None) -> list[dict[str, Any]]:
@@ -169,8 +197,10 @@ def sort_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: (r["watch"], r.get("step") is None, r.get("step") or 0, r.get("finished_at") or ""))
 
 
-def best(records: list[dict[str, Any]], metric: str, mode: str = "max") -> dict[str, dict[str, Any]]:
-    """The best ok record per watch by ``metric``; raise ValueError if no record has it."""
+def best(records: list[dict[str, Any]], metric: str, given: str | None = None) -> tuple[dict[str, dict[str, Any]], Direction]:
+    """The best ok record per watch by ``metric``, and the direction used; raise ValueError if no record has it."""
+    rule = direction(metric, records, given)
+    mode = rule.mode
     chosen: dict[str, dict[str, Any]] = {}
     for rec in records:
         value = (rec.get("metrics") or {}).get(metric)
@@ -182,7 +212,7 @@ def best(records: list[dict[str, Any]], metric: str, mode: str = "max") -> dict[
     if not chosen:
         names = sorted({k for r in records for k in (r.get("metrics") or {})})
         raise ValueError(f"no ok result has a numeric metric {metric!r}; metrics present: {', '.join(names) or 'none'}")
-    return chosen
+    return chosen, rule
 
 
 # -- formatting ----------------------------------------------------------------------------
@@ -207,6 +237,10 @@ def to_csv(records: list[dict[str, Any]]) -> str:
 def to_table(records: list[dict[str, Any]], marked: set[str] | None = None) -> str:
     if not records:
         return "no results yet"
+    seen: dict[tuple[str, str], int] = {}
+    for r in records:
+        seen[(r["watch"], str(r.get("relpath")))] = seen.get((r["watch"], str(r.get("relpath"))), 0) + 1
+    records = [dict(r, rewritten=seen[(r["watch"], str(r.get("relpath")))] > 1) for r in records]
     metric_names = sorted({k for r in records for k in (r.get("metrics") or {})})
     header = ["", "watch", "step", "checkpoint", "status", *metric_names, "secs", "worker"]
     rows = []
@@ -216,8 +250,8 @@ def to_table(records: list[dict[str, Any]], marked: set[str] | None = None) -> s
             "*" if marked and r["job_id"] in marked else "",
             r["watch"],
             "" if r.get("step") is None else str(r["step"]),
-            _short(r["checkpoint"], 48),
-            r["status"] if r["status"] == "ok" else f"{r['status']}: {_short(r.get('error') or '', 40)}",
+            _short(_shown_path(r), 48),
+            r["status"] if r["status"] == "ok" else f"{r['status']}: {_head(r.get('error') or '', 60)}",
             *[_fmt(metrics.get(m)) for m in metric_names],
             f"{r.get('duration') or 0:.2f}",
             r.get("worker") or "",
@@ -227,10 +261,42 @@ def to_table(records: list[dict[str, Any]], marked: set[str] | None = None) -> s
     return "\n".join(lines)
 
 
+def tracebacks(records: list[dict[str, Any]]) -> str:
+    """Each record as a block: what, when, the outcome, and the whole error and traceback."""
+    blocks = []
+    for r in records:
+        head = (f"{r.get('watch')}: {r.get('relpath') or r.get('checkpoint')}  step {r.get('step')}  "
+                f"attempt {r.get('attempt')}/{r.get('attempts_allowed') or '?'}  {r.get('status')}"
+                f"{'' if r.get('final', True) else ' (not final)'}")
+        lines = [head, f"  version {r.get('version')}  worker {r.get('worker')}  started {r.get('started_at')}  "
+                       f"{r.get('duration') or 0:.2f}s"]
+        if r.get("status") == "ok":
+            lines.append(f"  metrics: {json.dumps(r.get('metrics'), sort_keys=True)}")
+        if r.get("error"):
+            lines.append(f"  error: {r['error']}")
+        if r.get("traceback"):
+            lines.append("  " + r["traceback"].rstrip().replace("\n", "\n  "))
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "" if value is None else str(value)
+
+
+def _shown_path(rec: dict[str, Any]) -> str:
+    """The checkpoint relative to its watch's directory, with its version's time when it was rewritten in place."""
+    path = str(rec.get("relpath") or rec.get("checkpoint") or "")
+    when = rec.get("checkpoint_time")
+    return f"{path} @{str(when)[11:19]}" if when and rec.get("rewritten") else path
+
+
+def _head(text: str, width: int) -> str:
+    """An error's first line, cut at its end (its start names the exception)."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= width else line[: width - 3] + "..."
 
 
 def _short(text: str, width: int) -> str:

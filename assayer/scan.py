@@ -45,8 +45,11 @@ IGNORED_DIR_PARTS = (".orbax-checkpoint-tmp",)
 SMALL_WATCH = 256
 """Watches with at most this many checkpoints stat every file on every scan."""
 
-_STEP_PATTERNS = [re.compile(p, re.IGNORECASE) for p in (r"step[=_-]?(\d+)", r"iter(?:ation)?[=_-]?(\d+)", r"epoch[=_-]?(\d+)")]
-_LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
+_STEP_IN_NAME = re.compile(r"(?:^|[^a-z])(?:global_)?(?:step|iter(?:ation)?)[=_-]?(\d+)|^checkpoint-(\d+)", re.IGNORECASE)
+"""Names that say they hold a step: ``step_500``, ``global_step1200``, ``iter-42``, Lightning's ``epoch=3-step=1200``,
+``checkpoint-500``. Any other number (``resnet50``, ``-v1``, ``00001-of-00004``, an epoch) is not a step."""
+
+_EPOCH_IN_NAME = re.compile(r"(?:^|[^a-z])epoch[=_-]?(\d+)", re.IGNORECASE)
 
 
 def is_ignored(name: str, is_dir: bool = False) -> bool:
@@ -61,19 +64,24 @@ def is_ignored(name: str, is_dir: bool = False) -> bool:
 
 
 def parse_step(relpath: str) -> int | None:
-    """The training step a checkpoint name tells: ``step=1200``, ``iter_500``, ``epoch3``, else its last number."""
+    """The training step a checkpoint's name says, else its directory's (``global_step1200/...``), else None.
+
+    Only names that say "step" count (see ``_STEP_IN_NAME``); when none does, the evaluator may report
+    the step (``ctx.step = ...`` or a ``_step`` metric).
+    """
     name = os.path.basename(relpath)
     stem = name.rsplit(".", 1)[0] if "." in name else name
-    for pattern in _STEP_PATTERNS:
-        found = pattern.findall(stem)
-        if found:
-            return int(found[-1])
-    match = _LAST_NUMBER.search(stem)
-    if match:
-        return int(match.group(1))
-    parent = os.path.basename(os.path.dirname(relpath))  # e.g. checkpoint-500/model.safetensors
-    match = _LAST_NUMBER.search(parent)
-    return int(match.group(1)) if match else None
+    found = _STEP_IN_NAME.findall(stem)
+    if found:
+        return int(next(g for g in found[-1] if g))
+    parent = os.path.basename(os.path.dirname(relpath))
+    return dir_step(parent) if parent and not parent.isdigit() else None
+
+
+def parse_epoch(relpath: str) -> int | None:
+    """The epoch a checkpoint's name says (``epoch=3``, ``epoch_3``), kept apart from steps."""
+    found = _EPOCH_IN_NAME.findall(os.path.basename(relpath))
+    return int(found[-1]) if found else None
 
 
 version_of = file_version
@@ -88,6 +96,8 @@ class Candidate:
     version: str
     step: int | None
     layout: str = "file"
+    epoch: int | None = None
+    mtime: float | None = None  # when this version was written (the newest member's, for a directory)
 
 
 @dataclass
@@ -363,7 +373,8 @@ class Scanner:
         due = settled_at(state.mtime, state.first_seen, self.settle if folder.layout.settle_only else self.quiet)
         if now >= due:
             name = os.path.basename(rel)
-            report.ready.append(Candidate(folder.path, rel, version, dir_step(name), folder.layout.name))
+            report.ready.append(Candidate(folder.path, rel, version, dir_step(name), folder.layout.name,
+                                          mtime=state.mtime))
         else:
             report.pending.append(rel)
             report.waiting[rel] = f"its files to stay unchanged until {due - now:.1f}s from now"
@@ -399,7 +410,8 @@ class Scanner:
             return True
         due = now if state.format is Format.COMPLETE else settled_at(st.st_mtime, state.first_seen, self.settle)
         if state.format is not Format.INCOMPLETE and now >= due:
-            report.ready.append(Candidate(path, relpath, version, parse_step(relpath)))
+            report.ready.append(Candidate(path, relpath, version, parse_step(relpath), epoch=parse_epoch(relpath),
+                                          mtime=st.st_mtime))
         else:
             report.pending.append(relpath)
             report.waiting[relpath] = "still being written" if state.format is Format.INCOMPLETE else "settling"

@@ -112,7 +112,21 @@ class Settings:
     @property
     def results_path(self) -> Path:
         """Directory of the append-only result files (one JSON-lines file per watch)."""
-        return self.results_dir or self.home / "results"
+        return self.results_dir or self.home / "results" / self.stack_id
+
+    @property
+    def stack_id(self) -> str:
+        """Which stack (Redis) this is, fit for a directory name: ``127.0.0.1-6390-0``.
+
+        Stacks sharing a home (the local stack, a compose project, a second Redis) keep their
+        results apart; credentials are never part of it.
+        """
+        parts = urlsplit(self.redis_url)
+        if parts.scheme == "unix":
+            return "unix-" + re.sub(r"[^A-Za-z0-9_.-]", "-", parts.path.strip("/"))
+        db = parts.path.strip("/") or "0"
+        host = re.sub(r"[^A-Za-z0-9_.-]", "-", parts.hostname or "localhost")
+        return f"{host}-{parts.port or 6379}-{db}"
 
     @property
     def effective_redis_url(self) -> str:

@@ -34,6 +34,7 @@ from rq.serializers import JSONSerializer
 
 from . import defaults, keys
 from .errors import StackError
+from .ports import require_free
 from .settings import Settings
 
 log = logging.getLogger("assayer.stack")
@@ -202,6 +203,12 @@ def up(obj: Any, eval_workers: int, watch_workers: int, redis_port: int, dashboa
         return
     external = (obj.flags.get("redis_url") or os.environ.get("ASSAYER_REDIS_URL")
                 or os.environ.get("ASSAYER_REDIS_URL_FILE"))
+    if not external:
+        require_free(redis_port, "127.0.0.1", "the bundled Redis",
+                     "stop that process, or give another port: assayer up --redis-port PORT")
+    if dashboard:
+        require_free(settings.dashboard_port, settings.dashboard_bind, "rq-dashboard",
+                     "stop that process (a compose stack publishes 9181 too), or set ASSAYER_DASHBOARD_PORT")
     conf, env, url = write_config(settings, stack, eval_workers, watch_workers,
                                   external and settings.effective_redis_url, redis_port, dashboard, foreground)
     command = [sys.executable, "-m", "supervisor.supervisord", "-c", str(conf)]

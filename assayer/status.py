@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
+from datetime import timezone
 from typing import Any
 
 from rq import Queue, Worker
+from rq.job import Job
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
@@ -29,6 +32,7 @@ def collect(conn: Any, settings: Settings) -> dict[str, Any]:
             "queued_or_running": conn.scard(keys.pending(spec.name)),
             "incomplete": int(state.get("incomplete", 0) or 0),
             "evaluated": conn.hlen(keys.results(spec.name)),
+            **_outcomes(conn, spec.name, now),
             "files": int(state.get("files", 0) or 0),
             "last_scan_ago": None if last_scan is None else round(now - last_scan, 1),
             "error": state.get("error") or None,
@@ -50,9 +54,46 @@ def collect(conn: Any, settings: Settings) -> dict[str, Any]:
         names = worker.queue_names()
         if not set(names) & {settings.watch_queue, settings.eval_queue}:
             continue
-        out["workers"].append({"name": worker.name, "queues": names, "state": worker.get_state(),
-                               "job": worker.get_current_job_id()})
+        job_id = worker.get_current_job_id()
+        out["workers"].append({"name": worker.name, "queues": names, "state": worker.get_state(), "job": job_id,
+                               **_doing(conn, job_id, now)})
     return out
+
+
+def _outcomes(conn: Any, watch: str, now: float) -> dict[str, Any]:
+    """Final outcomes by status, the jobs failing now (awaiting a retry), the last error, the oldest pending age."""
+    finals = [json.loads(v) for v in conn.hvals(keys.results(watch))]
+    failing = [json.loads(v) for v in conn.hvals(keys.failing(watch))]
+    counts = {status: sum(1 for r in finals if r.get("status") == status) for status in ("ok", "failed", "missing")}
+    errors = sorted((r for r in finals + failing if r.get("status") == "failed" and r.get("error")),
+                    key=lambda r: str(r.get("finished_at") or ""))
+    last = errors[-1] if errors else None
+    pending = {m.decode() for m in conn.smembers(keys.pending(watch))}
+    queued_at = []
+    for raw in conn.hvals(keys.ledger(watch)) if pending else []:
+        entry = json.loads(raw)
+        if entry.get("job") in pending and entry.get("at"):
+            queued_at.append(float(entry["at"]))
+    return {
+        "outcomes": counts,
+        "failing": len(failing),
+        "last_error": f"{last.get('relpath')}: {last['error'].strip().splitlines()[0][:300]}" if last else None,
+        "oldest_pending_age": round(now - min(queued_at), 1) if queued_at else None,
+    }
+
+
+def _doing(conn: Any, job_id: str | None, now: float) -> dict[str, Any]:
+    """What a busy worker works on, in words, and for how long."""
+    if not job_id:
+        return {"doing": None, "for_seconds": None}
+    try:
+        job = Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
+    except Exception:  # gone meanwhile
+        return {"doing": None, "for_seconds": None}
+    kwargs = job.kwargs or {}
+    doing = f"{kwargs.get('watch')}: {kwargs.get('relpath')}" if kwargs.get("relpath") else job.description
+    started = job.started_at.replace(tzinfo=timezone.utc).timestamp() if job.started_at else None
+    return {"doing": doing, "for_seconds": round(now - started, 1) if started else None}
 
 
 def _copy_state(conn: Any, watch: str) -> str | None:
@@ -69,26 +110,37 @@ def render(info: dict[str, Any]) -> str:
     if not info["watches"]:
         lines.append("  none (add one with `assayer watch add DIR --evaluator file.py:fn`)")
     for w in info["watches"]:
-        lag = w["queued_or_running"] + w["incomplete"]
-        seen = "never scanned" if w["last_scan_ago"] is None else f"scanned {w['last_scan_ago']}s ago"
-        lines.append(
-            f"  {w['name']}{' (paused)' if w['paused'] else ''}: {w['directory']}  lag {lag} "
-            f"({w['queued_or_running']} queued/running, {w['incomplete']} still being written), "
-            f"{w['evaluated']} evaluated, {seen}"
-        )
-        if w["waiting"]:
-            lines.append(f"    waiting for: {w['waiting']}")
-        if w["stalled"]:
-            lines.append(f"    stalled: {w['stalled']}")
-        if w["error"]:
-            lines.append(f"    last error: {w['error']}")
-        if w["results_copy"]:
-            lines.append(f"    results file behind: {w['results_copy']} (Redis has them; it catches up once writable)")
+        lines += _render_watch(w)
     lines += ["", "queues:"]
     for q in info["queues"]:
         lines.append(f"  {q['name']}: {q['queued']} queued, {q['running']} running, "
                      f"{q['retry_wait']} waiting to retry, {q['failed']} failed")
     lines += ["", f"workers: {len(info['workers'])}"]
     for w in info["workers"]:
-        lines.append(f"  {w['name']} [{', '.join(w['queues'])}] {w['state']}{' ' + w['job'] if w['job'] else ''}")
+        doing = f" {w['doing']}" if w["doing"] else (f" {w['job']}" if w["job"] else "")
+        took = f" for {w['for_seconds']:.0f}s" if w["for_seconds"] is not None else ""
+        lines.append(f"  {w['name']} [{', '.join(w['queues'])}] {w['state']}{doing}{took}")
     return "\n".join(lines)
+
+
+def _render_watch(w: dict[str, Any]) -> list[str]:
+    lag = w["queued_or_running"] + w["incomplete"]
+    seen = "never scanned" if w["last_scan_ago"] is None else f"scanned {w['last_scan_ago']}s ago"
+    outcomes = w["outcomes"]
+    lines = [
+        f"  {w['name']}{' (paused)' if w['paused'] else ''}: {w['directory']}  lag {lag} "
+        f"({w['queued_or_running']} queued/running, {w['incomplete']} still being written), "
+        f"{outcomes['ok']} ok, {outcomes['failed']} failed, {outcomes['missing']} missing, {seen}"
+    ]
+    notes = [
+        ("failing now", f"{w['failing']} (waiting to retry)" if w["failing"] else None),
+        ("last evaluation error", f"{w['last_error']}  (assayer results --failed)" if w["last_error"] else None),
+        ("oldest queued checkpoint", f"{w['oldest_pending_age']:.0f}s ago" if w["oldest_pending_age"] is not None
+         else None),
+        ("waiting for", w["waiting"]),
+        ("stalled", w["stalled"]),
+        ("last error", w["error"]),
+        ("results file behind", f"{w['results_copy']} (Redis has them; it catches up once writable)"
+         if w["results_copy"] else None),
+    ]
+    return lines + [f"    {label}: {text}" for label, text in notes if text]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,19 @@ from . import ledger, watches
 from .cli import connect, setup_logging
 from .errors import AssayerError
 from .settings import Settings
+
+FLAGS = ((re.compile(r"--regex(?![_\w])"), "--regex_filter"), (re.compile(r"--poll-interval"), "--polling_interval"),
+         (re.compile(r"--eval-existing"), "--eval_existing"),
+         (re.compile(r"--redis-url(?: \(or [^)]*\))?"), "--redis_host and --redis_port"),
+         (re.compile(r"pick another --name, or"), "watch another directory, or"),
+         (re.compile(r"e\.g\. --name \w+"), "rename the directory"))
+"""Assayer's flag names in hints, as this command line spells them."""
+
+
+def _own_flags(text: str) -> str:
+    for pattern, own in FLAGS:
+        text = pattern.sub(own, text)
+    return text
 
 
 def _bool(text: str) -> bool:
@@ -51,7 +65,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    setup_logging(os.environ.get("ASSAYER_LOG_LEVEL", "INFO"))
+    setup_logging("WARNING")
     try:
         settings = settings_from(args)
         conn = connect(settings)
@@ -61,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: {warning}", file=sys.stderr)
         print(f"watch {spec.name} {ledger.register(conn, settings, spec)}: {spec.directory} -> {spec.evaluator}")
     except AssayerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_own_flags(str(exc))}", file=sys.stderr)
         return exc.exit_code
     env = dict(os.environ, ASSAYER_REDIS_URL=settings.effective_redis_url, ASSAYER_WATCH_QUEUE=settings.watch_queue,
                ASSAYER_EVAL_QUEUE=settings.eval_queue, ASSAYER_POLL_INTERVAL=str(settings.poll_interval))

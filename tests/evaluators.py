@@ -59,7 +59,9 @@ def flaky(path: str) -> dict[str, object]:
     with open(counter, "w") as fh:
         fh.write(str(n))
     if n == 1:
-        raise RuntimeError("transient failure")
+        from assayer import Retry
+
+        raise Retry("transient failure")
     return {"tries": n}
 
 
@@ -122,7 +124,9 @@ def breaks_its_process_once(path: str) -> dict[str, object]:
         flag.touch()
         BROKEN = True
         sys.stdout.close()
-        raise RuntimeError("a failure that leaves the process broken")
+        from assayer import Retry
+
+        raise Retry("a failure that leaves the process broken")
     return {"pid": os.getpid()}
 
 
@@ -133,3 +137,23 @@ def holds_memory(path: str) -> dict[str, object]:
     """Keeps HOLD_MIB more MiB alive in the process with each checkpoint (a leak)."""
     HELD.append(b"\x01" * (int(os.environ.get("HOLD_MIB", "64")) << 20))
     return {"pid": os.getpid()}
+
+
+def scored(path: str, ctx) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """Metrics that depend on the checkpoint's size; the step comes from the evaluator (ctx.step)."""
+    size = os.path.getsize(path)
+    ctx.step = size % 1000
+    return {"val_mse": size / 1000.0, "odd": -size / 1000.0, "accuracy": 1000.0 / size}
+
+
+scored.directions = {"odd": "min"}  # type: ignore[attr-defined]
+
+
+def reports_step(path: str) -> dict[str, object]:
+    return {"loss": 0.5, "_step": 4242}
+
+
+def always_retry(path: str) -> dict[str, object]:
+    from assayer import Retry
+
+    raise Retry(f"GPU busy for {os.path.basename(path)}")

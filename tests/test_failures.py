@@ -158,7 +158,7 @@ def test_shutdown_purge_empties_the_queues(conn: redis.Redis, settings: Settings
     assert conn.llen("rq:queue:assayer-eval") == 0
 
 
-def test_evaluator_that_raises_is_retried_then_failed_with_traceback(
+def test_evaluator_that_raises_fails_at_once_with_traceback_and_is_not_retried(
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
     ckpts = tmp_path / "ckpts"
@@ -167,11 +167,12 @@ def test_evaluator_that_raises_is_retried_then_failed_with_traceback(
     workers.start("eval")
     (ckpts / "a.pt").write_bytes(torch_bytes())
     rec = wait_for(lambda: final_results(conn, "run"), 30, what="a final result")[0]
-    assert rec["status"] == "failed" and rec["attempt"] == settings.retries + 1
-    assert "RuntimeError: cannot evaluate a.pt" in rec["error"]
+    assert rec["status"] == "failed" and rec["attempt"] == 1  # an exception is deterministic: not retried
+    assert "RuntimeError: cannot evaluate a.pt" in rec["error"] and "raise assayer.Retry" in rec["error"]
     assert ", in boom" in rec["traceback"]  # the user's own frame, to debug from
-    assert [a["status"] for a in attempts(conn, rec["job_id"])] == ["failed"] * (settings.retries + 1)
-    assert conn.zcard("rq:failed:assayer-eval") == 1  # rq-dashboard shows it as failed
+    assert [a["status"] for a in attempts(conn, rec["job_id"])] == ["failed"]
+    wait_for(lambda: conn.zcard("rq:failed:assayer-eval") == 1, 5, what="rq-dashboard to show it as failed")
+    assert conn.zcard("rq:scheduled:assayer-eval") == 0  # and no retry is waiting
 
 
 def test_transient_failure_succeeds_on_retry(

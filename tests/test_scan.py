@@ -13,7 +13,7 @@ import pytest
 from writers import torch_bytes, write_atomically
 
 import assayer.scan as scan_module
-from assayer.scan import Scanner, parse_step
+from assayer.scan import Scanner, parse_epoch, parse_step
 
 
 def ready(scanner: Scanner, now: float | None = None) -> set[str]:
@@ -181,12 +181,17 @@ def test_incremental_scans_stat_only_changed_directories(tmp_path: Path, monkeyp
     assert len(calls) == 21 + 21  # plus the files of the one changed directory
 
 
-@pytest.mark.parametrize(("name", "step"), [
-    ("epoch=3-step=1200.ckpt", 1200), ("step_500.pt", 500), ("iter-42.pth", 42), ("model_epoch7.pt", 7),
-    ("ckpt_000300.pt", 300), ("last.ckpt", None), ("checkpoint-500/model.safetensors", 500),
+@pytest.mark.parametrize(("name", "step", "epoch"), [
+    ("epoch=3-step=1200.ckpt", 1200, 3), ("step_500.pt", 500, None), ("iter-42.pth", 42, None),
+    ("global_step1200/mp_rank_00_model_states.pt", 1200, None), ("checkpoint-500/model.safetensors", 500, None),
+    # numbers that are not steps
+    ("model_epoch7.pt", None, 7), ("epoch=3.ckpt", None, 3), ("model-00001-of-00004.safetensors", None, None),
+    ("last-v1.ckpt", None, None), ("resnet50_best.pt", None, None), ("ckpt_000300.pt", None, None),
+    ("last.ckpt", None, None), ("runs/500/model.pt", None, None),
 ])
-def test_step_is_parsed_from_the_name(name: str, step: int | None) -> None:
-    assert parse_step(name) == step
+def test_step_is_taken_only_from_names_that_say_so_and_epochs_stay_epochs(name: str, step: int | None,
+                                                                          epoch: int | None) -> None:
+    assert (parse_step(name), parse_epoch(name)) == (step, epoch)
 
 
 def test_a_scan_over_its_time_budget_stops_says_so_and_the_next_ones_go_on(tmp_path: Path) -> None:

@@ -1,0 +1,185 @@
+"""What a user sees: the right best checkpoint, real steps, failures at once, what watch add leaves out."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+from harness import ROOT, Workers, add_watch, attempts, env_for, evaluator_ref, final_results, wait_for
+from writers import torch_bytes
+
+from assayer import status
+from assayer.directions import direction
+from assayer.settings import Settings
+
+
+@pytest.mark.parametrize(("metric", "mode", "why"), [
+    ("val_mse", "min", "name: 'mse'"), ("eval/rmse", "min", "name: 'rmse'"), ("test-mae", "min", "name: 'mae'"),
+    ("nll", "min", "name: 'nll'"), ("fid", "min", "name: 'fid'"), ("val_bpb", "min", "name: 'bpb'"),
+    ("ppl", "min", "name: 'ppl'"), ("val_loss", "min", "name: 'loss'"), ("accuracy", "max", "name: 'accuracy'"),
+    ("top1_acc", "max", "name: 'acc'"), ("pass@1", "max", "name: 'pass'"), ("loss_scale_acc", "max", "name: 'acc'"),
+    ("widgets", "max", "default: no rule for this name"),
+])
+def test_one_direction_rule_from_the_metric_name(metric: str, mode: str, why: str) -> None:
+    assert (direction(metric).mode, direction(metric).why) == (mode, why)
+
+
+def test_declared_and_given_directions_win_over_the_name() -> None:
+    recs = [{"directions": {"val_mse": "max"}, "finished_at": "1"}]
+    assert str(direction("val_mse", recs)) == "higher is better (declared by the evaluator)"
+    assert str(direction("val_mse", recs, "min")) == "lower is better (given)"
+
+
+def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "assayer", *args], env=env_for(settings), capture_output=True,
+                          text=True, cwd=ROOT)
+
+
+def test_best_and_the_plot_agree_say_which_direction_and_steps_come_from_the_evaluator(
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    from assayer import plot, results
+
+    ckpts = tmp_path / "ckpts"
+    add_watch(conn, settings, ckpts, "scored")
+    workers.start("watch")
+    workers.start("eval")
+    for i, size in enumerate((3000, 1000, 5000)):
+        (ckpts / f"model_{i}.state").write_bytes(b"\x80" * size)  # names that tell no step
+    wait_for(lambda: len(final_results(conn, "run")) == 3, 30, what="three results")
+    assert sorted(r["step"] for r in final_results(conn, "run")) == [0, 0, 0]  # size % 1000, reported by ctx.step
+    out = run_cli(settings, "results", "run", "--best", "val_mse")
+    assert "best val_mse for run: 1.0 at" in out.stdout and "(lower is better (name: 'mse'))" in out.stdout
+    odd = run_cli(settings, "results", "run", "--best", "odd")
+    assert "best odd for run: -5.0" in odd.stdout and "(lower is better (declared by the evaluator))" in odd.stdout
+    recs = results.load(conn, ["run"])
+    winners, _ = results.best(recs, "val_mse")
+    marked = plot.best_points(plot.series(recs, "val_mse"), "val_mse", direction("val_mse", recs).mode)
+    assert marked["run"][1]["job_id"] == winners["run"]["job_id"]  # one rule for the CLI and the plot
+
+
+def test_a_step_metric_reported_by_the_evaluator_is_the_step(
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    ckpts = tmp_path / "ckpts"
+    add_watch(conn, settings, ckpts, "reports_step")
+    workers.start("watch")
+    workers.start("eval")
+    (ckpts / "resnet50_best.pt").write_bytes(torch_bytes())
+    rec = wait_for(lambda: final_results(conn, "run"), 20, what="a result")[0]
+    assert rec["step"] == 4242 and "_step" not in rec["metrics"]
+
+
+def test_a_failed_attempt_shows_at_once_in_status_results_failed_and_show(
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    ckpts = tmp_path / "ckpts"
+    add_watch(conn, settings, ckpts, "always_retry")
+    workers.settings = dataclasses.replace(settings, retry_backoff=(60,))
+    workers.start("watch")
+    workers.start("eval")
+    (ckpts / "a.pt").write_bytes(torch_bytes())
+    watch = wait_for(lambda: next((w for w in status.collect(conn, settings)["watches"] if w["failing"]), None), 20,
+                     what="status to show the failing evaluation")
+    assert watch["failing"] == 1 and watch["last_error"] == "a.pt: Retry: GPU busy for a.pt"
+    table = run_cli(settings, "results", "run").stdout
+    assert "retrying 2/3: Retry: GPU busy for a.pt" in table and "a.pt" in table
+    failed = run_cli(settings, "results", "--failed").stdout
+    assert "Traceback (most recent call last)" in failed and "in always_retry" in failed
+    shown = run_cli(settings, "show", str(ckpts / "a.pt"))
+    assert shown.returncode == 0 and "attempt 1/3  failed (not final)" in shown.stdout and "Traceback" in shown.stdout
+
+
+def test_a_crash_is_retried_an_exception_is_not(
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    crash, boom = tmp_path / "crash", tmp_path / "boom"
+    add_watch(conn, settings, crash, "crash", name="crash")
+    add_watch(conn, settings, boom, "boom", name="boom")
+    workers.settings = dataclasses.replace(settings, retries=1)
+    workers.start("watch")
+    workers.start("eval")
+    (crash / "a.pt").write_bytes(torch_bytes())
+    (boom / "a.pt").write_bytes(torch_bytes())
+    crashed = wait_for(lambda: final_results(conn, "crash"), 30, what="the crash to end")[0]
+    raised = wait_for(lambda: final_results(conn, "boom"), 30, what="the exception to end")[0]
+    assert crashed["attempt"] == 2 and len(attempts(conn, crashed["job_id"])) == 2
+    assert raised["attempt"] == 1 and "not retried" in raised["error"]
+
+
+def test_watch_add_says_how_many_existing_checkpoints_it_leaves_out(settings: Settings, tmp_path: Path) -> None:
+    for i in range(6):
+        (tmp_path / f"step_{i}.pt").write_bytes(torch_bytes(i))
+    out = run_cli(settings, "watch", "add", str(tmp_path), "-e", evaluator_ref("record"), "--name", "run")
+    assert out.returncode == 0, out.stderr
+    assert "6 existing checkpoint(s) are not evaluated; use --eval-existing or `assayer evaluate --watch run`" in out.stdout
+
+
+def test_commands_print_their_answer_without_log_lines_and_status_refreshes_in_place(
+    conn: redis.Redis, settings: Settings, tmp_path: Path
+) -> None:
+    import time
+
+    out = run_cli(settings, "watch", "add", str(tmp_path), "-e", evaluator_ref("record"), "--name", "run")
+    assert out.returncode == 0 and " INFO " not in out.stdout + out.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "assayer", "status", "--interval", "0.2"], env=env_for(settings),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    time.sleep(2.5)
+    proc.terminate()
+    stdout, stderr = proc.communicate(timeout=10)
+    assert stdout.count("watches:") >= 3 and "run:" in stdout and " INFO " not in stderr
+
+
+def test_watch_add_reaches_redis_before_it_imports_the_evaluator(settings: Settings, tmp_path: Path) -> None:
+    import time
+
+    slow = tmp_path / "slow_import.py"
+    slow.write_text("import time\ntime.sleep(20)\n\ndef evaluate(path):\n    return {}\n")
+    away = dataclasses.replace(settings, redis_url="redis://127.0.0.1:1/0")
+    started = time.monotonic()
+    out = run_cli(away, "watch", "add", str(tmp_path), "-e", f"{slow}:evaluate")
+    assert out.returncode == 3 and "cannot reach Redis" in out.stderr
+    assert time.monotonic() - started < 15  # not after 20 s of importing
+
+
+def test_the_original_command_line_names_its_own_flags_in_hints(settings: Settings, tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "assayer.watch", "--directory", str(tmp_path), "--evaluator",
+                          evaluator_ref("record"), "--polling_interval", "-1", "--num_eval_workers", "0",
+                          "--num_watch_workers", "0"], env=env_for(settings), capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and "--polling_interval" in out.stderr and "--poll-interval" not in out.stderr
+
+
+def test_stacks_sharing_a_home_keep_their_results_apart(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    local = Settings(redis_url="redis://:s3cret@127.0.0.1:6390/0", home=home)
+    compose = Settings(redis_url="redis://127.0.0.1:6379/0", home=home)
+    other_db = Settings(redis_url="redis://127.0.0.1:6379/2", home=home)
+    paths = {local.results_path, compose.results_path, other_db.results_path}
+    assert len(paths) == 3 and all(p.parent == home / "results" for p in paths)
+    assert local.results_path.name == "127.0.0.1-6390-0" and "s3cret" not in str(local.results_path)
+    assert Settings(redis_url="redis://x:1/0", home=home, results_dir=tmp_path / "r").results_path == tmp_path / "r"
+
+
+def test_a_taken_port_names_the_process_that_holds_it(settings: Settings) -> None:
+    from harness import free_port
+
+    port = free_port()
+    squatter = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import socket
+
+        wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 10, what="the squatter to listen")
+        env = env_for(settings) | {"ASSAYER_DASHBOARD_PORT": str(port), "ASSAYER_DASHBOARD_PASSWORD": "pw-for-test"}
+        out = subprocess.run([sys.executable, "-m", "assayer", "dashboard"], env=env, capture_output=True, text=True,
+                             cwd=ROOT, timeout=60)
+        assert out.returncode == 4
+        assert f"port {port} for rq-dashboard is taken by pid {squatter.pid}" in out.stderr
+        assert "http.server" in out.stderr and "fix: " in out.stderr
+    finally:
+        squatter.terminate()
+        squatter.wait(10)
