@@ -183,3 +183,23 @@ def test_a_taken_port_names_the_process_that_holds_it(settings: Settings) -> Non
     finally:
         squatter.terminate()
         squatter.wait(10)
+
+
+def test_status_shows_what_a_busy_worker_evaluates_and_the_oldest_queued_checkpoint(
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    ckpts, queued, marker = tmp_path / "ckpts", tmp_path / "queued", tmp_path / "started"
+    add_watch(conn, settings, ckpts, "slow")
+    add_watch(conn, settings, queued, name="queued")
+    workers.start("watch")
+    workers.start("eval", {"EVAL_MARKER": str(marker), "EVAL_SECONDS": "6"})
+    (ckpts / "sub").mkdir(parents=True)
+    (ckpts / "sub" / "a.pt").write_bytes(torch_bytes())
+    wait_for(marker.exists, 20, what="the evaluation to start")
+    (queued / "b.pt").write_bytes(torch_bytes(1))  # waits behind the slow one (one eval worker)
+    info = wait_for(lambda: (lambda i: i if any(w["doing"] for w in i["workers"]) and next(
+        w for w in i["watches"] if w["name"] == "queued")["oldest_pending_age"] else None)(
+        status.collect(conn, settings)), 10, what="a busy worker and a queued checkpoint")
+    busy = next(w for w in info["workers"] if w["doing"])
+    assert busy["doing"] == "run: sub/a.pt" and busy["for_seconds"] >= 0
+    assert "run: sub/a.pt for " in status.render(info) and "oldest queued checkpoint: " in status.render(info)
