@@ -34,12 +34,15 @@ FIELDS = ("watch", "checkpoint", "step", "status", "metrics", "attempt", "durati
 
 _RECORD_FINAL = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('RPUSH', KEYS[4], ARGV[2])
   redis.call('SREM', KEYS[2], ARGV[1])
   redis.call('HDEL', KEYS[3], ARGV[1])
   return 1
 end
 return 0
 """
+"""The final record, its attempt, and the job's leaving the pending and failing sets, in one step: no reader
+ever sees a final result without its attempt."""
 
 
 def utcnow() -> str:
@@ -55,14 +58,17 @@ def record(conn: Any, results_dir: Path, rec: dict[str, Any]) -> bool:
     line = json.dumps(rec, sort_keys=True)
     stored = True
     if rec.get("final"):
-        stored = bool(conn.eval(_RECORD_FINAL, 3, keys.results(rec["watch"]), keys.pending(rec["watch"]),
-                                keys.failing(rec["watch"]), rec["job_id"], line))
+        stored = bool(conn.eval(_RECORD_FINAL, 4, keys.results(rec["watch"]), keys.pending(rec["watch"]),
+                                keys.failing(rec["watch"]), keys.attempts(rec["job_id"]), rec["job_id"], line))
         if not stored:
             log.warning("job %s already has a final result; discarding this late attempt", rec["job_id"])
             return False
-    elif rec.get("status") == "failed":  # shown at once in status and results, until a final result
-        conn.hset(keys.failing(rec["watch"]), rec["job_id"], line)
-    conn.rpush(keys.attempts(rec["job_id"]), line)
+    else:
+        with conn.pipeline() as pipe:  # MULTI: the attempt and the failing mark land together
+            pipe.rpush(keys.attempts(rec["job_id"]), line)
+            if rec.get("status") == "failed":  # shown at once in status and results, until a final result
+                pipe.hset(keys.failing(rec["watch"]), rec["job_id"], line)
+            pipe.execute()
     copy(conn, results_dir, rec["watch"], line)
     return stored
 

@@ -5,8 +5,9 @@
 # verify the package index; the host's pip can.
 # Users with a working index don't need this: without wheels the build uses the index.
 #
-# Env: TORCH_SPEC (default torch==2.13.0, as the Dockerfile), PYTHON (default: the project
-#      venv's python, else python3), PYTHON_VERSION (default 3.11: the base image's).
+# Env: TORCH_SPEC (default torch==2.13.0, as the Dockerfile), EXTRA_REQUIREMENTS (the same
+#      space-separated requirement specs as the build arg; default none), PYTHON (default: the
+#      project venv's python, else python3), PYTHON_VERSION (default 3.11: the base image's).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,6 +31,10 @@ trap 'rm -f "$requirements"' EXIT
     # pip evaluates environment markers against the Python running it, not --python-version:
     # add what the base images' own Python needs on top (Debian bookworm's 3.11.2 < 3.11.3).
     echo "async-timeout>=4.0.3"  # redis: python_full_version < "3.11.3"
+    # The build arg of the same name, one word per requirement (read -a: no globbing), resolved
+    # together with the rest as the build installs them on top of it.
+    read -ra extra <<<"${EXTRA_REQUIREMENTS:-}"
+    [[ ${#extra[@]} -eq 0 ]] || printf '%s\n' "${extra[@]}"
 } >>"$requirements"
 
 abi="cp${python_version/./}"

@@ -165,7 +165,10 @@ class Compose:
 
 
 EVAL_REPLICAS = 4
-"""`docker compose up --scale eval=4`, as in the README."""
+"""`--scale eval=4`, as in the README."""
+UP = ("up", "-d", "--wait", "--scale", f"eval={EVAL_REPLICAS}")
+"""The arguments of the README's `docker compose up`, exactly: the stack fixture runs them
+(test_e2e_bundle checks that the README still says so)."""
 DASHBOARD_USER = "e2e"
 ODD_PASSWORD_CHARACTERS = " %x %(ENV_HOME)s \"q\" 's' a,b=c \\ $HOME `id` ;# "
 """Part of every password of the stack: what compose, a shell, supervisor or a URL could mangle."""
