@@ -95,6 +95,13 @@ def env_for(settings: Settings) -> dict[str, str]:
     return env
 
 
+def run_cli(settings: Settings, *args: str, env: dict[str, str] | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``assayer ARGS`` in a real process, with the environment of ``settings``."""
+    return subprocess.run([sys.executable, "-m", "assayer", *args], env=env or env_for(settings), cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 class Workers:
     """Real ``assayer worker`` processes, each with its own log file."""
 

@@ -11,17 +11,14 @@ from pathlib import Path
 
 import pytest
 import redis
-from harness import ROOT, Workers, env_for, evaluator_ref, free_port, wait_for
+from harness import ROOT, Workers, env_for, evaluator_ref, free_port, run_cli, wait_for
 from writers import torch_bytes
 
 from assayer import results
 from assayer.errors import ConfigError
 from assayer.settings import Settings
 
-
-def run(settings: Settings, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "assayer", *args], env=env or env_for(settings), cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+run = run_cli
 
 
 def test_watch_add_list_pause_resume_remove(conn: redis.Redis, settings: Settings, tmp_path: Path) -> None:

@@ -288,15 +288,13 @@ def test_redis_that_lost_its_data_is_detected_and_restore_evaluates_exactly_what
 ) -> None:
     import json
     import subprocess
-    import sys
 
-    from harness import ROOT, env_for, evaluator_ref, results_by_path
+    from harness import evaluator_ref, results_by_path, run_cli
 
     from assayer import status
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "assayer", *args], env=env_for(settings), capture_output=True,
-                              text=True, cwd=ROOT)
+        return run_cli(settings, *args)
 
     ckpts = tmp_path / "ckpts"
     ckpts.mkdir()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from harness import ROOT, Workers, add_watch, attempts, env_for, evaluator_ref, final_results, wait_for
+from harness import ROOT, Workers, add_watch, attempts, env_for, evaluator_ref, final_results, run_cli, wait_for
 from writers import torch_bytes
 
 from assayer import status
@@ -32,11 +32,6 @@ def test_declared_and_given_directions_win_over_the_name() -> None:
     recs = [{"directions": {"val_mse": "max"}, "finished_at": "1"}]
     assert str(direction("val_mse", recs)) == "higher is better (declared by the evaluator)"
     assert str(direction("val_mse", recs, "min")) == "lower is better (given)"
-
-
-def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "assayer", *args], env=env_for(settings), capture_output=True,
-                          text=True, cwd=ROOT)
 
 
 def test_best_and_the_plot_agree_say_which_direction_and_steps_come_from_the_evaluator(
