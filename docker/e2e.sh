@@ -5,9 +5,10 @@
 #
 # 1. an engine, docker compose v2, hadolint, chromium (.ci/install-docker.sh)
 # 2. local base images (no image registry here: docker/build-local-bases.sh)
-# 3. the wheelhouse (pip inside builds cannot verify TLS here: docker/wheelhouse.sh)
+# 3. the wheelhouse (pip inside builds cannot verify TLS here: docker/wheelhouse.sh), with the
+#    extra requirement the custom-image tests install
 # 4. the image from the repo's own Dockerfile, classic builder: assayer:local
-# 5. pytest -m e2e tests/e2e (compose.yaml up --scale eval=4, and the rest)
+# 5. pytest -m e2e tests/e2e (the README's `docker compose up -d --wait --scale eval=4`, and the rest)
 # Every compose project of this run is removed at the end, whatever happened.
 # Env: PYTHON (default .venv/bin/python), ASSAYER_E2E_IMAGE (assayer:local).
 set -euo pipefail
@@ -53,7 +54,9 @@ step "local base images"
 bash docker/build-local-bases.sh
 
 step "wheelhouse"
-PYTHON="$python" bash docker/wheelhouse.sh
+# tabulate: EXTRA in tests/e2e/test_e2e_custom_image.py. Downloaded now, before any build: the
+# wheelhouse is part of the build context, and a change mid-run would miss every cached layer.
+EXTRA_REQUIREMENTS=tabulate PYTHON="$python" bash docker/wheelhouse.sh
 
 step "image $ASSAYER_E2E_IMAGE (classic builder; log: tests/artifacts/build.log)"
 if ! DOCKER_BUILDKIT=0 docker build --force-rm -f docker/Dockerfile \

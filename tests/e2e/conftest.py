@@ -22,11 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2elib import (
     BASE_IMAGE,
     DASHBOARD_USER,
-    EVAL_REPLICAS,
     HERE,
     ODD_PASSWORD_CHARACTERS,
     REDIS_IMAGE,
     ROOT,
+    UP,
     Compose,
     Stack,
     docker_cli,
@@ -43,11 +43,13 @@ READABLE_DIR = stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
-    """compose.yaml up with ``--scale eval=4`` on a temp CHECKPOINT_DIR; always torn down.
+    """compose.yaml up, with the README's very arguments (``UP``), on a temp CHECKPOINT_DIR;
+    always torn down.
 
-    As a user's first `up`: the Assayer image does not exist under the project's tag, so compose
-    builds it from docker/Dockerfile (once, for all its services; the classic builder, whose
-    cache makes this quick after docker/e2e.sh built the same Dockerfile) and pulls nothing.
+    As a user's first `up`: the Assayer image does not exist under the project's tag, and compose
+    builds it from docker/Dockerfile for every Assayer service (``pull_policy: build``: the
+    classic builder's cache makes this quick after docker/e2e.sh built the same Dockerfile) and
+    pulls nothing (the Redis image is a local one).
     """
     engine_running()
     image_present(BASE_IMAGE)
@@ -100,9 +102,9 @@ def stack() -> Iterator[Stack]:
         },
     )
     try:
-        compose("up", "--detach", "--scale", f"eval={EVAL_REPLICAS}", "--wait", "--wait-timeout", "150",
-                "--pull", "never", timeout=600)
-        yield Stack(compose, checkpoints, f"http://127.0.0.1:{port}", password, redis_password, declared_sum)
+        up = compose(*UP, timeout=600)
+        yield Stack(compose, checkpoints, f"http://127.0.0.1:{port}", password, redis_password, declared_sum,
+                    up_output=up.stdout + up.stderr)
     finally:
         log = compose.save_logs()
         compose.down()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import http.server
 import io
 import json
 import os
@@ -11,17 +14,20 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from base64 import b64encode
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import pytest
+from packaging.utils import canonicalize_name, parse_wheel_filename
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -33,6 +39,8 @@ REDIS_IMAGE = os.environ.get("ASSAYER_E2E_REDIS_IMAGE", "assayer-redis:7")
 """Redis image; the local stand-in from docker/build-local-bases.sh where no registry is reachable."""
 BASE_IMAGE = os.environ.get("ASSAYER_E2E_BASE_IMAGE", "assayer-base:bookworm")
 """BASE_IMAGE build arg where python:3.11-slim-bookworm cannot be pulled."""
+WHEELHOUSE = ROOT / "docker" / "wheelhouse"
+"""Filled by docker/wheelhouse.sh; pip inside the builds installs from it (or from it served as an index)."""
 
 # Variables compose.yaml reads: the tests set every one they need and clear the others, so
 # neither the developer's shell nor a .env file in the repo changes what is tested.
@@ -186,6 +194,8 @@ class Stack:
     redis_password: str
     declared_sum: float
     """Weight sum of the checkpoint the declared watch finds at start."""
+    up_output: str = ""
+    """What the first `docker compose up` printed (stdout and stderr)."""
 
     def container_path(self, path: Path) -> str:
         return "/checkpoints/" + path.relative_to(self.checkpoints).as_posix()
@@ -256,3 +266,45 @@ def hadolint() -> str | None:
         return found
     beside = Path(sys.executable).parent / "hadolint"
     return str(beside) if beside.exists() else None
+
+
+# -- a package index on the host's loopback -----------------------------------------------------
+
+class _IndexHandler(http.server.SimpleHTTPRequestHandler):
+    served: list[str]
+
+    def log_message(self, format: str, *args: object) -> None:
+        self.served.append(self.path)
+
+
+@contextlib.contextmanager
+def wheelhouse_index(port: int) -> Iterator[tuple[str, list[str]]]:
+    """docker/wheelhouse served as a PEP 503 "simple" index over HTTP on 127.0.0.1.
+
+    For builds that must use an index (no index on the internet is reachable from a build here):
+    they run with ``--network host``. ``port`` is fixed by the caller where the URL is a build arg,
+    so a second run hits the build cache; a free one is taken when it is busy.
+    Yields the index URL and the list of paths requested so far.
+    """
+    wheels = sorted(WHEELHOUSE.glob("*.whl"))
+    if not wheels:
+        unavailable("docker/wheelhouse is empty (docker/wheelhouse.sh fills it)")
+    root = Path(tempfile.mkdtemp(prefix="assayer-index-"))
+    for wheel in wheels:
+        project = root / "simple" / canonicalize_name(parse_wheel_filename(wheel.name)[0])
+        project.mkdir(parents=True, exist_ok=True)
+        (project / wheel.name).symlink_to(wheel)
+    served: list[str] = []
+    handler = functools.partial(type("Handler", (_IndexHandler,), {"served": served}), directory=str(root))
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    except OSError:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/simple/", served
+    finally:
+        server.shutdown()
+        server.server_close()
+        shutil.rmtree(root, ignore_errors=True)

@@ -7,18 +7,11 @@ builder on the host network, PIP_OFFLINE=0: pip resolves everything through the 
 
 from __future__ import annotations
 
-import functools
-import http.server
 import os
-import shutil
-import tempfile
-import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from e2elib import ROOT, docker_cli, engine_running, image_present, run, unavailable
-from packaging.utils import canonicalize_name, parse_wheel_filename
+from e2elib import docker_cli, engine_running, image_present, run, wheelhouse_index
 
 pytestmark = pytest.mark.e2e
 
@@ -28,37 +21,10 @@ INDEX_PORT = 38917
 """Fixed, so a second run hits the build cache (the index URL is a build arg)."""
 
 
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    served: list[str]
-
-    def log_message(self, format: str, *args: object) -> None:
-        self.served.append(self.path)
-
-
 @pytest.fixture
 def simple_index() -> Iterator[tuple[str, list[str]]]:
-    wheels = sorted((ROOT / "docker" / "wheelhouse").glob("*.whl"))
-    if not wheels:
-        unavailable("docker/wheelhouse is empty (docker/wheelhouse.sh fills it)")
-    root = Path(tempfile.mkdtemp(prefix="assayer-index-"))
-    for wheel in wheels:
-        project = root / "simple" / canonicalize_name(parse_wheel_filename(wheel.name)[0])
-        project.mkdir(parents=True, exist_ok=True)
-        (project / wheel.name).symlink_to(wheel)
-    served: list[str] = []
-    handler = type("Handler", (_Handler,), {"served": served})
-    try:
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", INDEX_PORT), functools.partial(handler, directory=str(root)))
-    except OSError:
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/simple/", served
-    finally:
-        server.shutdown()
-        server.server_close()
-        shutil.rmtree(root, ignore_errors=True)
+    with wheelhouse_index(INDEX_PORT) as index:
+        yield index
 
 
 @pytest.mark.timeout(900)  # a cold build installs torch and the rest through the index

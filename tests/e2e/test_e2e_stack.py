@@ -56,6 +56,15 @@ def hostnames(stack: Stack) -> set[str]:
     return {cid[:12] for cid in stack.compose.container_ids("eval")}
 
 
+def test_first_up_builds_every_assayer_service_and_pulls_nothing(stack: Stack) -> None:
+    # The image did not exist under the project's tag: `up` built it (pull_policy: build), for
+    # each Assayer service, without asking a registry first.
+    assert "pull access denied" not in stack.up_output and "Pulling" not in stack.up_output, stack.up_output
+    images = {run([docker_cli(), "inspect", "--format", "{{.Image}}", cid]).stdout.strip()
+              for service in ("watch", "eval", "dashboard") for cid in stack.compose.container_ids(service)}
+    assert len(images) == 1, f"the Assayer services run different images: {images}"
+
+
 def test_declared_watch_evaluates_the_existing_checkpoint(stack: Stack) -> None:
     grouped = wait_for(lambda: ok_records(stack, "declared", 1), 90, "the declared watch's checkpoint")
     (records,) = grouped.values()
