@@ -198,3 +198,22 @@ def test_status_shows_what_a_busy_worker_evaluates_and_the_oldest_queued_checkpo
     busy = next(w for w in info["workers"] if w["doing"])
     assert busy["doing"] == "run: sub/a.pt" and busy["for_seconds"] >= 0
     assert "run: sub/a.pt for " in status.render(info) and "oldest queued checkpoint: " in status.render(info)
+
+
+def test_tables_show_paths_relative_to_the_watch_versions_of_rewritten_files_and_a_bounded_error() -> None:
+    from assayer import results
+
+    base = {"watch": "run", "metrics": {}, "job_id": "j", "duration": 0.1, "worker": "w", "step": None}
+    recs = [
+        dict(base, job_id="1", checkpoint="/data/runs/exp1/last.ckpt", relpath="exp1/last.ckpt", status="ok",
+             checkpoint_time="2026-12-02T10:00:01+00:00", finished_at="1"),
+        dict(base, job_id="2", checkpoint="/data/runs/exp1/last.ckpt", relpath="exp1/last.ckpt", status="ok",
+             checkpoint_time="2026-12-02T11:30:45+00:00", finished_at="2"),
+        dict(base, job_id="3", checkpoint="/data/runs/exp1/step_5.pt", relpath="exp1/step_5.pt", status="failed",
+             error="ValueError: " + "x" * 500 + " THE-END", finished_at="3"),
+    ]
+    table = results.to_table(recs)
+    assert "exp1/last.ckpt @10:00:01" in table and "exp1/last.ckpt @11:30:45" in table
+    assert "/data/runs" not in table and "exp1/step_5.pt" in table and "@" not in table.split("step_5.pt")[1][:3]
+    assert "failed: ValueError: xxx" in table and "THE-END" not in table  # cut at its end, its start kept
+    assert max(len(line) for line in table.splitlines()) < 160
