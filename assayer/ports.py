@@ -36,6 +36,8 @@ def holder(port: int) -> str | None:
 def require_free(port: int, host: str, what: str, fix: str) -> None:
     """Raise a StackError naming the holder when ``host:port`` cannot be bound."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        # As the servers themselves do: connections of a stopped server in TIME_WAIT do not count, a listener does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
