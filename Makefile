@@ -7,9 +7,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: all install lint test chart e2e bench bench-watch bench-warm demo clean
+.PHONY: all help install lint format test chart e2e bench bench-watch bench-warm demo clean
 
 all: lint test
+
+help: ## list the targets
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z0-9-]+):.*## /  \1\t/' | expand -t 16
 
 $(BIN)/assayer: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +21,9 @@ $(BIN)/assayer: pyproject.toml
 	@touch $@
 
 install: $(BIN)/assayer ## venv with Assayer, torch (CPU), the bundled Redis and the test tools
+
+format: install ## ruff's import sorting and autofixes
+	$(BIN)/ruff check --fix assayer tests bench examples
 
 lint: install ## ruff and strict mypy
 	$(BIN)/ruff check assayer tests bench examples
