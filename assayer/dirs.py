@@ -25,7 +25,7 @@ def file_version(st: os.stat_result) -> str:
 
 
 class TooManyMembers(OSError):
-    pass
+    """A directory checkpoint with more files than MAX_MEMBERS (a wrong watch root, most likely)."""
 
 
 def walk(path: str) -> dict[str, Member]:

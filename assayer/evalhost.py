@@ -128,14 +128,11 @@ class EvaluatorProcess:
 
     def rss_mib(self) -> float:
         """Resident memory of the evaluator process (not of processes it started), in MiB."""
-        try:
-            with open(f"/proc/{self.proc.pid}/status") as fh:
-                for line in fh:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) / 1024
-        except (OSError, ValueError):
-            pass
-        return 0.0
+        with contextlib.suppress(OSError, ValueError), open(f"/proc/{self.proc.pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0  # gone, or not Linux: no recycling by memory
 
     def close(self) -> None:
         """Kill the evaluator and every process of its group, on every exit path (orphans included)."""

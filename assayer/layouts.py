@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
@@ -91,7 +92,7 @@ class Verdict:
 DONE = Verdict(True)
 
 
-class Layout:
+class Layout(ABC):
     """A writer's directory layout: how it is recognised and when it is complete."""
 
     name: ClassVar[str] = ""
@@ -100,12 +101,13 @@ class Layout:
     settle_only: ClassVar[bool] = False
     """True when no marker or format proves completeness, so the whole settle time applies."""
 
+    @abstractmethod
     def claims(self, dirname: str, names: frozenset[str], holds_weights: bool) -> bool:
         """Whether a directory with this name and these top-level entries is one of this layout's."""
-        raise NotImplementedError
 
+    @abstractmethod
     def check(self, view: DirView) -> Verdict:
-        raise NotImplementedError
+        """Whether the directory is complete, and if not, what it waits for."""
 
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".distcp", ".model", ".state")

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import defaults
-from .dirs import LocalDir, TooManyMembers, dir_version, file_version, walk
+from .dirs import LocalDir, dir_version, file_version, walk
 from .filters import compile_filter
 from .layouts import Layout, Resolver, dir_step
 from .readiness import Format, check_format, settled_at
@@ -82,9 +82,6 @@ def parse_epoch(relpath: str) -> int | None:
     """The epoch a checkpoint's name says (``epoch=3``, ``epoch_3``), kept apart from steps."""
     found = _EPOCH_IN_NAME.findall(os.path.basename(relpath))
     return int(found[-1]) if found else None
-
-
-version_of = file_version
 
 
 @dataclass(frozen=True)
@@ -351,7 +348,7 @@ class Scanner:
         except FileNotFoundError:  # deleted since it was listed: forgotten on the next listing of its parent
             self._ckpts.pop(rel, None)
             return
-        except (OSError, TooManyMembers) as exc:
+        except OSError as exc:  # unreadable, or TooManyMembers
             report.errors.append(f"{folder.path}: {exc.strerror or exc}")
             return
         version = dir_version(members)
@@ -392,7 +389,7 @@ class Scanner:
         path = os.path.join(self.root, relpath)
         try:
             st = os.stat(path)
-            version = version_of(st)
+            version = file_version(st)
             state = self._files.get(relpath)
             if state is None or state.version != version:
                 state = self._files[relpath] = _File(version, st.st_mtime, now)
