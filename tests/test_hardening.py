@@ -326,3 +326,51 @@ def test_redis_that_lost_its_data_is_detected_and_restore_evaluates_exactly_what
     got = results_by_path(conn)
     assert sorted(got) == ["a.pt", "b.pt", "c.pt", "d.pt"] and all(len(v) == 1 for v in got.values())
     assert status.collect(conn, settings)["data_lost"] is None
+
+
+def test_kill_9_and_a_redis_restart_lose_no_pending_retry_and_no_backlogged_result_line(tmp_path: Path) -> None:
+    """The new Redis state (failing attempts, the results-file backlog, the epoch) survives both, and nothing doubles."""
+    import json
+
+    from harness import RedisServer, results_by_path
+
+    from assayer import status
+
+    server = RedisServer(tmp_path / "redis")
+    settings = Settings(redis_url=server.url, home=tmp_path / "home", poll_interval=0.2, settle=0.5,
+                        retry_backoff=(6,), lease_ttl=4, heartbeat_interval=1.0, reap_interval=0.5)
+    conn = redis.Redis.from_url(server.url)
+    (tmp_path / "logs").mkdir()
+    w = Workers(settings, tmp_path / "logs")
+    try:
+        ckpts, copy = tmp_path / "ckpts", settings.results_path / "run.jsonl"
+        copy.parent.mkdir(parents=True)
+        copy.symlink_to("/dev/full")  # the copy falls behind: lines wait in Redis
+        add_watch(conn, settings, ckpts, "flaky")  # first attempt of each raises assayer.Retry
+        w.start("watch")
+        first = w.start("eval", {"FLAKY_DIR": str(tmp_path)})
+        for name in ("a.pt", "b.pt"):
+            (ckpts / name).write_bytes(torch_bytes(len(name) + ord(name[0])))
+        wait_for(lambda: conn.hlen("assayer:failing:run") == 2 and conn.llen("assayer:copy-backlog:run") == 2, 20,
+                 what="two attempts failing, two lines backlogged")
+        w.kill9(first)
+        server.restart()  # AOF: the failing attempts, the backlog, the scheduled retries and the epoch come back
+        conn = redis.Redis.from_url(server.url)
+        assert conn.hlen("assayer:failing:run") == 2 and conn.llen("assayer:copy-backlog:run") == 2
+        copy.unlink()  # writable again
+        w.start("eval", {"FLAKY_DIR": str(tmp_path)})
+        wait_for(lambda: len(final_results(conn, "run")) == 2, 40, what="both retried to a final result")
+        wait_for(lambda: copy.exists() and len(copy.read_text().splitlines()) == 4, 20, what="the copy caught up")
+        time.sleep(1.0)
+        got = results_by_path(conn)
+        assert sorted(got) == ["a.pt", "b.pt"] and all(len(v) == 1 and v[0]["attempt"] == 2 for v in got.values())
+        lines = [json.loads(line) for line in copy.read_text().splitlines()]
+        assert sorted((r["relpath"], r["attempt"]) for r in lines) == [("a.pt", 1), ("a.pt", 2), ("b.pt", 1), ("b.pt", 2)]
+        assert conn.hlen("assayer:failing:run") == 0 and not conn.exists("assayer:copy-backlog:run")
+        assert status.collect(conn, settings)["data_lost"] is None  # the epoch survived: no false alarm
+    except BaseException:
+        print(w.logs())
+        raise
+    finally:
+        w.stop_all()
+        server.stop()
