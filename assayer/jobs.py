@@ -158,16 +158,18 @@ def scan_one(rt: Runtime, spec: watches.WatchSpec, batch_start: float) -> tuple[
         error = f"{spec.directory} does not exist (yet); waiting for it"
     poll = _poll_interval(rt, spec, scanner, report, poll, now)
     next_scan = batch_start + poll if report.next_check is None else min(batch_start + poll, report.next_check)
-    waiting = "; ".join(f"{rel}: {why}" for rel, why in sorted(report.waiting.items())[:3])
-    if len(report.waiting) > 3:
-        waiting += f"; and {len(report.waiting) - 3} more"
-    stalled = "; ".join(f"{rel} ({report.waiting.get(rel) or 'incomplete'}, unchanged for {_age(age)})"
-                        for rel, age in sorted(report.stalled.items(), key=lambda kv: -kv[1])[:3])
-    if len(report.stalled) > 3:
-        stalled += f"; and {len(report.stalled) - 3} more"
+    waiting = _some([f"{rel}: {why}" for rel, why in sorted(report.waiting.items())])
+    stalled = _some([f"{rel} ({report.waiting.get(rel) or 'incomplete'}, unchanged for {_age(age)})"
+                     for rel, age in sorted(report.stalled.items(), key=lambda kv: -kv[1])])
     state = {"last_scan": now, "files": report.files, "incomplete": len(report.pending), "error": error,
              "waiting": waiting, "stalled": stalled}
     return {"queued": len(queued), "incomplete": len(report.pending), "files": report.files}, next_scan, state
+
+
+def _some(items: list[str], shown: int = 3) -> str:
+    """The first few items for ``assayer status``, and how many more there are."""
+    text = "; ".join(items[:shown])
+    return text + (f"; and {len(items) - shown} more" if len(items) > shown else "")
 
 
 def _age(seconds: float) -> str:
