@@ -183,7 +183,10 @@ def test_a_full_results_directory_never_fails_an_evaluation_is_shown_and_catches
     assert "results file behind" in status.render(status.collect(conn, settings))
     copy.unlink()  # space again
     wait_for(lambda: copy.exists() and len(copy.read_text().splitlines()) == 2, 10, what="the copy to catch up")
-    assert status.collect(conn, settings)["watches"][0]["results_copy"] is None
+    # the lines land in the file a moment before the worker clears the note in Redis
+    wait_for(lambda: status.collect(conn, settings)["watches"][0]["results_copy"] is None, 10,
+             what="status to drop the note")
+    assert len(copy.read_text().splitlines()) == 2
     copy.unlink()  # lost altogether: rebuilt from Redis on request
     out = invoke(settings, "results", "--export")
     assert out.returncode == 0 and "2 result line(s) from Redis" in out.stdout, out.stderr
@@ -296,6 +299,10 @@ def test_redis_that_lost_its_data_is_detected_and_restore_evaluates_exactly_what
     for name in ("a.pt", "b.pt"):
         (ckpts / name).write_bytes(torch_bytes(len(name)))
     wait_for(lambda: len(final_results(conn, "run")) == 2, 20, what="a and b evaluated")
+    # and in the results files: a result is stored in Redis first, its file line just after
+    results_file = settings.results_path / "run.jsonl"
+    wait_for(lambda: results_file.exists() and len(results_file.read_text().splitlines()) == 2, 10,
+             what="a and b in the results file")
     workers.kill9(evaluator)
     (ckpts / "c.pt").write_bytes(torch_bytes(3))  # queued; its evaluation never happens before the loss
     mirrored = settings.results_path / "run.ledger.json"
@@ -344,8 +351,10 @@ def test_kill_9_and_a_redis_restart_lose_no_pending_retry_and_no_backlogged_resu
         first = w.start("eval", {"FLAKY_DIR": str(tmp_path)})
         for name in ("a.pt", "b.pt"):
             (ckpts / name).write_bytes(torch_bytes(len(name) + ord(name[0])))
-        wait_for(lambda: conn.hlen("assayer:failing:run") == 2 and conn.llen("assayer:copy-backlog:run") == 2, 20,
-                 what="two attempts failing, two lines backlogged")
+        # Both retries scheduled: rq is done with both jobs, so the kill lands on an idle worker.
+        wait_for(lambda: conn.hlen("assayer:failing:run") == 2 and conn.llen("assayer:copy-backlog:run") == 2
+                 and conn.zcard("rq:scheduled:assayer-eval") == 2, 20,
+                 what="two attempts failing, two lines backlogged, two retries scheduled")
         w.kill9(first)
         server.restart()  # AOF: the failing attempts, the backlog, the scheduled retries and the epoch come back
         conn = redis.Redis.from_url(server.url)
