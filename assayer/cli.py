@@ -18,7 +18,8 @@ import redis
 from . import __version__, keys, ledger, results, status, watches
 from .errors import AssayerError, ConfigError, RedisUnavailable, WatchError
 from .layouts import LAYOUTS
-from .settings import Settings
+from .records import ResultRecord
+from .settings import Settings, connect
 
 log = logging.getLogger("assayer.cli")
 
@@ -49,21 +50,6 @@ class Context:
         if self._conn is None:
             self._conn = connect(self.settings)
         return self._conn
-
-
-def connect(settings: Settings) -> Any:
-    conn = settings.redis()
-    try:
-        conn.ping()
-    except redis.AuthenticationError as exc:
-        raise RedisUnavailable(f"Redis at {settings.redacted_redis_url} refused the password: {exc}",
-                               "set the password in ASSAYER_REDIS_URL or ASSAYER_REDIS_PASSWORD(_FILE)") from None
-    except redis.ConnectionError as exc:
-        raise RedisUnavailable(
-            f"cannot reach Redis at {settings.redacted_redis_url}: {exc}",
-            "start one with `assayer up`, or point ASSAYER_REDIS_URL (or --redis-url) at yours",
-        ) from None
-    return conn
 
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -167,9 +153,9 @@ def watch_add(ctx: Context, directory: str, evaluator: str, name: str | None, re
                                         follow_symlinks=follow_symlinks)
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
-    outcome = ledger.register(ctx.conn, ctx.settings, spec)
+    outcome = watches.register(ctx.conn, ctx.settings, spec)
     click.echo(f"watch {spec.name} {outcome}: {spec.directory} -> {spec.evaluator}")
-    existing = ledger.baseline_size(ctx.conn, spec.name) if outcome == "added" else 0
+    existing = watches.baseline_size(ctx.conn, spec.name) if outcome == "added" else 0
     if existing:
         click.echo(f"{existing} existing checkpoint(s) are not evaluated; use --eval-existing or "
                    f"`assayer evaluate --watch {spec.name}`")
@@ -224,13 +210,8 @@ def evaluate(ctx: Context, paths: tuple[str, ...], watch_name: str, force: bool)
     elif force:
         ids = ledger.enqueue_new(ctx.conn, ctx.settings, spec, list(ready.values()), force=True)
     else:  # every complete checkpoint without a result, queued or running evaluation
-        chosen = list(ready.values())
-        handled = set(ctx.conn.hkeys(keys.results(spec.name))) | set(ctx.conn.smembers(keys.pending(spec.name)))
-        entries = [json.loads(e) if e else None
-                   for e in (ctx.conn.hmget(keys.ledger(spec.name), [c.relpath for c in chosen]) if chosen else [])]
-        known = [c for c, e in zip(chosen, entries) if e and e["v"] == c.version]
-        again = [c for c, e in zip(chosen, entries) if e and e["v"] == c.version and (e["job"] or "").encode() not in handled]
-        ids = ledger.enqueue_new(ctx.conn, ctx.settings, spec, [c for c in chosen if c not in known])  # ledger dedupes
+        new, again = ledger.unevaluated(ctx.conn, spec.name, list(ready.values()))
+        ids = ledger.enqueue_new(ctx.conn, ctx.settings, spec, new)  # the ledger dedupes against a concurrent scan
         ids += ledger.enqueue_new(ctx.conn, ctx.settings, spec, again, force=True)
     click.echo(f"queued {len(ids)} evaluation(s) for watch {spec.name}")
 
@@ -270,7 +251,7 @@ def results_command(ctx: Context, watch_name: str | None, fmt: str, best: str | 
         click.echo(results.to_json(shown) if fmt == "json" else results.tracebacks(shown) or "no failed evaluations")
         return
     best_pair = _parse_best(best)
-    winners: dict[str, dict[str, Any]] = {}
+    winners: dict[str, ResultRecord] = {}
     rule = None
     if best_pair:
         try:
@@ -369,7 +350,7 @@ def restore(ctx: Context) -> None:
 @pass_ctx
 def shutdown(ctx: Context, purge: bool) -> None:
     """Stop every worker after its current job. Queued evaluations stay queued unless --purge."""
-    from .stack import request_shutdown
+    from .workers import request_shutdown
 
     stopped = request_shutdown(ctx.conn, ctx.settings, purge)
     click.echo(f"shutdown requested for {stopped} worker(s)" + ("; queues emptied" if purge else

@@ -114,3 +114,31 @@ SUPERVISOR_STOP_WAIT = 3600
 DIR_QUIET = 0.2
 """Seconds a directory checkpoint's members must stay unchanged once its layout's marker or format
 rule holds (the settle-only ``dir`` layout waits the whole settle time instead)."""
+
+EVAL_TICK = 0.5
+"""Seconds between two rounds of an eval worker's background thread (sweep, mirror, results copy)."""
+
+SHUTDOWN_CHECK_INTERVAL = 0.5
+"""Seconds between two looks at the shutdown flag by a worker's background thread."""
+
+STOP_POLL = 2
+"""Seconds an idle worker waits for a job before it looks at its stop flag again."""
+
+MAX_WATCHES_PER_SCAN = 100
+"""Watches scanned by one scan job."""
+
+SCAN_FAILURE_TTL = 24 * 3600
+"""Seconds rq keeps a failed scan job (for rq-dashboard); a scan's errors also show in ``assayer status``."""
+
+ENQUEUE_BATCH = 200
+"""Checkpoints enqueued per ledger transaction (bounds a transaction's size during a burst)."""
+
+STATE_REFRESH = 5.0
+"""Seconds between two writes of an unchanged watch state (``assayer status`` shows its age)."""
+
+COPY_LOCK_TTL = 30.0
+"""Seconds one eval worker may hold a watch's results-copy catch-up before another may take over."""
+
+STACK_READY_TIMEOUT = 60.0
+"""Seconds ``assayer up`` waits for the stack's workers to report."""
+

@@ -52,6 +52,11 @@ def copy_backlog(watch: str) -> str:
     return f"{P}copy-backlog:{watch}"
 
 
+def copy_lock(watch: str) -> str:
+    """String with TTL: the eval worker writing a watch's copy backlog to its file."""
+    return f"{P}copy-backlog:{watch}:lock"
+
+
 def failing(watch: str) -> str:
     """Hash: eval job id -> its last failed attempt, while the job waits for a retry (no final result yet)."""
     return f"{P}failing:{watch}"
@@ -65,6 +70,11 @@ def attempts(job_id: str) -> str:
 def health(role: str, host: str, pid: int) -> str:
     """String with TTL: a live worker of ``role`` on ``host``."""
     return f"{P}health:{role}:{host}:{pid}"
+
+
+def health_pattern(role: str) -> str:
+    """``SCAN`` pattern of the health keys of every live worker of ``role``."""
+    return f"{P}health:{role}:*"
 
 
 def host_health(role: str, host: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import timezone
 from typing import Any
@@ -12,7 +11,8 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from . import keys, watches
+from . import keys, records, watches
+from .records import LedgerEntry
 from .settings import Settings
 
 
@@ -62,8 +62,8 @@ def collect(conn: Any, settings: Settings) -> dict[str, Any]:
 
 def _outcomes(conn: Any, watch: str, now: float) -> dict[str, Any]:
     """Final outcomes by status, the jobs failing now (awaiting a retry), the last error, the oldest pending age."""
-    finals = [json.loads(v) for v in conn.hvals(keys.results(watch))]
-    failing = [json.loads(v) for v in conn.hvals(keys.failing(watch))]
+    finals = [records.parse(v) for v in conn.hvals(keys.results(watch))]
+    failing = [records.parse(v) for v in conn.hvals(keys.failing(watch))]
     counts = {status: sum(1 for r in finals if r.get("status") == status) for status in ("ok", "failed", "missing")}
     errors = sorted((r for r in finals + failing if r.get("status") == "failed" and r.get("error")),
                     key=lambda r: str(r.get("finished_at") or ""))
@@ -71,13 +71,13 @@ def _outcomes(conn: Any, watch: str, now: float) -> dict[str, Any]:
     pending = {m.decode() for m in conn.smembers(keys.pending(watch))}
     queued_at = []
     for raw in conn.hvals(keys.ledger(watch)) if pending else []:
-        entry = json.loads(raw)
-        if entry.get("job") in pending and entry.get("at"):
-            queued_at.append(float(entry["at"]))
+        entry = LedgerEntry.from_json(raw)
+        if entry.job in pending and entry.at:
+            queued_at.append(entry.at)
     return {
         "outcomes": counts,
         "failing": len(failing),
-        "last_error": f"{last.get('relpath')}: {last['error'].strip().splitlines()[0][:300]}" if last else None,
+        "last_error": f"{last.get('relpath')}: {str(last['error']).strip().splitlines()[0][:300]}" if last else None,
         "oldest_pending_age": round(now - min(queued_at), 1) if queued_at else None,
     }
 

@@ -11,12 +11,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import redis
 import yaml
 
-from . import defaults, evaluator, keys
-from .errors import ConfigError, WatchError
+from . import backup, defaults, evaluator, keys
+from .errors import AssayerError, ConfigError, WatchError
 from .filters import compile_filter
 from .layouts import LAYOUTS
+from .records import LedgerEntry
 from .scan import Scanner
 from .settings import Settings
 
@@ -167,6 +169,91 @@ def load_file(path: Path) -> list[dict[str, Any]]:
 
 
 # -- the store ----------------------------------------------------------------
+#
+# Registering a watch and taking its baseline happen in one WATCH/MULTI transaction on the
+# watches hash: two `watch add` (or a watches file read by two workers) never register twice,
+# and a failure leaves nothing half-registered.
+
+
+def register(conn: redis.Redis, settings: Settings, spec: WatchSpec) -> str:
+    """Store a new watch, with the checkpoints already there as its baseline unless ``eval_existing``.
+
+    Returns ``"added"`` or ``"unchanged"`` (same spec already registered); one transaction, so a
+    failure leaves nothing half-registered.
+    """
+    existing_raw = conn.hget(keys.WATCHES, spec.name)
+    if existing_raw:
+        existing = WatchSpec.from_json(existing_raw)
+        if existing.same_target(spec):
+            return "unchanged"
+        raise WatchError(
+            f"a watch named {spec.name!r} already watches {existing.directory} with {existing.evaluator}",
+            f"pick another --name, or `assayer watch remove {spec.name}` first",
+        )
+    backup.refuse_baseline_if_lost(conn, settings.results_path, spec.name)
+    baseline: dict[str, str] = {}
+    if not spec.eval_existing:
+        scanner = spec.scanner(settings)
+        baseline = {c.relpath: c.version for c in scanner.scan(time.time()).ready}
+    with conn.pipeline() as pipe:
+        pipe.watch(keys.WATCHES)
+        if pipe.hexists(keys.WATCHES, spec.name):
+            pipe.unwatch()
+            return register(conn, settings, spec)
+        pipe.multi()
+        pipe.hset(keys.WATCHES, spec.name, spec.to_json())
+        for relpath, version in baseline.items():
+            pipe.hset(keys.ledger(spec.name), relpath, LedgerEntry(version, None, time.time()).to_json())
+        if not spec.paused:
+            pipe.zadd(keys.DUE, {spec.name: 0})
+        try:
+            pipe.execute()
+        except redis.WatchError:
+            return register(conn, settings, spec)
+    log.info("watch %s added on %s (%d existing checkpoints as baseline)", spec.name, spec.directory, len(baseline))
+    return "added"
+
+
+def baseline_size(conn: Any, watch: str) -> int:
+    """Checkpoints taken as already there when the watch was added (ledgered without a job)."""
+    return sum(1 for raw in conn.hvals(keys.ledger(watch)) if LedgerEntry.from_json(raw).is_baseline)
+
+
+def update(conn: Any, spec: WatchSpec) -> None:
+    """Replace a watch's spec (from a watches file), keeping its ledger."""
+    with conn.pipeline() as pipe:
+        pipe.hset(keys.WATCHES, spec.name, spec.to_json())
+        if spec.paused:
+            pipe.zrem(keys.DUE, spec.name)
+        else:
+            pipe.zadd(keys.DUE, {spec.name: 0})
+        pipe.execute()
+
+
+def sync_file(conn: redis.Redis, settings: Settings) -> None:
+    """Register the watches declared in ``settings.watches_file``; a bad entry is logged, the rest still load."""
+    assert settings.watches_file is not None
+    for entry in load_file(settings.watches_file):
+        try:
+            spec, warnings = build_spec(
+                entry["directory"], entry["evaluator"], name=entry.get("name"), regex=entry.get("regex"),
+                eval_existing=bool(entry.get("eval_existing", False)), poll_interval=entry.get("poll_interval"),
+                settle=entry.get("settle"), import_evaluator=False, layout=entry.get("layout"),
+                ready_markers=entry.get("ready_markers") or (), evaluator_paths=settings.evaluator_paths,
+                follow_symlinks=bool(entry.get("follow_symlinks", False)),
+            )
+            for warning in warnings:
+                log.warning("watch %s: %s", spec.name, warning)
+            current = get(conn, spec.name)
+            if current is None:
+                register(conn, settings, spec)
+            elif not current.same_target(spec):
+                spec.created_at, spec.paused = current.created_at, current.paused
+                update(conn, spec)
+                log.info("watch %s updated from %s", spec.name, settings.watches_file)
+        except AssayerError as exc:
+            log.error("watches file %s: skipping %s: %s", settings.watches_file, entry.get("name", entry), exc)
+
 
 
 def get(conn: Any, name: str) -> WatchSpec | None:
