@@ -15,7 +15,7 @@ from typing import Any
 import click
 import redis
 
-from . import __version__, keys, ledger, results, status, watches
+from . import __version__, defaults, keys, ledger, results, status, watches
 from .errors import AssayerError, ConfigError, RedisUnavailable, WatchError
 from .layouts import LAYOUTS
 from .records import ResultRecord
@@ -83,6 +83,9 @@ def worker(ctx: Context, role: str, name: str | None, burst: bool, watches_file:
     from .workers import WORKERS
 
     settings = ctx.settings.replace(watches_file=watches_file)
+    if role == "watch":  # its reporter thread: MLflow's client would otherwise retry a dead server for minutes
+        for var, value in defaults.TRACKER_ENV.items():
+            os.environ.setdefault(var, value)
     delay = 1.0
     while True:
         try:
@@ -141,20 +144,29 @@ def watch() -> None:
               help="A file your trainer writes last into each checkpoint directory (repeatable); "
                    "step-named directories then wait for it")
 @click.option("--follow-symlinks", is_flag=True, help="Also follow links that lead out of DIRECTORY")
+@click.option("--report-to", metavar="tensorboard,mlflow,wandb",
+              help="Trackers each result is logged to at its step [default: ASSAYER_REPORT_TO, else none]")
+@click.option("--tensorboard-dir", help="TensorBoard log directory [default: $ASSAYER_RESULTS_DIR/tensorboard/NAME]")
+@click.option("--mlflow-run-id", help="Log into this MLflow run (the training run) [default: a run named after the watch]")
+@click.option("--wandb-run-id", help="Log into this W&B run (the training run) [default: a run named after the watch]")
 @pass_ctx
 def watch_add(ctx: Context, directory: str, evaluator: str, name: str | None, regex: str | None,
               eval_existing: bool, poll_interval: float | None, settle: float | None, layout: str,
-              ready_markers: tuple[str, ...], follow_symlinks: bool) -> None:
+              ready_markers: tuple[str, ...], follow_symlinks: bool, report_to: str | None,
+              tensorboard_dir: str | None, mlflow_run_id: str | None, wandb_run_id: str | None) -> None:
     """Watch DIRECTORY (recursively) and evaluate each new complete checkpoint: a file or a directory."""
     ctx.conn  # noqa: B018 -- Redis first: importing an evaluator (torch, say) can take seconds before that error
+    report = watches.Report(ctx.settings.report_to if report_to is None else report_to,
+                            os.path.abspath(tensorboard_dir) if tensorboard_dir else None, mlflow_run_id, wandb_run_id)
     spec, warnings = watches.build_spec(directory, evaluator, name, regex, eval_existing, poll_interval, settle,
                                         layout=layout, ready_markers=ready_markers,
                                         evaluator_paths=ctx.settings.evaluator_paths,
-                                        follow_symlinks=follow_symlinks)
+                                        follow_symlinks=follow_symlinks, report=report)
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
     outcome = watches.register(ctx.conn, ctx.settings, spec)
-    click.echo(f"watch {spec.name} {outcome}: {spec.directory} -> {spec.evaluator}")
+    click.echo(f"watch {spec.name} {outcome}: {spec.directory} -> {spec.evaluator}"
+               + (f" (results also to {', '.join(spec.report_to)})" if spec.report_to else ""))
     existing = watches.baseline_size(ctx.conn, spec.name) if outcome == "added" else 0
     if existing:
         click.echo(f"{existing} existing checkpoint(s) are not evaluated; use --eval-existing or "
@@ -214,6 +226,26 @@ def evaluate(ctx: Context, paths: tuple[str, ...], watch_name: str, force: bool)
         ids = ledger.enqueue_new(ctx.conn, ctx.settings, spec, new)  # the ledger dedupes against a concurrent scan
         ids += ledger.enqueue_new(ctx.conn, ctx.settings, spec, again, force=True)
     click.echo(f"queued {len(ids)} evaluation(s) for watch {spec.name}")
+
+
+@cli.command()
+@click.option("--watch", "watch_name", required=True, help="Watch whose results to deliver")
+@click.option("--to", "to", metavar="tensorboard,mlflow,wandb", help="Trackers [default: the watch's --report-to]")
+@pass_ctx
+def report(ctx: Context, watch_name: str, to: str | None) -> None:
+    """Deliver a watch's past results to trackers (after adding one, or an outage); delivered ones are skipped.
+
+    The watch workers deliver them, each once, at its checkpoint's step; `assayer status` shows progress.
+    """
+    from . import deliveries
+    from .sinks import parse_report_to
+
+    spec = watches.require(ctx.conn, watch_name)
+    sinks = parse_report_to(to) if to else spec.report_to
+    if not sinks:
+        raise ConfigError(f"watch {spec.name} reports to no tracker", "give --to tensorboard,mlflow,wandb")
+    count = deliveries.schedule(ctx.conn, spec.name, sinks, results.load(ctx.conn, [spec.name], retrying=False))
+    click.echo(f"queued {count} delivery(ies) of watch {spec.name} to {', '.join(sinks)}; already delivered ones skipped")
 
 
 # -- results and status ------------------------------------------------------------------------

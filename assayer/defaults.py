@@ -142,3 +142,25 @@ COPY_LOCK_TTL = 30.0
 STACK_READY_TIMEOUT = 60.0
 """Seconds ``assayer up`` waits for the stack's workers to report."""
 
+DELIVERY_LEASE = 120
+"""Seconds a reporter holds a claimed delivery; one killed mid-delivery leaves it to be claimed again after this."""
+
+DELIVERY_BATCH = 20
+"""Deliveries one reporter claims at a time."""
+
+DELIVERY_POLL = 1.0
+"""Seconds an idle reporter waits before it looks for due deliveries again."""
+
+DELIVERY_BACKOFF = 5.0
+"""Seconds before the first retry of a failed delivery; doubled at each failure."""
+
+DELIVERY_BACKOFF_MAX = 300.0
+"""At most this many seconds between two tries of a failing delivery."""
+
+DELIVERY_STOP_WAIT = 30.0
+"""Seconds a stopping watch worker waits for a delivery under way (a later one redelivers it, once)."""
+
+TRACKER_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+"""Trackers' own variables a watch worker sets when the user did not: a failed delivery is retried by
+Assayer with backoff, so the client's own minutes of retries would only hold up the other deliveries."""
+

@@ -261,7 +261,8 @@ def evaluate(
         extra["directions"] = outcome.directions
     done = records.finish(rec, "ok" if outcome.ok else "failed", final, outcome.error, metrics=outcome.metrics or {},
                           traceback=outcome.traceback, duration=round(outcome.duration, 4), **extra)
-    results.record(rt.conn, rt.settings.results_path, done)
+    spec = watches.get(rt.conn, watch) if outcome.ok else None
+    results.record(rt.conn, rt.settings.results_path, done, spec.report_to if spec else ())
     if not outcome.ok:
         left = f"retrying ({retries_left} left)" if not final else "final"
         log.warning("evaluation of %s failed, %s: %s", relpath, left, outcome.error)

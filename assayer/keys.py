@@ -19,6 +19,9 @@ DATA_LOST = P + "data-lost"
 MIRROR_LOCK = P + "mirror-lock"
 """String with TTL: the eval worker mirroring watches and ledgers to the results directory."""
 
+DELIVER_DUE = P + "deliver-due"
+"""Sorted set: ``watch|sink|job_id`` -> when that delivery may next be tried (see :mod:`assayer.deliveries`)."""
+
 SHUTDOWN = P + "shutdown"
 """String: unix time of the last ``assayer shutdown``; workers born before it stop."""
 
@@ -41,6 +44,16 @@ def watch_state(watch: str) -> str:
 def results(watch: str) -> str:
     """Hash: eval job id -> final result record JSON."""
     return f"{P}results:{watch}"
+
+
+def delivered(watch: str) -> str:
+    """Hash: ``sink|job_id`` -> JSON {at, attempts}: that result is in that tracker (never delivered again)."""
+    return f"{P}delivered:{watch}"
+
+
+def delivery_errors(watch: str) -> str:
+    """Hash: ``sink|job_id`` -> JSON {attempts, error, at} of a delivery tried and not yet done."""
+    return f"{P}delivery-errors:{watch}"
 
 
 COPY_ERRORS = P + "copy-errors"

@@ -18,7 +18,8 @@ import io
 import json
 import logging
 import os
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,21 +35,31 @@ if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('RPUSH', KEYS[4], ARGV[2])
   redis.call('SREM', KEYS[2], ARGV[1])
   redis.call('HDEL', KEYS[3], ARGV[1])
+  for i = 4, #ARGV do
+    redis.call('ZADD', KEYS[5], 'NX', tonumber(ARGV[3]), ARGV[i])
+  end
   return 1
 end
 return 0
 """
-"""The final record, its attempt, and the job's leaving the pending and failing sets, in one step: no reader
-ever sees a final result without its attempt."""
+"""The final record, its attempt, the job's leaving the pending and failing sets, and its deliveries to
+trackers falling due, in one step: no reader ever sees a final result without its attempt, and no
+final result exists without its deliveries (:mod:`assayer.deliveries`)."""
 
 
-def record(conn: Any, results_dir: Path, rec: ResultRecord) -> bool:
-    """Store one attempt. Returns False when ``rec`` is final but its job already had a final result."""
+def record(conn: Any, results_dir: Path, rec: ResultRecord, report_to: Sequence[str] = ()) -> bool:
+    """Store one attempt. Returns False when ``rec`` is final but its job already had a final result.
+
+    A final ``ok`` result falls due for delivery to each tracker in ``report_to`` in the same step.
+    """
     line = dump(rec)
     stored = True
     if rec.get("final"):
-        stored = bool(conn.eval(_RECORD_FINAL, 4, keys.results(rec["watch"]), keys.pending(rec["watch"]),
-                                keys.failing(rec["watch"]), keys.attempts(rec["job_id"]), rec["job_id"], line))
+        sinks = report_to if rec.get("status") == "ok" else ()
+        due = [f"{rec['watch']}|{sink}|{rec['job_id']}" for sink in sinks]  # deliveries.Item.member
+        stored = bool(conn.eval(_RECORD_FINAL, 5, keys.results(rec["watch"]), keys.pending(rec["watch"]),
+                                keys.failing(rec["watch"]), keys.attempts(rec["job_id"]), keys.DELIVER_DUE,
+                                rec["job_id"], line, time.time(), *due))
         if not stored:
             log.warning("job %s already has a final result; discarding this late attempt", rec["job_id"])
             return False

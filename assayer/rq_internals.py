@@ -70,6 +70,11 @@ class StoppableWorker(SimpleWorker):
                 return result
         raise StopRequested()
 
+    def beat(self, job: Job) -> None:
+        """Extend ``job``'s lease from another thread; a no-op once rq has ended the job's execution."""
+        if self.execution is not None:
+            self.maintain_heartbeats(job)
+
     def clean_registries(self) -> None:
         # rq calls this at start and every maintenance interval.
         self.maintain()

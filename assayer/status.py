@@ -11,7 +11,7 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from . import keys, records, watches
+from . import deliveries, keys, records, watches
 from .records import LedgerEntry
 from .settings import Settings
 
@@ -40,6 +40,7 @@ def collect(conn: Any, settings: Settings) -> dict[str, Any]:
             "stalled": state.get("stalled") or None,
             "results_copy": _copy_state(conn, spec.name),
             "layout": spec.layout,
+            "report_to": deliveries.summary(conn, spec.name, _sinks_of(conn, spec)),
         })
     for name in (settings.watch_queue, settings.eval_queue):
         queue = Queue(name, connection=conn, serializer=JSONSerializer)
@@ -96,6 +97,12 @@ def _doing(conn: Any, job_id: str | None, now: float) -> dict[str, Any]:
     return {"doing": doing, "for_seconds": round(now - started, 1) if started else None}
 
 
+def _sinks_of(conn: Any, spec: watches.WatchSpec) -> list[str]:
+    """The watch's trackers, and any other one a backfill (``assayer report --to``) delivers to."""
+    extra = {deliveries.Item.parse(m).sink for m, _ in conn.zscan_iter(keys.DELIVER_DUE, match=f"{spec.name}|*")}
+    return [*spec.report_to, *sorted(extra - set(spec.report_to))]
+
+
 def _copy_state(conn: Any, watch: str) -> str | None:
     why = conn.hget(keys.COPY_ERRORS, watch)
     if not why:
@@ -143,4 +150,7 @@ def _render_watch(w: dict[str, Any]) -> list[str]:
         ("results file behind", f"{w['results_copy']} (Redis has them; it catches up once writable)"
          if w["results_copy"] else None),
     ]
+    for sink, d in (w.get("report_to") or {}).items():
+        failing = f", {d['failing']} failing: {d['last_error']}" if d["failing"] else ""
+        notes.append((f"to {sink}", f"{d['delivered']} delivered, {d['pending']} pending{failing}"))
     return lines + [f"    {label}: {text}" for label, text in notes if text]

@@ -32,7 +32,7 @@ from rq.registry import ScheduledJobRegistry, clean_registries
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
-from . import backup, defaults, evaluator, jobs, keys, results, rq_internals, watches
+from . import backup, defaults, deliveries, evaluator, jobs, keys, results, rq_internals, watches
 from .notify import Notifier
 from .settings import Settings
 
@@ -220,24 +220,29 @@ class WatchWorker(AssayerWorker):
         self.connection.zadd(keys.DUE, dict.fromkeys(names, now), xx=True, lt=True)
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
-        notifier = self.runtime.notifier
-        if notifier is None:
-            return super().work(*args, **kwargs)
+        """Scan; beside it, a thread delivers results to trackers and one reads change notifications."""
         stop = threading.Event()
-        thread = threading.Thread(target=notifier.run, args=(stop,), name="watch-notify", daemon=True)
-        thread.start()
+        reporter = deliveries.Reporter(self.connection, self.settings.results_path, self.settings.delivery_lease)
+        threads = [threading.Thread(target=reporter.run, args=(stop,), name="watch-report", daemon=True)]
+        notifier = self.runtime.notifier
+        if notifier is not None:
+            threads.append(threading.Thread(target=notifier.run, args=(stop,), name="watch-notify", daemon=True))
+        for thread in threads:
+            thread.start()
         try:
             return super().work(*args, **kwargs)
         finally:
             stop.set()
-            thread.join(timeout=5)
-            notifier.close()
+            for thread in threads:
+                thread.join(timeout=defaults.DELIVERY_STOP_WAIT)
+            if notifier is not None:
+                notifier.close()
 
     def on_tick(self, now: float) -> None:
         job = self._busy_job
         if job is not None and now - self._last_beat >= self.settings.heartbeat_interval:
             self._last_beat = now
-            self.maintain_heartbeats(job)  # a scan runs in the main thread; this thread keeps its lease
+            self.beat(job)  # a scan runs in the main thread; this thread keeps its lease
         if now - self._last_sweep >= self.settings.reap_interval:
             self._last_sweep = now
             self.sweep()
@@ -282,7 +287,7 @@ class EvalWorker(AssayerWorker):
             if now - self._last_beat >= self.settings.heartbeat_interval:
                 self._last_beat = now
                 try:
-                    self.maintain_heartbeats(job)
+                    self.beat(job)
                 except Exception as exc:  # Redis briefly away: the lease has room for a few misses
                     log.warning("%s: heartbeat failed: %s", self.name, exc)
 
