@@ -24,7 +24,7 @@ from .settings import Settings, connect
 log = logging.getLogger("assayer.cli")
 
 
-LONG_RUNNING = frozenset({"worker", "dashboard", "up"})
+LONG_RUNNING = frozenset({"worker", "dashboard", "exporter", "up"})
 """Commands that run on (they log at ASSAYER_LOG_LEVEL, INFO by default); the others log warnings only."""
 
 
@@ -396,6 +396,26 @@ def dashboard(ctx: Context) -> None:
     from .dashboard import run
 
     run(ctx.settings)
+
+
+@cli.command()
+@pass_ctx
+def exporter(ctx: Context) -> None:
+    """Serve Prometheus metrics read from Redis at /metrics (no password: bind it where only Prometheus reaches).
+
+    Listens on ASSAYER_EXPORTER_BIND:ASSAYER_EXPORTER_PORT (127.0.0.1:9182 by default).
+    """
+    import waitress
+
+    from .exporter import wsgi_app
+    from .ports import require_free
+
+    settings = ctx.settings
+    require_free(settings.exporter_port, settings.exporter_bind, "the exporter",
+                 "stop that process, or set ASSAYER_EXPORTER_PORT to a free port")
+    log.info("Prometheus metrics on http://%s:%d/metrics", settings.exporter_bind, settings.exporter_port)
+    waitress.serve(wsgi_app(ctx.conn, settings), host=settings.exporter_bind, port=settings.exporter_port, threads=2,
+                   ident="waitress")
 
 
 def _register_stack_commands() -> None:

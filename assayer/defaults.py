@@ -164,3 +164,15 @@ TRACKER_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIME
 """Trackers' own variables a watch worker sets when the user did not: a failed delivery is retried by
 Assayer with backoff, so the client's own minutes of retries would only hold up the other deliveries."""
 
+WRITING_SHOWN = 100
+"""Checkpoints still being written that a watch's state lists by name (the checkpoint page shows them)."""
+
+PAGE_SIZE = 100
+"""Checkpoints per page of the checkpoint page and of ``/api/watches/<name>/checkpoints``."""
+
+CURVE_POINTS = 2000
+"""At most this many points per metric curve on the checkpoint page (evenly thinned beyond)."""
+
+EXPORTER_PORT = 9182
+"""Port of ``assayer exporter`` (Prometheus metrics)."""
+

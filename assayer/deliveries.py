@@ -89,7 +89,7 @@ def members(watch: str, sinks: Iterable[str], job_id: str) -> list[str]:
 def schedule(conn: redis.Redis, watch: str, sinks: Iterable[str], records: Iterable[ResultRecord]) -> int:
     """Make deliveries due now for these final ok results, except those delivered or already due."""
     sinks = list(sinks)
-    done = {_text(f) for f in conn.hkeys(keys.delivered(watch))}
+    done = {keys.text(f) for f in conn.hkeys(keys.delivered(watch))}
     due: dict[str, float] = {}
     for rec in records:
         if rec.get("status") == "ok" and rec.get("final"):
@@ -209,17 +209,13 @@ def _last_error(raw: Any) -> str | None:
     return json.loads(raw).get("error") if raw else None
 
 
-def _text(raw: Any) -> str:
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
-
-
 def summary(conn: redis.Redis, watch: str, sinks: Iterable[str]) -> dict[str, dict[str, Any]]:
     """Per sink: deliveries done, pending (due or being tried), failing (last attempt failed) and the last error."""
     names = list(sinks)
     counts = {s: {"delivered": 0, "pending": 0, "failing": 0} for s in names}
     last: dict[str, tuple[float, str]] = {}
     for f in conn.hkeys(keys.delivered(watch)):
-        sink = _text(f).split("|", 1)[0]
+        sink = keys.text(f).split("|", 1)[0]
         if sink in counts:
             counts[sink]["delivered"] += 1
     for member, _ in conn.zscan_iter(keys.DELIVER_DUE, match=f"{watch}|*"):
@@ -227,7 +223,7 @@ def summary(conn: redis.Redis, watch: str, sinks: Iterable[str]) -> dict[str, di
         if item.watch == watch and item.sink in counts:
             counts[item.sink]["pending"] += 1
     for f, raw in conn.hgetall(keys.delivery_errors(watch)).items():
-        sink = _text(f).split("|", 1)[0]
+        sink = keys.text(f).split("|", 1)[0]
         info = json.loads(raw)
         if sink in counts and info.get("error"):
             counts[sink]["failing"] += 1

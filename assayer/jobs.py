@@ -8,6 +8,7 @@ build one from the environment.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -159,7 +160,8 @@ def scan_one(rt: Runtime, spec: watches.WatchSpec, batch_start: float) -> tuple[
     stalled = _some([f"{rel} ({report.waiting.get(rel) or 'incomplete'}, unchanged for {_age(age)})"
                      for rel, age in sorted(report.stalled.items(), key=lambda kv: -kv[1])])
     state = {"last_scan": now, "files": report.files, "incomplete": len(report.pending), "error": error,
-             "waiting": waiting, "stalled": stalled}
+             "waiting": waiting, "stalled": stalled,
+             "writing": json.dumps(sorted(report.pending)[: defaults.WRITING_SHOWN])}  # the checkpoint page's rows
     return {"queued": len(queued), "incomplete": len(report.pending), "files": report.files}, next_scan, state
 
 

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from .defaults import KEY_PREFIX as P
 
+
+def text(raw: bytes | str) -> str:
+    """A key, field or member as Redis returns it (bytes: rq needs a client without decode_responses)."""
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
 WATCHES = P + "watches"
 """Hash: watch name -> WatchSpec JSON."""
 

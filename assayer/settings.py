@@ -66,6 +66,8 @@ class Settings:
     dashboard_port: int = defaults.DASHBOARD_PORT
     dashboard_bind: str = defaults.DASHBOARD_BIND
     dashboard_allow_actions: bool = False
+    exporter_port: int = defaults.EXPORTER_PORT
+    exporter_bind: str = defaults.DASHBOARD_BIND
     report_to: str = ""  # trackers of new watches without --report-to: "tensorboard,mlflow,wandb"
     delivery_lease: float = defaults.DELIVERY_LEASE
     log_level: str = "INFO"
@@ -188,7 +190,7 @@ class Settings:
 _FLOATS = {"delivery_lease", "stall_after", "eval_max_rss", "poll_interval", "settle", "eval_timeout",
            "heartbeat_interval", "reap_interval", "full_scan_interval", "idle_poll_interval"}
 _BOOLS = {"dashboard_allow_actions", "inotify"}
-_INTS = {"retries", "lease_ttl", "max_warm_evaluators", "dashboard_port", "eval_max_calls"}
+_INTS = {"exporter_port", "retries", "lease_ttl", "max_warm_evaluators", "dashboard_port", "eval_max_calls"}
 _PATHS = {"home", "results_dir", "watches_file"}
 
 
