@@ -68,14 +68,22 @@ def rows(conn: redis.Redis, watch: str, running: set[str]) -> list[dict[str, Any
     for relpath in json.loads(raw) if raw else []:
         if relpath not in entries:
             out.append(_row(relpath, "writing"))
-    out.sort(key=lambda r: (r["step"] is None, r["step"] or 0, r["relpath"], r.get("finished_at") or ""))
+    out.sort(key=_order)
     return out
 
 
 def _row(relpath: str, status: str, **fields: Any) -> dict[str, Any]:
-    return {"relpath": relpath, "step": parse_step(relpath), "status": status, "metrics": {}, "attempt": None,
-            "duration": None, "worker": None, "error": None, "traceback": None, "finished_at": None,
-            "version": None, "job_id": None, **fields}
+    row = {"relpath": relpath, "step": None, "status": status, "metrics": {}, "attempt": None, "duration": None,
+           "worker": None, "error": None, "traceback": None, "finished_at": None, "version": None, "job_id": None}
+    row.update(fields)
+    if "step" not in fields:
+        row["step"] = parse_step(relpath)
+    return row
+
+
+def _order(row: dict[str, Any]) -> tuple[bool, int, str, str]:
+    step = row["step"]
+    return step is None, step or 0, row["relpath"], row["finished_at"] or ""
 
 
 def _attempt_of(rec: ResultRecord | None) -> dict[str, Any]:
