@@ -73,7 +73,7 @@ def rows(conn: redis.Redis, watch: str, running: set[str]) -> list[dict[str, Any
 
 
 def _row(relpath: str, status: str, **fields: Any) -> dict[str, Any]:
-    row = {"relpath": relpath, "step": None, "status": status, "metrics": {}, "attempt": None, "duration": None,
+    row: dict[str, Any] = {"relpath": relpath, "step": None, "status": status, "metrics": {}, "attempt": None, "duration": None,
            "worker": None, "error": None, "traceback": None, "finished_at": None, "version": None, "job_id": None}
     row.update(fields)
     if "step" not in fields:
