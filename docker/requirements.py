@@ -1,7 +1,7 @@
 """Print the project's requirements from pyproject.toml, one per line.
 
-Used by docker/Dockerfile (to install dependencies in a layer that only changes when
-pyproject.toml does) and by docker/wheelhouse.sh (to know what to download).
+Used by docker/lock.sh (`make lock`): what docker/requirements.lock, which the image installs,
+is resolved from.
 
     python3 requirements.py pyproject.toml [--extra NAME]... [--exclude NAME]...
 """

@@ -4,6 +4,8 @@
 # (`pip install --no-index --find-links`). For machines where pip inside a build cannot reach or
 # verify the package index; the host's pip can.
 # Users with a working index don't need this: without wheels the build uses the index.
+# What: every file of docker/requirements.lock (hashes checked), torch per TORCH_SPEC, the build
+# backend, EXTRA_REQUIREMENTS; all at the locked versions where the lock has the package.
 #
 # Env: TORCH_SPEC (default torch==2.13.0, as the Dockerfile), EXTRA_REQUIREMENTS (the same
 #      space-separated requirement specs as the build arg; default none), PYTHON (default: the
@@ -20,28 +22,32 @@ if [[ -z "$py" ]]; then
 fi
 
 mkdir -p "$out"
-requirements="$(mktemp)"
-trap 'rm -f "$requirements"' EXIT
-"$py" "$root/docker/requirements.py" "$root/pyproject.toml" --extra torch --extra plot --exclude torch >"$requirements"
+lock="$root/docker/requirements.lock"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+# The lock's pins without their hashes: constraints for what is downloaded beside it.
+sed -n 's/^\([A-Za-z0-9][A-Za-z0-9._-]*==[^ ]*\).*/\1/p' "$lock" >"$work/constraints.txt"
 {
     echo "$torch_spec"
     # setuptools and wheel: the project's build backend, for the offline build of the project.
     echo "setuptools>=68"
     echo "wheel"
-    # pip evaluates environment markers against the Python running it, not --python-version:
-    # add what the base images' own Python needs on top (Debian bookworm's 3.11.2 < 3.11.3).
-    echo "async-timeout>=4.0.3"  # redis: python_full_version < "3.11.3"
     # The build arg of the same name, one word per requirement (read -a: no globbing), resolved
     # together with the rest as the build installs them on top of it.
     read -ra extra <<<"${EXTRA_REQUIREMENTS:-}"
     [[ ${#extra[@]} -eq 0 ]] || printf '%s\n' "${extra[@]}"
-} >>"$requirements"
+} >"$work/requirements.txt"
 
 abi="cp${python_version/./}"
-"$py" -m pip download --quiet --disable-pip-version-check \
-    --dest "$out" --only-binary=:all: \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    --platform linux_x86_64 --python-version "$python_version" \
-    --implementation cp --abi "$abi" \
-    -r "$requirements" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+download() {
+    "$py" -m pip download --quiet --disable-pip-version-check \
+        --dest "$out" --only-binary=:all: \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform linux_x86_64 --python-version "$python_version" \
+        --implementation cp --abi "$abi" \
+        "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+# The lock as the image installs it: exactly those files (pip checks each one's hash).
+download --no-deps --require-hashes -r "$lock"
+download -c "$work/constraints.txt" -r "$work/requirements.txt"
 echo "wheelhouse: $(find "$out" -name '*.whl' | wc -l) wheels, $(du -sh "$out" | cut -f1) in $out"

@@ -40,7 +40,7 @@ class MlflowServer:
                  "--default-artifact-root", (self.dir / "artifacts").as_uri(), "--host", "127.0.0.1",
                  "--port", str(self.port), "--workers", "1"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # its own group: uvicorn is a child
-        wait_for(self._ready, 120, interval=0.2, what=f"mlflow server on port {self.port} (log: {self.log})")
+        wait_for(self._ready, 180, interval=0.2, what=f"mlflow server on port {self.port} (log: {self.log})")
 
     def _ready(self) -> bool:
         assert self.proc is not None

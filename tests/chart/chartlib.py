@@ -25,6 +25,7 @@ CHART = ROOT / "helm" / "assayer"
 CI_VALUES_DIR = CHART / "ci"
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 KEDA_API = "keda.sh/v1alpha1"
+MONITORING_API = "monitoring.coreos.com/v1"  # prometheus-operator's ServiceMonitor
 RELEASE = "assayer"
 NAMESPACE = "evals"
 FULLNAME = "assayer"  # the release name contains the chart name, so the prefix is just "assayer"
@@ -67,6 +68,16 @@ def case_name(path: Path) -> str:
 
 def wants_keda(values: Mapping[str, Any]) -> bool:
     return bool(values.get("eval", {}).get("keda", {}).get("enabled"))
+
+
+def wants_service_monitor(values: Mapping[str, Any]) -> bool:
+    return bool(values.get("exporter", {}).get("serviceMonitor", {}).get("enabled"))
+
+
+def apis_wanted(values: Mapping[str, Any]) -> tuple[str, ...]:
+    """The optional APIs (KEDA, prometheus-operator) that the values need the cluster to offer."""
+    wanted = ((KEDA_API, wants_keda(values)), (MONITORING_API, wants_service_monitor(values)))
+    return tuple(api for api, on in wanted if on)
 
 
 @dataclass(frozen=True)
@@ -187,9 +198,10 @@ def render(
     api_versions: tuple[str, ...] | None = None,
     kube_version: str | None = None,
 ) -> Rendered:
-    """Render the chart with values files and override dicts. KEDA's API is offered when KEDA is enabled."""
+    """Render the chart with values files and override dicts. KEDA's API is offered when KEDA is enabled,
+    prometheus-operator's when the ServiceMonitor is."""
     if api_versions is None:
-        api_versions = (KEDA_API,) if wants_keda(merged_values(files, overrides)) else ()
+        api_versions = apis_wanted(merged_values(files, overrides))
     return _render_cached(helm, _values_docs(files, overrides), tuple(api_versions), kube_version)
 
 
@@ -213,7 +225,7 @@ def render_notes(helm: str, *overrides: Mapping[str, Any], files: tuple[Path, ..
             'notes: {{ tpl (.Files.Get "notes-under-test.txt") . | toJson }}\n'
         )
         values = _values_docs(files, overrides)
-        api = (KEDA_API,) if wants_keda(merged_values(files, overrides)) else ()
+        api = apis_wanted(merged_values(files, overrides))
         proc = _run_helm(helm, values, api, None, chart=chart, show_only=("templates/zz-notes-under-test.yaml",))
     assert proc.returncode == 0, proc.stderr
     return str(yaml.safe_load(proc.stdout)["notes"])

@@ -1,6 +1,6 @@
 """helm lint --strict, and every object of every values case validated offline against the
-Kubernetes schemas (strict: unknown fields fail) and KEDA's, on the oldest and newest supported
-Kubernetes release."""
+Kubernetes schemas (strict: unknown fields fail), KEDA's and prometheus-operator's, on the oldest
+and newest supported Kubernetes release."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from chartlib import (
     CHART,
     FULLNAME,
     KEDA_API,
+    MONITORING_API,
     SCHEMAS,
     case_name,
     ci_values_files,
@@ -35,10 +36,13 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 CASES = ci_values_files()
 CASE_IDS = [case_name(p) for p in CASES]
-KEDA_SCHEMAS = {
-    "ScaledObject": SCHEMAS / "keda-scaledobject-v1alpha1.json",
-    "TriggerAuthentication": SCHEMAS / "keda-triggerauthentication-v1alpha1.json",
+# Custom resources, validated against the schemas vendored in tests/chart/schemas.
+CRD_SCHEMAS = {
+    (KEDA_API, "ScaledObject"): SCHEMAS / "keda-scaledobject-v1alpha1.json",
+    (KEDA_API, "TriggerAuthentication"): SCHEMAS / "keda-triggerauthentication-v1alpha1.json",
+    (MONITORING_API, "ServiceMonitor"): SCHEMAS / "prometheus-servicemonitor-v1.json",
 }
+CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
 
 
 def min_kube_version() -> str:
@@ -64,11 +68,13 @@ def k8s_validate() -> Any:
 
 
 def validate_object(k8s: Any, obj: dict[str, Any], version: str) -> None:
-    """Raise if obj is not a valid object of its kind: KEDA kinds against the vendored schemas,
-    everything else against kubernetes-validate's strict schemas. Unknown kinds are errors."""
-    if obj["apiVersion"].startswith("keda.sh/"):
-        schema = json.loads(KEDA_SCHEMAS[obj["kind"]].read_text())
-        jsonschema.Draft202012Validator(schema).validate(obj)
+    """Raise if obj is not a valid object of its kind: KEDA and prometheus-operator kinds against the
+    vendored schemas, everything else against kubernetes-validate's strict schemas. Unknown kinds are errors."""
+    if obj["apiVersion"].startswith(CRD_GROUPS):
+        path = CRD_SCHEMAS.get((obj["apiVersion"], obj["kind"]))
+        if path is None:
+            raise AssertionError(f"no schema for {obj['apiVersion']} {obj['kind']} in tests/chart/schemas")
+        jsonschema.Draft202012Validator(json.loads(path.read_text())).validate(obj)
         return
     try:
         k8s.validate(obj, version, strict=True)
@@ -77,7 +83,7 @@ def validate_object(k8s: Any, obj: dict[str, Any], version: str) -> None:
 
 
 def test_matrix_names_every_case() -> None:
-    assert {"default", "gpu", "keda", "external-redis", "existing-claim", "hostpath", "ingress"} <= set(CASE_IDS)
+    assert {"default", "gpu", "keda", "external-redis", "existing-claim", "hostpath", "ingress", "metrics"} <= set(CASE_IDS)
 
 
 @pytest.mark.parametrize("values_file", CASES, ids=CASE_IDS)
@@ -140,6 +146,20 @@ def test_keda_schema_rejects_a_misspelt_trigger_parameter(helm: str, k8s_validat
         validate_object(k8s_validate, scaled, k8s_validate.latest_version())
 
 
+def test_service_monitor_schema_rejects_a_misspelt_endpoint_field(helm: str, k8s_validate: Any) -> None:
+    rendered = render(helm, {"exporter": {"serviceMonitor": {"enabled": True}}})
+    monitor = copy.deepcopy(rendered.get("ServiceMonitor", f"{FULLNAME}-exporter"))
+    validate_object(k8s_validate, monitor, k8s_validate.latest_version())
+    endpoint = monitor["spec"]["endpoints"][0]
+    endpoint["scrapeTimout"] = endpoint.pop("scrapeTimeout")
+    with pytest.raises(jsonschema.ValidationError):
+        validate_object(k8s_validate, monitor, k8s_validate.latest_version())
+    endpoint["scrapeTimeout"] = "10 seconds"
+    del endpoint["scrapeTimout"]
+    with pytest.raises(jsonschema.ValidationError):
+        validate_object(k8s_validate, monitor, k8s_validate.latest_version())
+
+
 def test_unknown_kinds_are_errors_not_warnings(k8s_validate: Any) -> None:
     bogus = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}
     with pytest.raises(AssertionError, match="no schema"):
@@ -151,6 +171,12 @@ def test_keda_objects_render_only_with_the_keda_api(helm: str) -> None:
     assert with_api.of_kind("ScaledObject") and with_api.of_kind("TriggerAuthentication")
     without = render(helm, api_versions=(KEDA_API,))
     assert not without.of_kind("ScaledObject") and not without.of_kind("TriggerAuthentication")
+
+
+def test_service_monitor_renders_only_with_the_prometheus_operator_api(helm: str) -> None:
+    on = {"exporter": {"serviceMonitor": {"enabled": True}}}
+    assert render(helm, on, api_versions=(MONITORING_API,)).of_kind("ServiceMonitor")
+    assert not render(helm, api_versions=(MONITORING_API,)).of_kind("ServiceMonitor")
 
 
 def test_missing_tools_fail_in_ci_and_skip_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:

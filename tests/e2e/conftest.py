@@ -47,9 +47,9 @@ def stack() -> Iterator[Stack]:
     always torn down.
 
     As a user's first `up`: the Assayer image does not exist under the project's tag, and compose
-    builds it from docker/Dockerfile for every Assayer service (``pull_policy: build``: the
-    classic builder's cache makes this quick after docker/e2e.sh built the same Dockerfile) and
-    pulls nothing (the Redis image is a local one).
+    builds it from docker/Dockerfile once, on the watch service (``pull_policy: build``; the
+    others run it, ``pull_policy: never``; the classic builder's cache makes this quick after
+    docker/e2e.sh built the same Dockerfile) and pulls nothing (the Redis image is a local one).
     """
     engine_running()
     image_present(BASE_IMAGE)

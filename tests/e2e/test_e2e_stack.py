@@ -56,13 +56,18 @@ def hostnames(stack: Stack) -> set[str]:
     return {cid[:12] for cid in stack.compose.container_ids("eval")}
 
 
-def test_first_up_builds_every_assayer_service_and_pulls_nothing(stack: Stack) -> None:
-    # The image did not exist under the project's tag: `up` built it (pull_policy: build), for
-    # each Assayer service, without asking a registry first.
+def test_first_up_builds_the_image_once_and_pulls_nothing(stack: Stack) -> None:
+    # The image did not exist under the project's tag: `up` built it (the watch service's build,
+    # pull_policy: build; the others never build nor pull), without asking a registry first.
     assert "pull access denied" not in stack.up_output and "Pulling" not in stack.up_output, stack.up_output
-    images = {run([docker_cli(), "inspect", "--format", "{{.Image}}", cid]).stdout.strip()
-              for service in ("watch", "eval", "dashboard") for cid in stack.compose.container_ids(service)}
+    ids = [cid for service in ("watch", "eval", "dashboard") for cid in stack.compose.container_ids(service)]
+    shown = run([docker_cli(), "inspect", "--format",
+                 '{{.Image}} {{index .Config.Labels "com.docker.compose.image"}}', *ids]).stdout.split()
+    images = set(shown[0::2])
     assert len(images) == 1, f"the Assayer services run different images: {images}"
+    # What compose recorded as each container's image is the image it runs: a later `up` sees
+    # nothing changed (it recreates a container whose record differs from the tag's image).
+    assert set(shown[1::2]) == images, f"compose recorded other images than the one running: {shown}"
 
 
 def test_declared_watch_evaluates_the_existing_checkpoint(stack: Stack) -> None:

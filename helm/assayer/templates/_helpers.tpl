@@ -352,3 +352,109 @@ failureThreshold: {{ .probe.failureThreshold }}
   value: {{ .Values.evaluators.mountPath | quote }}
 {{- end }}
 {{- end }}
+
+{{/* ---------------------------------------------------------------- exporter */}}
+
+{{/* Name of the exporter's Deployment, Service, ServiceMonitor and NetworkPolicy. */}}
+{{- define "assayer.exporter.fullname" -}}
+{{- printf "%s-exporter" (include "assayer.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The prometheus-operator API of the ServiceMonitor. */}}
+{{- define "assayer.exporter.serviceMonitorAPI" -}}
+monitoring.coreos.com/v1
+{{- end }}
+
+{{/*
+Milliseconds of a Prometheus duration ("1m30s", "500ms"); 0 for "". Only the form the schema
+admits (units y, w, d, h, m, s, ms, largest first) is expected.
+*/}}
+{{- define "assayer.durationMs" -}}
+{{- $rest := . }}
+{{- $total := 0 }}
+{{- with regexFind "[0-9]+ms$" $rest }}
+{{- $total = add $total (trimSuffix "ms" . | int64) }}
+{{- $rest = trimSuffix . $rest }}
+{{- end }}
+{{- range $unit, $factor := dict "y" 31536000000 "w" 604800000 "d" 86400000 "h" 3600000 "m" 60000 "s" 1000 }}
+{{- with regexFind (printf "[0-9]+%s" $unit) $rest }}
+{{- $total = add $total (mul (trimSuffix $unit . | int64) $factor) }}
+{{- end }}
+{{- end }}
+{{- $total }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- trackers */}}
+
+{{/* The trackers named anywhere in values (trackers.reportTo and every watch's report_to), comma joined. */}}
+{{- define "assayer.trackers.used" -}}
+{{- $used := list }}
+{{- range splitList "," .Values.trackers.reportTo }}
+{{- with trim . }}{{ $used = append $used . }}{{ end }}
+{{- end }}
+{{- range .Values.watches }}
+{{- range (default list .report_to) }}{{ $used = append $used . }}{{ end }}
+{{- end }}
+{{- $used | uniq | sortAlpha | join "," }}
+{{- end }}
+
+{{/*
+"true" when watch pods write TensorBoard event files under results.mountPath: trackers.reportTo
+names tensorboard (the default of watches added later too), or a watch does without its own
+tensorboard_dir. Watch pods then mount the results volume.
+*/}}
+{{- define "assayer.trackers.tensorboardOnResults" -}}
+{{- $on := has "tensorboard" (splitList "," (replace " " "" .Values.trackers.reportTo)) }}
+{{- range .Values.watches }}
+{{- if and (has "tensorboard" (default list .report_to)) (not .tensorboard_dir) }}{{ $on = true }}{{ end }}
+{{- end }}
+{{- if $on }}true{{ end }}
+{{- end }}
+
+{{/* Secret holding WANDB_API_KEY: trackers.wandb.existingSecret, or the chart's own from apiKey. */}}
+{{- define "assayer.trackers.secretName" -}}
+{{- default (printf "%s-trackers" (include "assayer.fullname" .)) .Values.trackers.wandb.existingSecret }}
+{{- end }}
+
+{{/* Key of WANDB_API_KEY in assayer.trackers.secretName. */}}
+{{- define "assayer.trackers.apiKeyKey" -}}
+{{- if .Values.trackers.wandb.existingSecret }}
+{{- .Values.trackers.wandb.existingSecretKey }}
+{{- else -}}
+wandb-api-key
+{{- end }}
+{{- end }}
+
+{{/*
+Env entries of the watch container only (eval pods never get tracker settings or credentials):
+the settings of trackers that are set, and WANDB_API_KEY from a secretKeyRef, never a literal.
+*/}}
+{{- define "assayer.trackers.env" -}}
+{{- $t := .Values.trackers -}}
+- name: ASSAYER_DELIVERY_LEASE
+  value: {{ $t.deliveryLease | toString | quote }}
+{{- range $name, $value := dict "ASSAYER_REPORT_TO" $t.reportTo "MLFLOW_TRACKING_URI" $t.mlflow.trackingUri "MLFLOW_EXPERIMENT_NAME" $t.mlflow.experimentName "WANDB_PROJECT" $t.wandb.project "WANDB_ENTITY" $t.wandb.entity "WANDB_MODE" $t.wandb.mode }}
+{{- if $value }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- end }}
+{{- if or $t.wandb.existingSecret $t.wandb.apiKey }}
+- name: WANDB_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "assayer.trackers.secretName" . }}
+      key: {{ include "assayer.trackers.apiKeyKey" . }}
+{{- end }}
+{{- end }}
+
+{{/* The results volume: its claim, or an emptyDir. */}}
+{{- define "assayer.results.volume" -}}
+- name: results
+{{- with include "assayer.results.claimName" . }}
+  persistentVolumeClaim:
+    claimName: {{ . }}
+{{- else }}
+  emptyDir: {}
+{{- end }}
+{{- end }}

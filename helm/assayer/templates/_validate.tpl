@@ -48,6 +48,11 @@ in one failure, with the keys involved and what to do.
 {{- $errors = append $errors (printf "results.persistence.accessMode is %s but up to %d eval pods write results: use ReadWriteMany, or one eval pod" $res.persistence.accessMode (int $evalPods)) }}
 {{- end }}
 
+{{- /* TensorBoard: watch pods write results too; a ReadWriteOnce claim cannot take pods on several nodes. */}}
+{{- if and (include "assayer.trackers.tensorboardOnResults" .) $res.persistence.enabled (not $res.existingClaim) (ne $res.persistence.accessMode "ReadWriteMany") (le (int $evalPods) 1) (gt (add (int $evalPods) (int $v.watch.replicas)) 1) }}
+{{- $errors = append $errors (printf "results.persistence.accessMode is %s but TensorBoard makes the watch pods write results beside the eval pods: use ReadWriteMany, or give each tensorboard watch a tensorboard_dir on a volume of watch.extraVolumes (and keep tensorboard out of trackers.reportTo)" $res.persistence.accessMode) }}
+{{- end }}
+
 {{- /* Evaluators: at most one source. */}}
 {{- $ev := $v.evaluators }}
 {{- $evSources := list }}
@@ -68,6 +73,29 @@ in one failure, with the keys involved and what to do.
 {{- $mount := trimSuffix "/" $v.checkpoints.mountPath }}
 {{- if and (hasPrefix "/" $w.directory) (ne $w.directory $mount) (not (hasPrefix (printf "%s/" $mount) $w.directory)) }}
 {{- $errors = append $errors (printf "watches[%d].directory %q is outside checkpoints.mountPath %q: watch pods only see the checkpoint volume; use a path under it or a relative one" $i $w.directory $mount) }}
+{{- end }}
+{{- end }}
+
+{{- /* Trackers: a watch's per-tracker option needs that tracker (the watch worker refuses the watch otherwise). */}}
+{{- $defaultReport := splitList "," (replace " " "" $v.trackers.reportTo) }}
+{{- range $i, $w := $v.watches }}
+{{- $report := ternary (default list $w.report_to) $defaultReport (hasKey $w "report_to") }}
+{{- range $option, $sink := dict "tensorboard_dir" "tensorboard" "mlflow_run_id" "mlflow" "wandb_run_id" "wandb" }}
+{{- if and (index $w $option) (not (has $sink $report)) }}
+{{- $errors = append $errors (printf "watches[%d].%s is set but %s is not in its report_to (nor, without report_to, in trackers.reportTo): add %s to report_to" $i $option $sink $sink) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $wandb := $v.trackers.wandb }}
+{{- if and $wandb.apiKey $wandb.existingSecret }}
+{{- $errors = append $errors "trackers.wandb.apiKey and trackers.wandb.existingSecret are both set: choose one" }}
+{{- end }}
+{{- if has "wandb" (splitList "," (include "assayer.trackers.used" .)) }}
+{{- if and (has $wandb.mode (list "" "online")) (not $wandb.apiKey) (not $wandb.existingSecret) }}
+{{- $errors = append $errors (printf "W&B is in trackers.reportTo or a watch's report_to and trackers.wandb.mode is %s, but there is no API key: set trackers.wandb.existingSecret (a Secret with key trackers.wandb.existingSecretKey) or trackers.wandb.apiKey, or use trackers.wandb.mode=offline" (ternary "online" "empty (online)" (eq $wandb.mode "online"))) }}
+{{- end }}
+{{- if eq $wandb.mode "disabled" }}
+{{- $errors = append $errors "trackers.wandb.mode is disabled but W&B is in trackers.reportTo or a watch's report_to: Assayer cannot deliver to a disabled W&B; remove wandb from report_to, or use online or offline" }}
 {{- end }}
 {{- end }}
 
@@ -128,6 +156,21 @@ in one failure, with the keys involved and what to do.
 {{- $np := $v.networkPolicy }}
 {{- if and $d.enabled $d.ingress.enabled $np.enabled (not $np.dashboard.ingressController.namespace) (not $np.dashboardFrom) }}
 {{- $errors = append $errors "dashboard.ingress.enabled is true but the dashboard's NetworkPolicy admits no Ingress controller: set networkPolicy.dashboard.ingressController.namespace (and podLabels), or name the controller's pods or address ranges in networkPolicy.dashboardFrom" }}
+{{- end }}
+
+{{- /* Exporter: a ServiceMonitor needs the exporter and prometheus-operator's API; its timeout fits in its interval. */}}
+{{- $sm := $v.exporter.serviceMonitor }}
+{{- $smAPI := include "assayer.exporter.serviceMonitorAPI" . }}
+{{- if and $sm.enabled (not $v.exporter.enabled) }}
+{{- $errors = append $errors "exporter.serviceMonitor.enabled is true but exporter.enabled is false: the ServiceMonitor would select no Service" }}
+{{- end }}
+{{- if and $sm.enabled $v.exporter.enabled (not (.Capabilities.APIVersions.Has $smAPI)) }}
+{{- $errors = append $errors (printf "exporter.serviceMonitor.enabled is true but the cluster has no %s API: install prometheus-operator's CRDs first (with `helm template`, pass --api-versions %s), or scrape by annotation (exporter.scrapeAnnotations)" $smAPI $smAPI) }}
+{{- end }}
+{{- if and $sm.enabled $sm.interval $sm.scrapeTimeout }}
+{{- if gt (include "assayer.durationMs" $sm.scrapeTimeout | int64) (include "assayer.durationMs" $sm.interval | int64) }}
+{{- $errors = append $errors (printf "exporter.serviceMonitor.scrapeTimeout (%s) is longer than exporter.serviceMonitor.interval (%s): prometheus-operator rejects it; shorten the timeout" $sm.scrapeTimeout $sm.interval) }}
+{{- end }}
 {{- end }}
 
 {{- if $errors }}
