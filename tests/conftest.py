@@ -1,9 +1,15 @@
-"""Fixtures: a real redis-server per test session, settings for fast tests, real worker processes."""
+"""Fixtures: a real redis-server per test session, settings for fast tests, real worker processes.
+
+Under pytest-xdist each worker process is its own session: its own redis-server (on a free port,
+in its own basetemp), and every test its own tmp_path and ASSAYER_HOME. Nothing is shared.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -19,12 +25,22 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
+@pytest.fixture(autouse=True)
+def _own_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No ASSAYER_* setting of the developer's shell reaches a test; code run in process writes under tmp_path.
+
+    ASSAYER_E2E_* variables are the end-to-end tests' own knobs (tests/e2e), not settings: they stay.
+    """
+    for name in [n for n in os.environ if n.startswith("ASSAYER_") and not n.startswith("ASSAYER_E2E_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("ASSAYER_HOME", str(tmp_path / "home"))
+
+
 @pytest.fixture
 def conn(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_server.url)
-    client.flushall()
-    yield client
-    client.close()
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.flushall()
+        yield client
 
 
 @pytest.fixture
@@ -44,6 +60,28 @@ def workers(settings: Settings, tmp_path: Path, request: pytest.FixtureRequest) 
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed:
         print(w.logs())
+
+
+@pytest.fixture
+def drawn(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Figures saved during the test (assayer.plot draws into one), so a test can look at what was drawn."""
+    import matplotlib.figure
+
+    figures: list[Any] = []
+    save = matplotlib.figure.Figure.savefig
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        figures.append(self)
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    return figures
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first: pytest-xdist hands tests out in this order (one at a time with
+    ``--maxschedchunk 1``), so no worker is left with a slow test while the others are done."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise as collected
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -1,16 +1,25 @@
-"""Test harness: a real redis-server, real worker processes, and a condition waiter (fixtures are in conftest)."""
+"""Test harness: a real redis-server, real worker processes, the CLI in or out of process, and condition waiters.
+
+Fixtures are in conftest. Everything here is safe under pytest-xdist: ports are probed, never fixed,
+and every path a test writes lies under its own tmp_path.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import itertools
 import json
 import os
+import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +32,58 @@ ROOT = Path(__file__).resolve().parent.parent
 EVALUATORS = Path(__file__).resolve().parent / "evaluators.py"
 
 
+PORTS = range(20_000, 32_000)
+"""Where free_port looks: below Linux's ephemeral range (32768-60999), so no outgoing connection of
+any process takes the port between the probe and the server's bind."""
+
+PORTS_PER_WORKER = 500
+"""Each pytest-xdist worker (gw0, gw1, ...) probes its own slice of PORTS: a port one worker handed
+out cannot be handed out by another before its server binds it."""
+
+
+def _own_ports() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    start = PORTS.start + index % (len(PORTS) // PORTS_PER_WORKER) * PORTS_PER_WORKER
+    return range(start, start + PORTS_PER_WORKER)
+
+
+_next_port = itertools.count(random.randrange(PORTS_PER_WORKER))  # round robin: not the same port twice in a row
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port on 127.0.0.1 that nothing listens on now, from this worker's slice, in turn."""
+    ports = _own_ports()
+    for _ in range(len(ports)):
+        port = ports[next(_next_port) % len(ports)]
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {ports}")
+
+
+def built_once(tmp_path_factory: Any, name: str, build: Callable[[Path], None]) -> Path:
+    """A directory that ``build`` fills once per test run, shared by every pytest-xdist worker.
+
+    For expensive, read-only material (a real training run): the first worker that asks builds it
+    under a lock, the others wait for it and reuse it. Tests read it and never change it (copy it
+    to change it). pytest-xdist's docs advise this for data a session fixture would build per worker.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's own directory, above each worker's basetemp
+    path, done = root / name, root / f"{name}.built"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)  # left half-built by a worker whose build failed
+            path.mkdir(parents=True)
+            build(path)
+            done.touch()
+    return path
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> Any:
@@ -42,44 +99,59 @@ def wait_for(cond: Callable[[], Any], timeout: float = 30.0, interval: float = 0
 
 
 class RedisServer:
-    """A real redis-server with AOF in its own directory; can be restarted on the same port."""
+    """A real redis-server with AOF in its own directory, on a free port; can be restarted on the same port."""
 
     def __init__(self, workdir: Path) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
+        for _ in range(5):  # another process may bind the probed port first: probe again
+            self.port = free_port()
+            if self.start(must=False):
+                return
+        raise RuntimeError(f"redis-server did not start in 5 tries; see {self.dir / 'redis.log'}")
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
+    def start(self, must: bool = True) -> bool:
+        """Start on ``self.port``; False (or, with ``must``, an error) when the port was taken meanwhile."""
         self.proc = subprocess.Popen(
             [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--logfile", str(self.dir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port)
-        wait_for(lambda: _pings(client), 10, what="redis-server to start")
+        with redis.Redis(port=self.port, socket_connect_timeout=2) as client:
+            # Ours answers with our pid: a ping alone would also be answered by a server someone else started there.
+            state = wait_for(lambda: self._state(client), 20, what=f"redis-server to start on port {self.port}")
+        if state == "ours":
+            return True
+        self.proc.wait(10)
+        if must:
+            raise RuntimeError(f"redis-server could not bind port {self.port} again; see {self.dir / 'redis.log'}")
+        return False
+
+    def _state(self, client: redis.Redis) -> str | None:
+        assert self.proc is not None
+        try:
+            if int(client.info("server")["process_id"]) == self.proc.pid:
+                return "ours"
+        except redis.RedisError:  # not up yet, or something else answers on the port
+            pass
+        if self.proc.poll() is not None:
+            return "exited"
+        return None
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
-            with contextlib.suppress(redis.ConnectionError):
-                redis.Redis(port=self.port).shutdown(nosave=False)
+            with contextlib.suppress(redis.ConnectionError), redis.Redis(port=self.port) as client:
+                client.shutdown(nosave=False)
             self.proc.wait(10)
 
     def restart(self) -> None:
         self.stop()
         self.start()
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
 
 
 def env_for(settings: Settings) -> dict[str, str]:
@@ -97,9 +169,44 @@ def env_for(settings: Settings) -> dict[str, str]:
 
 def run_cli(settings: Settings, *args: str, env: dict[str, str] | None = None,
             timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """``assayer ARGS`` in a real process, with the environment of ``settings``."""
+    """``assayer ARGS`` in a real process, with the environment of ``settings``.
+
+    For what only a process shows: exit codes set by signals, logging as configured at start, a
+    server that must listen. Everything else runs in process, with :func:`invoke` (much cheaper).
+    """
     return subprocess.run([sys.executable, "-m", "assayer", *args], env=env or env_for(settings), cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class CliResult:
+    """What :func:`invoke` saw; the same fields as the ``subprocess.CompletedProcess`` of :func:`run_cli`."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def invoke(settings: Settings, *args: str, env: dict[str, str] | None = None) -> CliResult:
+    """``assayer ARGS`` in this process (click's CliRunner), with the environment of ``settings``.
+
+    It goes through ``assayer.cli.main``, so errors map to exit codes and ``fix:`` lines as in a
+    real run; only ``ASSAYER_*`` variables of ``env`` (default: ``env_for(settings)``) are set,
+    and any other ``ASSAYER_*`` variable is unset for the call.
+    """
+    from click.testing import CliRunner
+
+    from assayer.cli import main
+
+    wanted = {k: v for k, v in (env or env_for(settings)).items() if k.startswith("ASSAYER_")}
+    unset: dict[str, str | None] = {k: None for k in os.environ if k.startswith("ASSAYER_") and k not in wanted}
+    with CliRunner().isolation(env={**unset, **wanted}) as (out, err, _):
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    return CliResult(code, out.getvalue().decode(), err.getvalue().decode())
 
 
 class Workers:
@@ -111,15 +218,16 @@ class Workers:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, role: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        log = open(self.logdir / f"{role}-{len(self.procs)}.log", "wb")  # noqa: SIM115
         env = env_for(self.settings) | (extra_env or {})
-        proc = subprocess.Popen([sys.executable, "-m", "assayer", "worker", role], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, cwd=ROOT)
+        with open(self.logdir / f"{role}-{len(self.procs)}.log", "wb") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen([sys.executable, "-m", "assayer", "worker", role], env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, cwd=ROOT)
         proc.role = role  # type: ignore[attr-defined]
         self.procs.append(proc)
-        conn = redis.Redis.from_url(self.settings.redis_url)
-        wait_for(lambda: conn.exists(f"assayer:health:{role}:{socket.gethostname()}:{proc.pid}"), 30,
-                 what=f"{role} worker {proc.pid} to report healthy")
+        with redis.Redis.from_url(self.settings.redis_url) as conn:
+            wait_for(lambda: conn.exists(f"assayer:health:{role}:{socket.gethostname()}:{proc.pid}") or proc.poll(),
+                     60, what=f"{role} worker {proc.pid} to report healthy")
+        assert proc.poll() is None, f"{role} worker {proc.pid} exited with {proc.returncode}:\n{self.logs()}"
         return proc
 
     def kill9(self, proc: subprocess.Popen[bytes]) -> None:
@@ -139,6 +247,76 @@ class Workers:
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in sorted(self.logdir.glob("*.log")))
+
+
+def completed_scans(conn: redis.Redis, watch: str, since: float, queue: str = "assayer-watch") -> int:
+    """Scan jobs that covered ``watch``, started at or after ``since`` (unix time) and completed.
+
+    Read from rq's finished-job registry of the watch queue, which keeps scan jobs for a minute
+    (SCAN_RESULT_TTL): Assayer itself counts no scans (its watch state is written on change only).
+    """
+    from rq.job import Job
+    from rq.registry import FinishedJobRegistry
+    from rq.serializers import JSONSerializer
+
+    ids = FinishedJobRegistry(queue, connection=conn, serializer=JSONSerializer).get_job_ids(cleanup=False)
+    jobs = Job.fetch_many(ids, connection=conn, serializer=JSONSerializer)
+    return sum(1 for job in jobs if job is not None and watch in (job.kwargs or {}).get("names", ())
+               and job.started_at is not None and job.started_at.timestamp() >= since)
+
+
+def wait_for_scans(conn: redis.Redis, watch: str = "run", count: int = 3, timeout: float = 30.0,
+                   after: float = 0.0) -> None:
+    """Wait until ``count`` scans of ``watch`` that started ``after`` seconds from now or later have completed.
+
+    What a test waits for before it asserts that nothing (more) happened: each of those scans saw
+    the directory as it is now and enqueued, in the same job, whatever it found. ``after`` is for
+    time-based rules: ``settings.settle`` makes the scans counted ones that came after the settle time.
+    Needs a running watch worker.
+    """
+    since = time.time() + after
+
+    def done() -> bool:
+        # A quiet watch is scanned every 30 s, or when inotify reports a change: make it due now, as a
+        # change notification does (never later than it was, never re-added once removed).
+        conn.zadd("assayer:due", {watch: time.time()}, xx=True, lt=True)
+        return completed_scans(conn, watch, since) >= count
+
+    wait_for(done, timeout + after, interval=0.2, what=f"{count} completed scans of watch {watch}")
+
+
+def settled(conn: redis.Redis, watch: str = "run", queue: str = "assayer-eval") -> bool:
+    """No evaluation of ``watch`` is queued, running, waiting for a retry or without its final result."""
+    return (conn.scard(f"assayer:pending:{watch}") == 0 and conn.llen(f"rq:queue:{queue}") == 0
+            and conn.zcard(f"rq:wip:{queue}") == 0 and conn.zcard(f"rq:scheduled:{queue}") == 0)
+
+
+def quiet(conn: redis.Redis, watch: str = "run", scans: int = 3, timeout: float = 30.0, after: float = 0.0) -> None:
+    """Nothing more will happen to ``watch`` on its own: ``scans`` more scans completed (see
+    :func:`wait_for_scans` for ``after``) and every evaluation they could have queued ended."""
+    wait_for_scans(conn, watch, scans, timeout, after)
+    wait_for(lambda: settled(conn, watch), timeout, what=f"every evaluation of watch {watch} to end")
+
+
+def burst(settings: Settings, conn: redis.Redis, role: str = "eval") -> bool:
+    """Run an Assayer worker of ``role`` in this process until its queue is empty (rq's burst mode).
+
+    For tests about what an evaluation leaves behind (results, status, the CLI's answers). Kill -9,
+    warm shutdown, timeouts and Redis restarts keep real processes (:class:`Workers`). rq installs
+    its own SIGINT, SIGTERM and SIGALRM handlers and alarm; they are put back afterwards, so Ctrl-C
+    and pytest-timeout still work for the rest of the test.
+    """
+    from assayer.workers import WORKERS
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
+    timer, started = signal.getitimer(signal.ITIMER_REAL), time.monotonic()
+    try:
+        return WORKERS[role](settings, conn).work(burst=True)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        if timer[0] > 0:
+            signal.setitimer(signal.ITIMER_REAL, max(timer[0] - (time.monotonic() - started), 0.001), timer[1])
 
 
 def final_results(conn: redis.Redis, watch: str) -> list[dict[str, Any]]:

@@ -1,4 +1,8 @@
-"""The ``assayer`` command as a person runs it: real processes, real Redis, bad input included."""
+"""The ``assayer`` command as a person runs it: real Redis, bad input included.
+
+Commands run in process (click's CliRunner through ``assayer.cli.main``: the same exit codes and
+messages); workers and the dashboard, whose process is the point, run as real processes.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +15,15 @@ from pathlib import Path
 
 import pytest
 import redis
-from harness import ROOT, Workers, env_for, evaluator_ref, free_port, run_cli, wait_for
+from harness import ROOT, Workers, burst, env_for, evaluator_ref, free_port, invoke, run_cli, wait_for
+from pictures import assert_plotted
 from writers import torch_bytes
 
 from assayer import results
 from assayer.errors import ConfigError
 from assayer.settings import Settings
 
-run = run_cli
+run = invoke
 
 
 def test_watch_add_list_pause_resume_remove(conn: redis.Redis, settings: Settings, tmp_path: Path) -> None:
@@ -96,8 +101,8 @@ def test_redis_unreachable_or_wrong_password(settings: Settings, redis_server) -
     env = env_for(settings) | {"ASSAYER_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
     out = run(settings, "watch", "list", env=env)
     assert out.returncode == 3 and "cannot reach Redis" in out.stderr and "assayer up" in out.stderr
-    client = redis.Redis.from_url(redis_server.url)
-    client.config_set("requirepass", "s3cret")
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.config_set("requirepass", "s3cret")
     try:
         env = env_for(settings) | {"ASSAYER_REDIS_PASSWORD": "wrong"}
         out = run(settings, "status", env=env)
@@ -105,7 +110,8 @@ def test_redis_unreachable_or_wrong_password(settings: Settings, redis_server) -
         env["ASSAYER_REDIS_PASSWORD"] = "s3cret"
         assert run(settings, "status", env=env).returncode == 0
     finally:
-        redis.Redis.from_url(redis_server.url, password="s3cret").config_set("requirepass", "")
+        with redis.Redis.from_url(redis_server.url, password="s3cret") as client:
+            client.config_set("requirepass", "")
 
 
 def _seed(settings: Settings, conn: redis.Redis) -> None:
@@ -137,12 +143,15 @@ def test_results_as_table_json_csv_and_best(conn: redis.Redis, settings: Setting
     assert from_files == records  # the file copy answers when Redis is lost
 
 
-def test_results_plot(conn: redis.Redis, settings: Settings, tmp_path: Path) -> None:
+def test_results_plot(conn: redis.Redis, settings: Settings, tmp_path: Path, drawn: list) -> None:  # type: ignore[type-arg]
     run(settings, "watch", "add", str(tmp_path), "-e", evaluator_ref("record"), "--name", "run")
     _seed(settings, conn)
     out = run(settings, "results", "--plot", str(tmp_path / "p.png"), "--best", "accuracy")
     assert out.returncode == 0, out.stderr
-    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot written to {tmp_path / 'p.png'}" in out.stderr
+    (ax,) = drawn[0].axes
+    assert ax.get_ylabel() == "accuracy"
+    assert_plotted(tmp_path / "p.png", ax, "run", [(0, 0.5), (100, 0.9), (200, 0.8)], best=(100, 0.9))
 
 
 def test_status_shows_watches_lag_queues_workers_and_errors(
@@ -161,15 +170,15 @@ def test_status_shows_watches_lag_queues_workers_and_errors(
     assert run(settings, "health", "eval").returncode == 1
 
 
-def test_evaluate_existing_on_request(conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path) -> None:
+def test_evaluate_existing_on_request(conn: redis.Redis, settings: Settings, tmp_path: Path) -> None:
     (tmp_path / "old.pt").write_bytes(torch_bytes())
     run(settings, "watch", "add", str(tmp_path), "-e", evaluator_ref("record"), "--name", "run")
     assert conn.llen("rq:queue:assayer-eval") == 0  # existing: baseline only
     out = run(settings, "evaluate", "--watch", "run")
     assert out.returncode == 0 and "queued 1" in out.stdout
     assert "queued 0" in run(settings, "evaluate", "--watch", "run").stdout  # already queued: not twice
-    workers.start("eval")
-    wait_for(lambda: conn.hlen("assayer:results:run") == 1, 20, what="the requested evaluation")
+    burst(settings, conn)
+    assert conn.hlen("assayer:results:run") == 1
     assert "queued 0" in run(settings, "evaluate", "--watch", "run").stdout  # already evaluated
     assert "queued 1" in run(settings, "evaluate", "--watch", "run", "--force").stdout
     bad = run(settings, "evaluate", str(tmp_path / "other.pt"), "--watch", "run")
@@ -196,7 +205,7 @@ def test_dashboard_requires_a_password_then_answers_401_and_200(
     (tmp_path / "a.pt").write_bytes(torch_bytes())
     run(settings, "watch", "add", str(tmp_path), "-e", evaluator_ref("record"), "--name", "run", "--eval-existing")
     run(settings, "evaluate", "--watch", "run")  # one queued eval job, no worker
-    refused = run(settings, "dashboard")
+    refused = run_cli(settings, "dashboard", timeout=60)  # a process: were the check gone, it would serve on
     assert refused.returncode == 2 and "ASSAYER_DASHBOARD_PASSWORD" in refused.stderr
     port = free_port()
     env = env_for(settings) | {"ASSAYER_DASHBOARD_PASSWORD": "pw", "ASSAYER_DASHBOARD_PORT": str(port)}
@@ -210,8 +219,10 @@ def test_dashboard_requires_a_password_then_answers_401_and_200(
             if auth:
                 req.add_header("Authorization", "Basic " + b64encode(auth.encode()).decode())
             try:
-                return urllib.request.urlopen(req, timeout=2).status
+                with urllib.request.urlopen(req, timeout=2) as resp:
+                    return int(resp.status)
             except urllib.error.HTTPError as exc:
+                exc.close()
                 return exc.code
             except OSError:
                 return 0
@@ -221,7 +232,8 @@ def test_dashboard_requires_a_password_then_answers_401_and_200(
         assert status("assayer:pw") == 200
         req = urllib.request.Request(url + "0/data/queues.json")
         req.add_header("Authorization", "Basic " + b64encode(b"assayer:pw").decode())
-        queues = {q["name"]: q["count"] for q in json.load(urllib.request.urlopen(req, timeout=5))["queues"]}
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            queues = {q["name"]: q["count"] for q in json.load(resp)["queues"]}
         assert queues["assayer-eval"] == 1
     finally:
         proc.terminate()

@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import redis
 from harness import ROOT, evaluator_ref, final_results, wait_for
+from rq.registry import FinishedJobRegistry
 from writers import torch_bytes
 
 
+@pytest.mark.slow
 def test_original_flags_start_workers_and_shutdown_stops_them(conn: redis.Redis, redis_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ASSAYER_")}
     env.update(ASSAYER_HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT))
@@ -31,7 +34,12 @@ def test_original_flags_start_workers_and_shutdown_stops_them(conn: redis.Redis,
     try:
         (ckpts / "sub" / "new.pt").write_bytes(torch_bytes(1))  # recursion, unlike the original
         wait_for(lambda: len(final_results(conn, "run")) == 2, 30, what="existing and new checkpoints evaluated")
-        assert conn.exists("rq:queue:evaluation") or conn.sismember("rq:queues", "rq:queue:evaluation")
+        # Both evaluations ran from the queue named on the command line (rq files a job as finished
+        # just after its result is stored), none from Assayer's default queue.
+        ids = sorted(r["job_id"] for r in final_results(conn, "run"))
+        wait_for(lambda: sorted(FinishedJobRegistry("evaluation", connection=conn).get_job_ids()) == ids, 10,
+                 what="both jobs finished in the queue named evaluation")
+        assert FinishedJobRegistry("assayer-eval", connection=conn).get_job_ids() == []
         stop = subprocess.run([sys.executable, "-m", "assayer.shutdown", "--redis_host", "127.0.0.1",
                                "--redis_port", str(redis_server.port), "--watch_queue_name", "watch",
                                "--eval_queue_name", "evaluation"], env=env, cwd=ROOT, capture_output=True, text=True)

@@ -215,6 +215,7 @@ def test_allow_delete_is_a_deprecated_name_for_allow_actions(caplog: pytest.LogC
     assert Settings.from_env({}).dashboard_allow_actions is False
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_the_requeue_button_in_chromium_requeues_a_failed_job(
     conn: redis.Redis, start_dashboard: Callable[..., Dashboard]

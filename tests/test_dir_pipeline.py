@@ -7,8 +7,9 @@ import shutil
 import time
 from pathlib import Path
 
+import pytest
 import redis
-from harness import Workers, add_watch, attempts, evaluator_ref, final_results, results_by_path, wait_for
+from harness import Workers, add_watch, attempts, evaluator_ref, final_results, quiet, results_by_path, wait_for
 from layout_writers import deepspeed_latest, write_deepspeed
 from writers import save_dcp, save_pretrained_sharded, train_hf
 
@@ -17,6 +18,7 @@ from assayer.cli import main as cli_main
 from assayer.settings import Settings
 
 
+@pytest.mark.slow
 def test_trainer_run_with_rotation_evaluates_each_checkpoint_directory_once(
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
@@ -28,7 +30,7 @@ def test_trainer_run_with_rotation_evaluates_each_checkpoint_directory_once(
     expected = {f"exp1/checkpoint-{n}" for n in (4, 8, 12, 16)}
     wait_for(lambda: set(results_by_path(conn)) >= {"exp1/checkpoint-12", "exp1/checkpoint-16"}, 60,
              what="the kept checkpoints evaluated")
-    time.sleep(1.5)  # more scans: nothing twice, no file of a checkpoint on its own
+    quiet(conn, after=settings.settle)  # later scans, every evaluation ended: nothing twice, no file on its own
     got = results_by_path(conn)
     assert set(got) <= expected, f"files inside a checkpoint were evaluated: {set(got) - expected}"
     for rel, recs in got.items():
@@ -44,6 +46,7 @@ def test_trainer_run_with_rotation_evaluates_each_checkpoint_directory_once(
         assert rec["metrics"]["tensors"] > 0 and rec["checkpoint"] == str(runs / rel)
 
 
+@pytest.mark.slow
 def test_a_late_shard_is_waited_for_and_status_says_which(
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
@@ -58,7 +61,7 @@ def test_a_late_shard_is_waited_for_and_status_says_which(
     info = wait_for(lambda: next((w for w in status.collect(conn, settings)["watches"] if w["waiting"]), None), 20,
                     what="status to say what the checkpoint waits for")
     assert info["waiting"] == waiting and info["incomplete"] == 1
-    time.sleep(1.0)
+    quiet(conn, after=settings.settle)
     assert final_results(conn, "run") == []  # however long it waits: never evaluated without its shard
     shutil.copy(staging / "export" / late, run / "export" / late)
     rec = wait_for(lambda: final_results(conn, "run"), 20, what="the export evaluated")[0]
@@ -66,6 +69,7 @@ def test_a_late_shard_is_waited_for_and_status_says_which(
     assert not any(w["waiting"] for w in status.collect(conn, settings)["watches"])
 
 
+@pytest.mark.slow
 def test_rewritten_directory_is_evaluated_again_and_a_deleted_one_ends_missing(
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
@@ -99,7 +103,7 @@ def test_deepspeed_tag_is_evaluated_after_latest_and_existing_directories_on_req
     workers.start("watch")
     workers.start("eval")
     tag = write_deepspeed(run, 300, write_latest=False)
-    time.sleep(1.5)
+    quiet(conn, after=settings.settle)  # past the settle time too: a tag without `latest` is never complete
     assert final_results(conn, "run") == []
     deepspeed_latest(run, tag.name)
     rec = wait_for(lambda: final_results(conn, "run"), 20, what="global_step300 evaluated")[0]
@@ -129,6 +133,7 @@ def test_watch_add_takes_layout_and_ready_markers_and_refuses_bad_ones(
     assert __import__("assayer.watches", fromlist=["get"]).get(conn, "bad") is None
 
 
+@pytest.mark.slow
 def test_the_hugging_face_example_evaluates_trainer_checkpoints_and_results_pick_the_best(
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path, capsys
 ) -> None:
@@ -164,7 +169,7 @@ def test_eval_existing_takes_the_directories_already_there(
     workers.start("eval")
     wait_for(lambda: len(final_results(conn, "run")) == 2, 20, what="both existing directories evaluated")
     save_dcp(run / "b" / "tmp-step-3")
-    time.sleep(1.0)
+    quiet(conn, after=settings.settle)
     assert len(final_results(conn, "run")) == 2
     os.rename(run / "b" / "tmp-step-3", run / "b" / "step-3")
     wait_for(lambda: "b/step-3" in results_by_path(conn), 20, what="the renamed directory evaluated")

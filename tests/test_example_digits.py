@@ -10,6 +10,7 @@ from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pytest
+from harness import built_once
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -25,10 +26,12 @@ def load(path: Path) -> ModuleType:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
-    """Two epochs of training, once for the whole module (a few seconds on CPU)."""
-    out = tmp_path_factory.mktemp("digits")
-    train = load(EXAMPLES / "digits" / "train.py")
-    assert train.main(["--out", str(out), "--epochs", "2", "--device", "cpu"]) == 0
+    """Two epochs of training, once for the whole test run (a few seconds on CPU); read only."""
+
+    def train(out: Path) -> None:
+        assert load(EXAMPLES / "digits" / "train.py").main(["--out", str(out), "--epochs", "2", "--device", "cpu"]) == 0
+
+    out = built_once(tmp_path_factory, "digits", train)
     return out, sorted(out.rglob("*.pt"))
 
 

@@ -6,12 +6,12 @@ import dataclasses
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import pytest
 import redis
-from harness import ROOT, RedisServer, Workers, add_watch, attempts, env_for, final_results, wait_for
+from harness import RedisServer, Workers, add_watch, attempts, final_results, invoke, quiet, wait_for
 from writers import torch_bytes, zip_bytes
 
 from assayer import watches
@@ -22,6 +22,7 @@ def markers(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+@pytest.mark.slow
 def test_kill_9_of_an_eval_worker_mid_eval_then_the_job_completes_once(
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
@@ -41,8 +42,8 @@ def test_kill_9_of_an_eval_worker_mid_eval_then_the_job_completes_once(
     history = attempts(conn, rec["job_id"])
     assert [a["status"] for a in history] == ["failed", "ok"] and "lost" in history[0]["error"]
     assert retried_after < settings.lease_ttl + 20  # seconds, not rq's 10-minute maintenance cycle
-    time.sleep(1.0)
-    assert len(final_results(conn, "run")) == 1
+    quiet(conn)
+    assert len(final_results(conn, "run")) == 1 and len(attempts(conn, rec["job_id"])) == 2
     assert wait_for(lambda: not _alive_evalhosts(victim.pid), 10, what="the killed worker's evaluator to exit")
 
 
@@ -86,6 +87,7 @@ def test_a_lost_scan_job_does_not_end_the_watch(
     wait_for(lambda: final_results(conn, "run"), 30, what="the watch to be scanned again after the lease")
 
 
+@pytest.mark.slow
 def test_redis_restart_with_aof_loses_nothing_and_doubles_nothing(tmp_path: Path) -> None:
     server = RedisServer(tmp_path / "redis")
     settings = Settings(redis_url=server.url, home=tmp_path / "home", poll_interval=0.2, settle=0.5,
@@ -110,7 +112,7 @@ def test_redis_restart_with_aof_loses_nothing_and_doubles_nothing(tmp_path: Path
             (ckpts / f"b{i}.pt").write_bytes(zip_bytes(100 + i))
         conn = redis.Redis.from_url(server.url)
         wait_for(lambda: conn.hlen("assayer:results:run") >= 20, 90, interval=0.3, what="20 results after restart")
-        time.sleep(2.0)
+        quiet(conn)
         recs = final_results(conn, "run")
         assert len(recs) == 20 and len({r["relpath"] for r in recs}) == 20
         assert all(r["status"] == "ok" for r in recs)
@@ -123,6 +125,7 @@ def test_redis_restart_with_aof_loses_nothing_and_doubles_nothing(tmp_path: Path
         server.stop()
 
 
+@pytest.mark.slow
 def test_shutdown_mid_eval_finishes_the_eval_keeps_the_queue_and_resumes(
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
@@ -134,8 +137,7 @@ def test_shutdown_mid_eval_finishes_the_eval_keeps_the_queue_and_resumes(
     for i in range(3):
         (ckpts / f"{i}.pt").write_bytes(torch_bytes(i))
     wait_for(lambda: markers(marker) and conn.llen("rq:queue:assayer-eval") == 2, 20, what="one running, two queued")
-    out = subprocess.run([sys.executable, "-m", "assayer", "shutdown"], env=env_for(settings), capture_output=True,
-                         text=True, cwd=ROOT)
+    out = invoke(settings, "shutdown")
     assert out.returncode == 0, out.stderr
     assert ev.wait(30) == 0 and watch.wait(30) == 0  # exit 0: supervisor and compose leave them stopped
     assert len(final_results(conn, "run")) == 1  # the running one finished
@@ -152,8 +154,7 @@ def test_shutdown_purge_empties_the_queues(conn: redis.Redis, settings: Settings
     workers.start("watch")
     (ckpts / "a.pt").write_bytes(torch_bytes())
     wait_for(lambda: conn.llen("rq:queue:assayer-eval") == 1, 20, what="a queued job")
-    out = subprocess.run([sys.executable, "-m", "assayer", "shutdown", "--purge"], env=env_for(settings),
-                         capture_output=True, text=True, cwd=ROOT)
+    out = invoke(settings, "shutdown", "--purge")
     assert out.returncode == 0 and "emptied" in out.stdout
     assert conn.llen("rq:queue:assayer-eval") == 0
 

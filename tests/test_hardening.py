@@ -7,8 +7,9 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 import redis
-from harness import Workers, add_watch, attempts, final_results, wait_for
+from harness import Workers, add_watch, attempts, final_results, invoke, quiet, wait_for
 from writers import torch_bytes
 
 from assayer.settings import Settings
@@ -163,10 +164,6 @@ def test_a_full_results_directory_never_fails_an_evaluation_is_shown_and_catches
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
     import json
-    import subprocess
-    import sys
-
-    from harness import ROOT, env_for
 
     from assayer import status
 
@@ -188,8 +185,7 @@ def test_a_full_results_directory_never_fails_an_evaluation_is_shown_and_catches
     wait_for(lambda: copy.exists() and len(copy.read_text().splitlines()) == 2, 10, what="the copy to catch up")
     assert status.collect(conn, settings)["watches"][0]["results_copy"] is None
     copy.unlink()  # lost altogether: rebuilt from Redis on request
-    out = subprocess.run([sys.executable, "-m", "assayer", "results", "--export"], env=env_for(settings),
-                         capture_output=True, text=True, cwd=ROOT)
+    out = invoke(settings, "results", "--export")
     assert out.returncode == 0 and "2 result line(s) from Redis" in out.stdout, out.stderr
     assert sorted(json.loads(line)["relpath"] for line in copy.read_text().splitlines()) == ["0.pt", "1.pt"]
 
@@ -205,8 +201,7 @@ def test_workers_run_only_assayers_job_functions(conn: redis.Redis, settings: Se
         Queue(name, connection=conn, serializer="json").enqueue("os.system", f"touch {proof}")
     wait_for(lambda: conn.zcard("rq:failed:assayer-eval") == 1 and conn.zcard("rq:failed:assayer-watch") == 1, 15,
              what="both jobs failed unrun")
-    time.sleep(0.5)
-    assert not proof.exists()
+    assert not proof.exists()  # os.system would have touched it before its job could end
     assert "refused: eval workers run only assayer.jobs.evaluate" in workers.logs()
 
 
@@ -214,10 +209,8 @@ def test_evaluators_outside_the_allowed_roots_are_refused_at_add_and_in_the_work
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
     import json
-    import subprocess
-    import sys
 
-    from harness import EVALUATORS, ROOT, env_for
+    from harness import EVALUATORS, env_for
 
     from assayer import watches
 
@@ -226,8 +219,7 @@ def test_evaluators_outside_the_allowed_roots_are_refused_at_add_and_in_the_work
     outside = tmp_path / "elsewhere.py"
     outside.write_text("def evaluate(path):\n    return {'ran': 1}\n")
     for ref in (f"{outside}:evaluate", "os:system"):
-        out = subprocess.run([sys.executable, "-m", "assayer", "watch", "add", str(tmp_path / "run"), "-e", ref],
-                             env=env, capture_output=True, text=True, cwd=ROOT)
+        out = invoke(allowed, "watch", "add", str(tmp_path / "run"), "-e", ref, env=env)
         assert out.returncode == 2 and "outside the allowed evaluator roots" in out.stderr and "fix:" in out.stderr
     ckpts = tmp_path / "ckpts"
     add_watch(conn, settings, ckpts)  # allowed: tests/evaluators.py
@@ -283,18 +275,18 @@ def test_files_that_never_complete_are_listed_as_stalled_with_their_age(
     assert "stalled: " in status.render(status.collect(conn, settings))
 
 
+@pytest.mark.slow
 def test_redis_that_lost_its_data_is_detected_and_restore_evaluates_exactly_what_never_finished(
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
     import json
-    import subprocess
 
-    from harness import evaluator_ref, results_by_path, run_cli
+    from harness import CliResult, evaluator_ref, results_by_path
 
     from assayer import status
 
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return run_cli(settings, *args)
+    def cli(*args: str) -> CliResult:
+        return invoke(settings, *args)
 
     ckpts = tmp_path / "ckpts"
     ckpts.mkdir()
@@ -322,12 +314,13 @@ def test_redis_that_lost_its_data_is_detected_and_restore_evaluates_exactly_what
     workers.kill9(bystander)
     workers.start("eval")
     wait_for(lambda: len(final_results(conn, "run")) == 4, 30, what="c and d evaluated after the restore")
-    time.sleep(1.5)
+    quiet(conn)
     got = results_by_path(conn)
     assert sorted(got) == ["a.pt", "b.pt", "c.pt", "d.pt"] and all(len(v) == 1 for v in got.values())
     assert status.collect(conn, settings)["data_lost"] is None
 
 
+@pytest.mark.slow
 def test_kill_9_and_a_redis_restart_lose_no_pending_retry_and_no_backlogged_result_line(tmp_path: Path) -> None:
     """The new Redis state (failing attempts, the results-file backlog, the epoch) survives both, and nothing doubles."""
     import json
@@ -360,8 +353,9 @@ def test_kill_9_and_a_redis_restart_lose_no_pending_retry_and_no_backlogged_resu
         copy.unlink()  # writable again
         w.start("eval", {"FLAKY_DIR": str(tmp_path)})
         wait_for(lambda: len(final_results(conn, "run")) == 2, 40, what="both retried to a final result")
-        wait_for(lambda: copy.exists() and len(copy.read_text().splitlines()) == 4, 20, what="the copy caught up")
-        time.sleep(1.0)
+        # 30 s more at worst: a worker killed inside results.catch_up leaves its 30 s lock behind.
+        wait_for(lambda: copy.exists() and len(copy.read_text().splitlines()) == 4, 60, what="the copy caught up")
+        quiet(conn)
         got = results_by_path(conn)
         assert sorted(got) == ["a.pt", "b.pt"] and all(len(v) == 1 and v[0]["attempt"] == 2 for v in got.values())
         lines = [json.loads(line) for line in copy.read_text().splitlines()]

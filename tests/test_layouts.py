@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import built_once
 from layout_writers import (
     deepspeed_latest,
     megatron_tracker,
@@ -44,10 +45,10 @@ def hand_over(scanner: Scanner) -> set[str]:
 
 @pytest.fixture(scope="module")
 def hf_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One real Trainer run: 12 steps, a checkpoint every 4, at most 2 kept (save_total_limit)."""
-    out = tmp_path_factory.mktemp("hf") / "out"
-    train_hf(out, max_steps=12, save_steps=4, save_total_limit=2)
-    return out
+    """One real Trainer run, once for the whole test run: 12 steps, a checkpoint every 4, at most 2 kept
+    (save_total_limit). Read only: tests copy what they change."""
+    return built_once(tmp_path_factory, "hf", lambda root: train_hf(root / "out", max_steps=12, save_steps=4,
+                                                                    save_total_limit=2)) / "out"
 
 
 def test_trainer_checkpoints_are_directories_evaluated_whole_never_their_files(hf_run: Path) -> None:

@@ -6,6 +6,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from harness import add_watch, final_results, wait_for
 from writers import save_dcp
 
@@ -84,6 +85,7 @@ def scans_during(conn, seconds: float) -> int:  # type: ignore[no-untyped-def]
     return len(set(registry.get_job_ids()) - before)
 
 
+@pytest.mark.slow
 def test_a_quiet_watch_is_polled_rarely_yet_a_new_checkpoint_wakes_it_at_once(
     conn, settings, workers, tmp_path: Path  # type: ignore[no-untyped-def]
 ) -> None:
@@ -99,6 +101,7 @@ def test_a_quiet_watch_is_polled_rarely_yet_a_new_checkpoint_wakes_it_at_once(
     assert rec["relpath"] == "step-1"
 
 
+@pytest.mark.slow
 def test_without_notification_a_quiet_watch_keeps_the_idle_poll_interval(
     conn, settings, workers, tmp_path: Path  # type: ignore[no-untyped-def]
 ) -> None:

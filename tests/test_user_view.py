@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import redis
-from harness import ROOT, Workers, add_watch, attempts, env_for, evaluator_ref, final_results, run_cli, wait_for
+from harness import (
+    ROOT,
+    Workers,
+    add_watch,
+    attempts,
+    burst,
+    env_for,
+    evaluator_ref,
+    final_results,
+    invoke,
+    run_cli,
+    wait_for,
+)
 from writers import torch_bytes
 
 from assayer import status
@@ -34,22 +49,33 @@ def test_declared_and_given_directions_win_over_the_name() -> None:
     assert str(direction("val_mse", recs, "min")) == "lower is better (given)"
 
 
+def queue_existing(settings: Settings, conn: redis.Redis, ckpts: Path, fn: str, count: int) -> None:
+    """Register a watch on ``ckpts`` (files already written and settled) and queue every checkpoint, as
+    ``assayer evaluate --watch run`` does: for tests of what results say, not of how files are found."""
+    old = time.time() - 3600  # long settled: no wait for the settle time of an unknown format
+    for path in ckpts.iterdir():
+        os.utime(path, (old, old))
+    add_watch(conn, settings, ckpts, fn)
+    out = invoke(settings, "evaluate", "--watch", "run")
+    assert out.returncode == 0 and f"queued {count} evaluation(s)" in out.stdout, out.stdout + out.stderr
+
+
 def test_best_and_the_plot_agree_say_which_direction_and_steps_come_from_the_evaluator(
-    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
+    conn: redis.Redis, settings: Settings, tmp_path: Path
 ) -> None:
     from assayer import plot, results
 
     ckpts = tmp_path / "ckpts"
-    add_watch(conn, settings, ckpts, "scored")
-    workers.start("watch")
-    workers.start("eval")
+    ckpts.mkdir()
     for i, size in enumerate((3000, 1000, 5000)):
         (ckpts / f"model_{i}.state").write_bytes(b"\x80" * size)  # names that tell no step
-    wait_for(lambda: len(final_results(conn, "run")) == 3, 30, what="three results")
+    queue_existing(settings, conn, ckpts, "scored", 3)
+    burst(settings, conn)
+    assert len(final_results(conn, "run")) == 3
     assert sorted(r["step"] for r in final_results(conn, "run")) == [0, 0, 0]  # size % 1000, reported by ctx.step
-    out = run_cli(settings, "results", "run", "--best", "val_mse")
+    out = invoke(settings, "results", "run", "--best", "val_mse")
     assert "best val_mse for run: 1.0 at" in out.stdout and "(lower is better (name: 'mse'))" in out.stdout
-    odd = run_cli(settings, "results", "run", "--best", "odd")
+    odd = invoke(settings, "results", "run", "--best", "odd")
     assert "best odd for run: -5.0" in odd.stdout and "(lower is better (declared by the evaluator))" in odd.stdout
     recs = results.load(conn, ["run"])
     winners, _ = results.best(recs, "val_mse")
@@ -57,35 +83,33 @@ def test_best_and_the_plot_agree_say_which_direction_and_steps_come_from_the_eva
     assert marked["run"][1]["job_id"] == winners["run"]["job_id"]  # one rule for the CLI and the plot
 
 
-def test_a_step_metric_reported_by_the_evaluator_is_the_step(
-    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
-) -> None:
+def test_a_step_metric_reported_by_the_evaluator_is_the_step(conn: redis.Redis, settings: Settings, tmp_path: Path) -> None:
     ckpts = tmp_path / "ckpts"
-    add_watch(conn, settings, ckpts, "reports_step")
-    workers.start("watch")
-    workers.start("eval")
+    ckpts.mkdir()
     (ckpts / "resnet50_best.pt").write_bytes(torch_bytes())
-    rec = wait_for(lambda: final_results(conn, "run"), 20, what="a result")[0]
+    queue_existing(settings, conn, ckpts, "reports_step", 1)
+    burst(settings, conn)
+    (rec,) = final_results(conn, "run")
     assert rec["step"] == 4242 and "_step" not in rec["metrics"]
 
 
 def test_a_failed_attempt_shows_at_once_in_status_results_failed_and_show(
-    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
+    conn: redis.Redis, settings: Settings, tmp_path: Path
 ) -> None:
     ckpts = tmp_path / "ckpts"
-    add_watch(conn, settings, ckpts, "always_retry")
-    workers.settings = dataclasses.replace(settings, retry_backoff=(60,))
-    workers.start("watch")
-    workers.start("eval")
+    ckpts.mkdir()
     (ckpts / "a.pt").write_bytes(torch_bytes())
-    watch = wait_for(lambda: next((w for w in status.collect(conn, settings)["watches"] if w["failing"]), None), 20,
-                     what="status to show the failing evaluation")
+    settings = dataclasses.replace(settings, retry_backoff=(60,))
+    queue_existing(settings, conn, ckpts, "always_retry", 1)
+    burst(settings, conn)  # the first attempt fails; the retry waits 60 s
+    assert conn.zcard("rq:scheduled:assayer-eval") == 1 and final_results(conn, "run") == []
+    (watch,) = status.collect(conn, settings)["watches"]
     assert watch["failing"] == 1 and watch["last_error"] == "a.pt: Retry: GPU busy for a.pt"
-    table = run_cli(settings, "results", "run").stdout
+    table = invoke(settings, "results", "run").stdout
     assert "retrying 2/3: Retry: GPU busy for a.pt" in table and "a.pt" in table
-    failed = run_cli(settings, "results", "--failed").stdout
+    failed = invoke(settings, "results", "--failed").stdout
     assert "Traceback (most recent call last)" in failed and "in always_retry" in failed
-    shown = run_cli(settings, "show", str(ckpts / "a.pt"))
+    shown = invoke(settings, "show", str(ckpts / "a.pt"))
     assert shown.returncode == 0 and "attempt 1/3  failed (not final)" in shown.stdout and "Traceback" in shown.stdout
 
 
@@ -109,7 +133,7 @@ def test_a_crash_is_retried_an_exception_is_not(
 def test_watch_add_says_how_many_existing_checkpoints_it_leaves_out(settings: Settings, tmp_path: Path) -> None:
     for i in range(6):
         (tmp_path / f"step_{i}.pt").write_bytes(torch_bytes(i))
-    out = run_cli(settings, "watch", "add", str(tmp_path), "-e", evaluator_ref("record"), "--name", "run")
+    out = invoke(settings, "watch", "add", str(tmp_path), "-e", evaluator_ref("record"), "--name", "run")
     assert out.returncode == 0, out.stderr
     assert "6 existing checkpoint(s) are not evaluated; use --eval-existing or `assayer evaluate --watch run`" in out.stdout
 
@@ -117,35 +141,45 @@ def test_watch_add_says_how_many_existing_checkpoints_it_leaves_out(settings: Se
 def test_commands_print_their_answer_without_log_lines_and_status_refreshes_in_place(
     conn: redis.Redis, settings: Settings, tmp_path: Path
 ) -> None:
-    import time
-
+    # Real processes: which log lines reach stderr is decided by the logging set up at a process's start.
     out = run_cli(settings, "watch", "add", str(tmp_path), "-e", evaluator_ref("record"), "--name", "run")
     assert out.returncode == 0 and " INFO " not in out.stdout + out.stderr
     proc = subprocess.Popen([sys.executable, "-m", "assayer", "status", "--interval", "0.2"], env=env_for(settings),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    time.sleep(2.5)
-    proc.terminate()
-    stdout, stderr = proc.communicate(timeout=10)
-    assert stdout.count("watches:") >= 3 and "run:" in stdout and " INFO " not in stderr
+    assert proc.stdout is not None and proc.stderr is not None
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    try:
+        wait_for(lambda: sum("watches:" in line for line in list(lines)) >= 3, 30, what="three refreshes of status")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        reader.join(10)
+        stderr = proc.stderr.read()
+        proc.stdout.close()
+        proc.stderr.close()
+    stdout = "".join(lines)
+    assert "run:" in stdout and " INFO " not in stderr
 
 
 def test_watch_add_reaches_redis_before_it_imports_the_evaluator(settings: Settings, tmp_path: Path) -> None:
-    import time
-
     slow = tmp_path / "slow_import.py"
     slow.write_text("import time\ntime.sleep(20)\n\ndef evaluate(path):\n    return {}\n")
     away = dataclasses.replace(settings, redis_url="redis://127.0.0.1:1/0")
     started = time.monotonic()
-    out = run_cli(away, "watch", "add", str(tmp_path), "-e", f"{slow}:evaluate")
+    out = invoke(away, "watch", "add", str(tmp_path), "-e", f"{slow}:evaluate")
     assert out.returncode == 3 and "cannot reach Redis" in out.stderr
     assert time.monotonic() - started < 15  # not after 20 s of importing
 
 
-def test_the_original_command_line_names_its_own_flags_in_hints(settings: Settings, tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "assayer.watch", "--directory", str(tmp_path), "--evaluator",
-                          evaluator_ref("record"), "--polling_interval", "-1", "--num_eval_workers", "0",
-                          "--num_watch_workers", "0"], env=env_for(settings), capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 2 and "--polling_interval" in out.stderr and "--poll-interval" not in out.stderr
+def test_the_original_command_line_names_its_own_flags_in_hints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from assayer import watch
+
+    code = watch.main(["--directory", str(tmp_path), "--evaluator", evaluator_ref("record"), "--polling_interval", "-1",
+                       "--num_eval_workers", "0", "--num_watch_workers", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--polling_interval" in err and "--poll-interval" not in err
 
 
 def test_stacks_sharing_a_home_keep_their_results_apart(tmp_path: Path) -> None:
@@ -168,7 +202,11 @@ def test_a_taken_port_names_the_process_that_holds_it(settings: Settings) -> Non
     try:
         import socket
 
-        wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 10, what="the squatter to listen")
+        def listens() -> bool:
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_for(listens, 10, what="the squatter to listen")
         env = env_for(settings) | {"ASSAYER_DASHBOARD_PORT": str(port), "ASSAYER_DASHBOARD_PASSWORD": "pw-for-test"}
         out = subprocess.run([sys.executable, "-m", "assayer", "dashboard"], env=env, capture_output=True, text=True,
                              cwd=ROOT, timeout=60)
