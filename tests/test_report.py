@@ -71,6 +71,7 @@ def test_results_reach_tensorboard_at_their_steps_once_each_even_out_of_order(
     assert _status(settings)["tensorboard"] == {"delivered": 3, "pending": 0, "failing": 0, "last_error": None}
 
 
+@pytest.mark.xdist_group("report-mlflow")  # one mlflow server (20-50 s to start) for both tests
 def test_a_tracker_down_during_evaluation_gets_each_result_once_when_it_is_back(
         conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path, mlflow_server: MlflowServer) -> None:
     ckpts = tmp_path / "ckpts"
@@ -95,6 +96,7 @@ def test_a_tracker_down_during_evaluation_gets_each_result_once_when_it_is_back(
     assert _status(settings)["mlflow"] == {"delivered": 2, "pending": 0, "failing": 0, "last_error": None}
 
 
+@pytest.mark.xdist_group("report-mlflow")
 def test_kill_9_of_the_watch_worker_mid_delivery_loses_no_point_and_doubles_none(
         conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path, mlflow_server: MlflowServer) -> None:
     ckpts = tmp_path / "ckpts"
