@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: all help install lint format test chart e2e dist lock bench bench-watch bench-warm demo clean
+.PHONY: all help install lint format test chart e2e dist lock bench bench-watch bench-warm bench-page demo clean
 
 all: lint test
 
@@ -56,10 +56,13 @@ dist: install ## the wheel and the sdist in dist/, checked by twine
 lock: install ## docker/requirements.lock: the image's exact dependencies, with hashes (from pyproject.toml)
 	PYTHON=$(BIN)/python bash docker/lock.sh
 
-bench: bench-watch bench-warm ## every benchmark; figures printed and written to bench/out/
+bench: bench-watch bench-warm bench-page ## every benchmark; figures printed and written to bench/out/
 
 bench-watch: install
 	$(BIN)/python bench/watch_bench.py all
+
+bench-page: install ## the checkpoint page of a 10,000-checkpoint watch
+	$(BIN)/python bench/page_bench.py
 
 bench-warm: install
 	$(BIN)/python bench/warm_eval.py

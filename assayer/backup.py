@@ -27,6 +27,7 @@ from typing import Any
 
 from . import keys, results
 from .errors import ConfigError
+from .records import LedgerEntry
 
 log = logging.getLogger("assayer.backup")
 
@@ -137,7 +138,7 @@ def restore(conn: Any, results_dir: Path) -> dict[str, dict[str, int]]:
         ledger = json.loads(_read(results_dir / f"{watch}{LEDGER_SUFFIX}") or "{}")
         finals = {r["job_id"]: r for r in results.load_files(results_dir, watch)}
         for rec in sorted(finals.values(), key=lambda r: r.get("finished_at") or ""):
-            ledger[rec["relpath"]] = {"v": rec["version"], "job": rec["job_id"], "at": 0}  # newest evaluation wins
+            ledger[rec["relpath"]] = json.loads(LedgerEntry(rec["version"], rec["job_id"], 0).to_json())  # newest wins
         counts = {"ledger": 0, "results": 0}
         if conn.hsetnx(keys.WATCHES, watch, json.dumps(spec, sort_keys=True)) and not spec.get("paused"):
             conn.zadd(keys.DUE, {watch: 0})
@@ -162,7 +163,7 @@ def unfinished(conn: Any, watch: str) -> dict[str, str]:
     done = {k.decode() for k in conn.hkeys(keys.results(watch))} | {k.decode() for k in conn.smembers(keys.pending(watch))}
     out = {}
     for relpath, raw in conn.hgetall(keys.ledger(watch)).items():
-        entry = json.loads(raw)
-        if entry.get("job") and entry["job"] not in done:
-            out[relpath.decode()] = entry["v"]
+        entry = LedgerEntry.from_json(raw)
+        if entry.job and entry.job not in done:
+            out[relpath.decode()] = entry.version
     return out

@@ -15,15 +15,16 @@ from typing import Any
 import click
 import redis
 
-from . import __version__, keys, ledger, results, status, watches
+from . import __version__, defaults, keys, ledger, results, status, watches
 from .errors import AssayerError, ConfigError, RedisUnavailable, WatchError
 from .layouts import LAYOUTS
-from .settings import Settings
+from .records import ResultRecord
+from .settings import Settings, connect
 
 log = logging.getLogger("assayer.cli")
 
 
-LONG_RUNNING = frozenset({"worker", "dashboard", "up"})
+LONG_RUNNING = frozenset({"worker", "dashboard", "exporter", "up"})
 """Commands that run on (they log at ASSAYER_LOG_LEVEL, INFO by default); the others log warnings only."""
 
 
@@ -49,21 +50,6 @@ class Context:
         if self._conn is None:
             self._conn = connect(self.settings)
         return self._conn
-
-
-def connect(settings: Settings) -> Any:
-    conn = settings.redis()
-    try:
-        conn.ping()
-    except redis.AuthenticationError as exc:
-        raise RedisUnavailable(f"Redis at {settings.redacted_redis_url} refused the password: {exc}",
-                               "set the password in ASSAYER_REDIS_URL or ASSAYER_REDIS_PASSWORD(_FILE)") from None
-    except redis.ConnectionError as exc:
-        raise RedisUnavailable(
-            f"cannot reach Redis at {settings.redacted_redis_url}: {exc}",
-            "start one with `assayer up`, or point ASSAYER_REDIS_URL (or --redis-url) at yours",
-        ) from None
-    return conn
 
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -97,6 +83,9 @@ def worker(ctx: Context, role: str, name: str | None, burst: bool, watches_file:
     from .workers import WORKERS
 
     settings = ctx.settings.replace(watches_file=watches_file)
+    if role == "watch":  # its reporter thread: MLflow's client would otherwise retry a dead server for minutes
+        for var, value in defaults.TRACKER_ENV.items():
+            os.environ.setdefault(var, value)
     delay = 1.0
     while True:
         try:
@@ -155,21 +144,30 @@ def watch() -> None:
               help="A file your trainer writes last into each checkpoint directory (repeatable); "
                    "step-named directories then wait for it")
 @click.option("--follow-symlinks", is_flag=True, help="Also follow links that lead out of DIRECTORY")
+@click.option("--report-to", metavar="tensorboard,mlflow,wandb",
+              help="Trackers each result is logged to at its step [default: ASSAYER_REPORT_TO, else none]")
+@click.option("--tensorboard-dir", help="TensorBoard log directory [default: $ASSAYER_RESULTS_DIR/tensorboard/NAME]")
+@click.option("--mlflow-run-id", help="Log into this MLflow run (the training run) [default: a run named after the watch]")
+@click.option("--wandb-run-id", help="Log into this W&B run (the training run) [default: a run named after the watch]")
 @pass_ctx
 def watch_add(ctx: Context, directory: str, evaluator: str, name: str | None, regex: str | None,
               eval_existing: bool, poll_interval: float | None, settle: float | None, layout: str,
-              ready_markers: tuple[str, ...], follow_symlinks: bool) -> None:
+              ready_markers: tuple[str, ...], follow_symlinks: bool, report_to: str | None,
+              tensorboard_dir: str | None, mlflow_run_id: str | None, wandb_run_id: str | None) -> None:
     """Watch DIRECTORY (recursively) and evaluate each new complete checkpoint: a file or a directory."""
     ctx.conn  # noqa: B018 -- Redis first: importing an evaluator (torch, say) can take seconds before that error
+    report = watches.Report(ctx.settings.report_to if report_to is None else report_to,
+                            os.path.abspath(tensorboard_dir) if tensorboard_dir else None, mlflow_run_id, wandb_run_id)
     spec, warnings = watches.build_spec(directory, evaluator, name, regex, eval_existing, poll_interval, settle,
                                         layout=layout, ready_markers=ready_markers,
                                         evaluator_paths=ctx.settings.evaluator_paths,
-                                        follow_symlinks=follow_symlinks)
+                                        follow_symlinks=follow_symlinks, report=report)
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
-    outcome = ledger.register(ctx.conn, ctx.settings, spec)
-    click.echo(f"watch {spec.name} {outcome}: {spec.directory} -> {spec.evaluator}")
-    existing = ledger.baseline_size(ctx.conn, spec.name) if outcome == "added" else 0
+    outcome = watches.register(ctx.conn, ctx.settings, spec)
+    click.echo(f"watch {spec.name} {outcome}: {spec.directory} -> {spec.evaluator}"
+               + (f" (results also to {', '.join(spec.report_to)})" if spec.report_to else ""))
+    existing = watches.baseline_size(ctx.conn, spec.name) if outcome == "added" else 0
     if existing:
         click.echo(f"{existing} existing checkpoint(s) are not evaluated; use --eval-existing or "
                    f"`assayer evaluate --watch {spec.name}`")
@@ -224,15 +222,30 @@ def evaluate(ctx: Context, paths: tuple[str, ...], watch_name: str, force: bool)
     elif force:
         ids = ledger.enqueue_new(ctx.conn, ctx.settings, spec, list(ready.values()), force=True)
     else:  # every complete checkpoint without a result, queued or running evaluation
-        chosen = list(ready.values())
-        handled = set(ctx.conn.hkeys(keys.results(spec.name))) | set(ctx.conn.smembers(keys.pending(spec.name)))
-        entries = [json.loads(e) if e else None
-                   for e in (ctx.conn.hmget(keys.ledger(spec.name), [c.relpath for c in chosen]) if chosen else [])]
-        known = [c for c, e in zip(chosen, entries) if e and e["v"] == c.version]
-        again = [c for c, e in zip(chosen, entries) if e and e["v"] == c.version and (e["job"] or "").encode() not in handled]
-        ids = ledger.enqueue_new(ctx.conn, ctx.settings, spec, [c for c in chosen if c not in known])  # ledger dedupes
+        new, again = ledger.unevaluated(ctx.conn, spec.name, list(ready.values()))
+        ids = ledger.enqueue_new(ctx.conn, ctx.settings, spec, new)  # the ledger dedupes against a concurrent scan
         ids += ledger.enqueue_new(ctx.conn, ctx.settings, spec, again, force=True)
     click.echo(f"queued {len(ids)} evaluation(s) for watch {spec.name}")
+
+
+@cli.command()
+@click.option("--watch", "watch_name", required=True, help="Watch whose results to deliver")
+@click.option("--to", "to", metavar="tensorboard,mlflow,wandb", help="Trackers [default: the watch's --report-to]")
+@pass_ctx
+def report(ctx: Context, watch_name: str, to: str | None) -> None:
+    """Deliver a watch's past results to trackers (after adding one, or an outage); delivered ones are skipped.
+
+    The watch workers deliver them, each once, at its checkpoint's step; `assayer status` shows progress.
+    """
+    from . import deliveries
+    from .sinks import parse_report_to
+
+    spec = watches.require(ctx.conn, watch_name)
+    sinks = parse_report_to(to) if to else spec.report_to
+    if not sinks:
+        raise ConfigError(f"watch {spec.name} reports to no tracker", "give --to tensorboard,mlflow,wandb")
+    count = deliveries.schedule(ctx.conn, spec.name, sinks, results.load(ctx.conn, [spec.name], retrying=False))
+    click.echo(f"queued {count} delivery(ies) of watch {spec.name} to {', '.join(sinks)}; already delivered ones skipped")
 
 
 # -- results and status ------------------------------------------------------------------------
@@ -270,7 +283,7 @@ def results_command(ctx: Context, watch_name: str | None, fmt: str, best: str | 
         click.echo(results.to_json(shown) if fmt == "json" else results.tracebacks(shown) or "no failed evaluations")
         return
     best_pair = _parse_best(best)
-    winners: dict[str, dict[str, Any]] = {}
+    winners: dict[str, ResultRecord] = {}
     rule = None
     if best_pair:
         try:
@@ -369,7 +382,7 @@ def restore(ctx: Context) -> None:
 @pass_ctx
 def shutdown(ctx: Context, purge: bool) -> None:
     """Stop every worker after its current job. Queued evaluations stay queued unless --purge."""
-    from .stack import request_shutdown
+    from .workers import request_shutdown
 
     stopped = request_shutdown(ctx.conn, ctx.settings, purge)
     click.echo(f"shutdown requested for {stopped} worker(s)" + ("; queues emptied" if purge else
@@ -383,6 +396,26 @@ def dashboard(ctx: Context) -> None:
     from .dashboard import run
 
     run(ctx.settings)
+
+
+@cli.command()
+@pass_ctx
+def exporter(ctx: Context) -> None:
+    """Serve Prometheus metrics read from Redis at /metrics (no password: bind it where only Prometheus reaches).
+
+    Listens on ASSAYER_EXPORTER_BIND:ASSAYER_EXPORTER_PORT (127.0.0.1:9182 by default).
+    """
+    import waitress
+
+    from .exporter import wsgi_app
+    from .ports import require_free
+
+    settings = ctx.settings
+    require_free(settings.exporter_port, settings.exporter_bind, "the exporter",
+                 "stop that process, or set ASSAYER_EXPORTER_PORT to a free port")
+    log.info("Prometheus metrics on http://%s:%d/metrics", settings.exporter_bind, settings.exporter_port)
+    waitress.serve(wsgi_app(ctx.conn, settings), host=settings.exporter_bind, port=settings.exporter_port, threads=2,
+                   ident="waitress")
 
 
 def _register_stack_commands() -> None:

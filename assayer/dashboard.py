@@ -57,7 +57,12 @@ REALM = "Assayer dashboard"
 HIDE_ACTION_BUTTONS = (b"<style>#requeue-all-btn,#compact-btn,#requeue-job-btn,[data-role=requeue-job-btn]"
                        b"{display:none!important}</style>")
 
-ACTIONS_OFF = ("dashboard actions are off: requeue, delete, empty and compact are refused; set "
+NAV_ANCHOR = b'<ul class="navbar-nav mr-auto">'
+NAV_LINK = b'<li class="nav-item"><a href="/checkpoints/" class="nav-link">Checkpoints</a></li>'
+"""rq-dashboard's menu gets a link to Assayer's checkpoint pages (which link back)."""
+
+ACTIONS_OFF = ("dashboard actions are off: requeue, delete, empty, compact, re-evaluate, pause and resume are "
+               "refused; set "
                "ASSAYER_DASHBOARD_ALLOW_ACTIONS=true (chart: dashboard.allowActions) to allow them\n")
 POST_ONLY = "dashboard actions are POST-only, with the CSRF token: use the dashboard's buttons\n"
 BAD_TOKEN = ("dashboard action refused: missing or invalid CSRF token (send the _csrf_token cookie's value "
@@ -83,6 +88,11 @@ def make_app(settings: Settings) -> Any:
     app.config["DEPRECATED_OPTIONS"] = []
     web.config.serializer = JSONSerializer  # our queues never hold pickles
     web.setup_rq_connection(app)
+    from .pages import blueprint
+
+    app.config["ASSAYER_CONN"] = settings.redis()
+    app.config["ASSAYER_SETTINGS"] = settings
+    app.register_blueprint(blueprint)  # before the guard reads the routes: its POST routes are actions too
     guard = Guard(settings.dashboard_user, password, settings.dashboard_allow_actions, action_endpoints(app))
     app.before_request(guard.before)
     app.after_request(guard.after)
@@ -132,6 +142,7 @@ class Guard:
         page = response.status_code == 200 and response.mimetype == "text/html" and not response.direct_passthrough
         if not page:
             return response
+        response.set_data(response.get_data().replace(NAV_ANCHOR, NAV_ANCHOR + NAV_LINK, 1))  # rq-dashboard's pages
         if not self.allow_actions:
             response.set_data(response.get_data().replace(b"</head>", HIDE_ACTION_BUTTONS + b"</head>", 1))
         elif not self.valid(request.cookies.get(CSRF_COOKIE, "")):

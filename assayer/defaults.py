@@ -114,3 +114,65 @@ SUPERVISOR_STOP_WAIT = 3600
 DIR_QUIET = 0.2
 """Seconds a directory checkpoint's members must stay unchanged once its layout's marker or format
 rule holds (the settle-only ``dir`` layout waits the whole settle time instead)."""
+
+EVAL_TICK = 0.5
+"""Seconds between two rounds of an eval worker's background thread (sweep, mirror, results copy)."""
+
+SHUTDOWN_CHECK_INTERVAL = 0.5
+"""Seconds between two looks at the shutdown flag by a worker's background thread."""
+
+STOP_POLL = 2
+"""Seconds an idle worker waits for a job before it looks at its stop flag again."""
+
+MAX_WATCHES_PER_SCAN = 100
+"""Watches scanned by one scan job."""
+
+SCAN_FAILURE_TTL = 24 * 3600
+"""Seconds rq keeps a failed scan job (for rq-dashboard); a scan's errors also show in ``assayer status``."""
+
+ENQUEUE_BATCH = 200
+"""Checkpoints enqueued per ledger transaction (bounds a transaction's size during a burst)."""
+
+STATE_REFRESH = 5.0
+"""Seconds between two writes of an unchanged watch state (``assayer status`` shows its age)."""
+
+COPY_LOCK_TTL = 30.0
+"""Seconds one eval worker may hold a watch's results-copy catch-up before another may take over."""
+
+STACK_READY_TIMEOUT = 60.0
+"""Seconds ``assayer up`` waits for the stack's workers to report."""
+
+DELIVERY_LEASE = 120
+"""Seconds a reporter holds a claimed delivery; one killed mid-delivery leaves it to be claimed again after this."""
+
+DELIVERY_BATCH = 20
+"""Deliveries one reporter claims at a time."""
+
+DELIVERY_POLL = 1.0
+"""Seconds an idle reporter waits before it looks for due deliveries again."""
+
+DELIVERY_BACKOFF = 5.0
+"""Seconds before the first retry of a failed delivery; doubled at each failure."""
+
+DELIVERY_BACKOFF_MAX = 300.0
+"""At most this many seconds between two tries of a failing delivery."""
+
+DELIVERY_STOP_WAIT = 30.0
+"""Seconds a stopping watch worker waits for a delivery under way (a later one redelivers it, once)."""
+
+TRACKER_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+"""Trackers' own variables a watch worker sets when the user did not: a failed delivery is retried by
+Assayer with backoff, so the client's own minutes of retries would only hold up the other deliveries."""
+
+WRITING_SHOWN = 100
+"""Checkpoints still being written that a watch's state lists by name (the checkpoint page shows them)."""
+
+PAGE_SIZE = 100
+"""Checkpoints per page of the checkpoint page and of ``/api/watches/<name>/checkpoints``."""
+
+CURVE_POINTS = 2000
+"""At most this many points per metric curve on the checkpoint page (evenly thinned beyond)."""
+
+EXPORTER_PORT = 9182
+"""Port of ``assayer exporter`` (Prometheus metrics)."""
+

@@ -8,6 +8,7 @@ build one from the environment.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -18,7 +19,7 @@ from typing import Any
 
 from rq import get_current_job
 
-from . import defaults, keys, ledger, results, watches
+from . import defaults, keys, ledger, records, results, watches
 from .dirs import version_of_path
 from .errors import AssayerError, EvaluationFailed
 from .evalhost import EvaluatorPool
@@ -31,9 +32,6 @@ log = logging.getLogger("assayer.jobs")
 
 RETRY_POLICY = "the evaluator raised; raise assayer.Retry for failures worth another attempt"
 """Crashes, kills (OOM), timeouts and lost workers are retried; an exception is not, unless it is a Retry."""
-
-STATE_REFRESH = 5.0
-"""Seconds between two writes of an unchanged watch state (``assayer status`` shows its age)."""
 
 
 @dataclass
@@ -162,7 +160,8 @@ def scan_one(rt: Runtime, spec: watches.WatchSpec, batch_start: float) -> tuple[
     stalled = _some([f"{rel} ({report.waiting.get(rel) or 'incomplete'}, unchanged for {_age(age)})"
                      for rel, age in sorted(report.stalled.items(), key=lambda kv: -kv[1])])
     state = {"last_scan": now, "files": report.files, "incomplete": len(report.pending), "error": error,
-             "waiting": waiting, "stalled": stalled}
+             "waiting": waiting, "stalled": stalled,
+             "writing": json.dumps(sorted(report.pending)[: defaults.WRITING_SHOWN])}  # the checkpoint page's rows
     return {"queued": len(queued), "incomplete": len(report.pending), "files": report.files}, next_scan, state
 
 
@@ -213,7 +212,7 @@ def _state_changed(rt: Runtime, name: str, state: dict[str, Any]) -> bool:
     rt.last_errors[name] = error
     signature = tuple(v for k, v in sorted(state.items()) if k != "last_scan")
     previous = rt.state_written.get(name)
-    if previous and previous[0] == signature and state["last_scan"] - previous[1] < STATE_REFRESH:
+    if previous and previous[0] == signature and state["last_scan"] - previous[1] < defaults.STATE_REFRESH:
         return False
     rt.state_written[name] = (signature, state["last_scan"])
     return True
@@ -231,61 +230,55 @@ def evaluate(
     job = get_current_job()
     job_id = job.id if job else f"adhoc-{time.time_ns()}"
     retries_left = (job.retries_left or 0) if job else 0
-    attempt = retries - retries_left + 1
     if job and results.has_final(rt.conn, watch, job_id):
         log.warning("job %s already has a final result; not evaluating %s again", job_id, relpath)
         return {"status": "duplicate"}
-    rec: dict[str, Any] = {
-        "watch": watch, "checkpoint": checkpoint, "relpath": relpath, "version": version, "step": step,
-        "job_id": job_id, "attempt": attempt, "worker": rt.worker_name, "started_at": results.utcnow(),
-        "evaluator": evaluator, "metrics": {}, "error": None, "traceback": None, "duration": 0.0, "layout": layout,
-        "epoch": epoch, "checkpoint_time": results.iso(mtime) if mtime else None, "attempts_allowed": retries + 1,
-    }
+    payload = {"watch": watch, "checkpoint": checkpoint, "relpath": relpath, "version": version, "step": step,
+               "evaluator": evaluator, "retries": retries, "layout": layout, "epoch": epoch, "mtime": mtime}
+    rec = records.new_attempt(job_id, payload, retries - retries_left + 1, rt.worker_name, records.utcnow())
     try:
         check_allowed(evaluator, rt.settings.evaluator_paths)
     except AssayerError as exc:  # written into Redis by someone else: never run, never retried
-        rec.update(status="failed", error=str(exc), final=True, finished_at=results.utcnow())
-        results.record(rt.conn, rt.settings.results_path, rec)
+        results.record(rt.conn, rt.settings.results_path, records.finish(rec, "failed", True, str(exc)))
         log.error("%s: %s", relpath, exc)
         return {"status": "failed", "error": str(exc)}
     missing = _missing_reason(checkpoint, version)
     if missing:
-        rec.update(status="missing", error=f"the checkpoint was {missing} before it could be evaluated",
-                   final=True, finished_at=results.utcnow())
-        results.record(rt.conn, rt.settings.results_path, rec)
-        log.warning("%s: %s", relpath, rec["error"])
-        return {"status": "missing"}
-    context = {"watch": watch, "checkpoint": checkpoint, "step": step, "attempt": attempt,
+        return _missing(rt, rec, f"{missing} before it could be evaluated")
+    context = {"watch": watch, "checkpoint": checkpoint, "step": step, "attempt": rec["attempt"],
                "job_id": job_id, "version": version, "layout": layout}
     outcome = rt.pool.evaluate(evaluator, checkpoint, context, rt.settings.eval_timeout or None, rt.beat)
     changed = _missing_reason(checkpoint, version)
     if changed:  # rewritten while being read: these metrics describe neither version
-        rec.update(status="missing", error=f"the checkpoint was {changed} while it was being evaluated",
-                   final=True, finished_at=results.utcnow(), duration=round(outcome.duration, 4))
-        results.record(rt.conn, rt.settings.results_path, rec)
-        log.warning("%s changed while being evaluated; result discarded", relpath)
-        return {"status": "missing"}
+        return _missing(rt, rec, f"{changed} while it was being evaluated", duration=round(outcome.duration, 4))
     final = outcome.ok or retries_left <= 0 or not outcome.retryable
     if not outcome.ok and not outcome.retryable and retries_left > 0:  # another attempt would fail alike
         if job is not None:
             job.retries_left = 0  # rq must not retry it either
         outcome.error = f"{outcome.error} (not retried: {RETRY_POLICY})"
+    extra: dict[str, Any] = {}
     if outcome.step is not None:
-        rec["step"] = outcome.step  # reported by the evaluator: it knows better than the name
+        extra["step"] = outcome.step  # reported by the evaluator: it knows better than the name
     if outcome.directions:
-        rec["directions"] = outcome.directions
-    rec.update(
-        status="ok" if outcome.ok else "failed", metrics=outcome.metrics or {}, error=outcome.error,
-        traceback=outcome.traceback, duration=round(outcome.duration, 4), final=final,
-        finished_at=results.utcnow(),
-    )
-    results.record(rt.conn, rt.settings.results_path, rec)
+        extra["directions"] = outcome.directions
+    done = records.finish(rec, "ok" if outcome.ok else "failed", final, outcome.error, metrics=outcome.metrics or {},
+                          traceback=outcome.traceback, duration=round(outcome.duration, 4), **extra)
+    spec = watches.get(rt.conn, watch) if outcome.ok else None
+    results.record(rt.conn, rt.settings.results_path, done, spec.report_to if spec else ())
     if not outcome.ok:
         left = f"retrying ({retries_left} left)" if not final else "final"
         log.warning("evaluation of %s failed, %s: %s", relpath, left, outcome.error)
         raise EvaluationFailed(outcome.error or "evaluation failed")
     log.info("evaluated %s in %.2fs: %s", relpath, outcome.duration, outcome.metrics)
     return {"status": "ok", "metrics": outcome.metrics}
+
+
+def _missing(rt: Runtime, rec: records.ResultRecord, what: str, **fields: Any) -> dict[str, Any]:
+    """The final "missing" result: the checkpoint was deleted, made unreadable or replaced."""
+    done = records.finish(rec, "missing", True, f"the checkpoint was {what}", **fields)
+    results.record(rt.conn, rt.settings.results_path, done)
+    log.warning("%s: %s", rec["relpath"], done["error"])
+    return {"status": "missing"}
 
 
 def _missing_reason(checkpoint: str, version: str) -> str | None:
@@ -303,16 +296,12 @@ def _missing_reason(checkpoint: str, version: str) -> str | None:
 def record_lost(conn: Any, settings: Settings, job: Any) -> None:
     """Store the attempt of a job whose worker vanished (SIGKILL, OOM, node loss)."""
     kwargs = job.kwargs or {}
+    if not kwargs.get("watch"):
+        return
     retries_left = job.retries_left or 0
-    rec = {
-        "watch": kwargs.get("watch"), "checkpoint": kwargs.get("checkpoint"), "relpath": kwargs.get("relpath"),
-        "version": kwargs.get("version"), "step": kwargs.get("step"), "job_id": job.id,
-        "attempt": kwargs.get("retries", 0) - retries_left + 1, "worker": job.worker_name,
-        "started_at": job.started_at.isoformat() if job.started_at else None, "finished_at": results.utcnow(),
-        "status": "failed", "metrics": {}, "traceback": None, "duration": 0.0, "final": retries_left <= 0,
-        "attempts_allowed": kwargs.get("retries", 0) + 1, "layout": kwargs.get("layout", "file"),
-        "error": "the eval worker was lost (killed, OOM or node failure) during the evaluation"
-        + ("; retrying" if retries_left > 0 else "; no retries left"),
-    }
-    if rec["watch"]:
-        results.record(conn, settings.results_path, rec)
+    rec = records.new_attempt(job.id, kwargs, int(kwargs.get("retries") or 0) - retries_left + 1, job.worker_name,
+                              job.started_at.isoformat() if job.started_at else None)
+    why = "the eval worker was lost (killed, OOM or node failure) during the evaluation"
+    results.record(conn, settings.results_path,
+                   records.finish(rec, "failed", retries_left <= 0,
+                                  why + ("; retrying" if retries_left > 0 else "; no retries left")))

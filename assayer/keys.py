@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from .defaults import KEY_PREFIX as P
 
+
+def text(raw: bytes | str) -> str:
+    """A key, field or member as Redis returns it (bytes: rq needs a client without decode_responses)."""
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
 WATCHES = P + "watches"
 """Hash: watch name -> WatchSpec JSON."""
 
@@ -18,6 +24,9 @@ DATA_LOST = P + "data-lost"
 
 MIRROR_LOCK = P + "mirror-lock"
 """String with TTL: the eval worker mirroring watches and ledgers to the results directory."""
+
+DELIVER_DUE = P + "deliver-due"
+"""Sorted set: ``watch|sink|job_id`` -> when that delivery may next be tried (see :mod:`assayer.deliveries`)."""
 
 SHUTDOWN = P + "shutdown"
 """String: unix time of the last ``assayer shutdown``; workers born before it stop."""
@@ -43,6 +52,16 @@ def results(watch: str) -> str:
     return f"{P}results:{watch}"
 
 
+def delivered(watch: str) -> str:
+    """Hash: ``sink|job_id`` -> JSON {at, attempts}: that result is in that tracker (never delivered again)."""
+    return f"{P}delivered:{watch}"
+
+
+def delivery_errors(watch: str) -> str:
+    """Hash: ``sink|job_id`` -> JSON {attempts, error, at} of a delivery tried and not yet done."""
+    return f"{P}delivery-errors:{watch}"
+
+
 COPY_ERRORS = P + "copy-errors"
 """Hash: watch name -> why its results file copy is behind (cleared once it caught up)."""
 
@@ -50,6 +69,11 @@ COPY_ERRORS = P + "copy-errors"
 def copy_backlog(watch: str) -> str:
     """List: result lines not yet appended to the watch's results file (the directory was full or unwritable)."""
     return f"{P}copy-backlog:{watch}"
+
+
+def copy_lock(watch: str) -> str:
+    """String with TTL: the eval worker writing a watch's copy backlog to its file."""
+    return f"{P}copy-backlog:{watch}:lock"
 
 
 def failing(watch: str) -> str:
@@ -65,6 +89,11 @@ def attempts(job_id: str) -> str:
 def health(role: str, host: str, pid: int) -> str:
     """String with TTL: a live worker of ``role`` on ``host``."""
     return f"{P}health:{role}:{host}:{pid}"
+
+
+def health_pattern(role: str) -> str:
+    """``SCAN`` pattern of the health keys of every live worker of ``role``."""
+    return f"{P}health:{role}:*"
 
 
 def host_health(role: str, host: str) -> str:

@@ -9,7 +9,6 @@ ledger entry without its job or a job without its entry.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -18,17 +17,13 @@ from typing import Any
 import redis
 from rq import Queue, Retry
 
-from . import backup, defaults, keys
-from .errors import WatchError
+from . import defaults, keys
+from .records import LedgerEntry
 from .scan import Candidate
 from .settings import Settings
 from .watches import WatchSpec
 
 log = logging.getLogger("assayer.ledger")
-
-BATCH = 200
-"""Checkpoints enqueued per transaction (bounds a transaction's size during a burst)."""
-
 
 def job_id_for(watch: str, relpath: str, version: str, salt: str = "") -> str:
     """rq job ids must match ``[A-Za-z0-9_-]+``: hash the path and version."""
@@ -75,8 +70,8 @@ def enqueue_new(
     """
     queue = eval_queue(conn, settings)
     enqueued: list[str] = []
-    for start in range(0, len(candidates), BATCH):
-        enqueued += _enqueue_batch(conn, queue, settings, spec, candidates[start : start + BATCH], force)
+    for start in range(0, len(candidates), defaults.ENQUEUE_BATCH):
+        enqueued += _enqueue_batch(conn, queue, settings, spec, candidates[start : start + defaults.ENQUEUE_BATCH], force)
     return enqueued
 
 
@@ -94,7 +89,8 @@ def _enqueue_batch(
                     return []  # removed while we scanned
                 current = pipe.hmget(ledger_key, [c.relpath for c in batch])
                 fresh = [
-                    c for c, raw in zip(batch, current) if force or raw is None or json.loads(raw)["v"] != c.version
+                    c for c, raw in zip(batch, current)
+                    if force or raw is None or LedgerEntry.from_json(raw).version != c.version
                 ]
                 if not fresh:
                     pipe.unwatch()
@@ -103,8 +99,7 @@ def _enqueue_batch(
                 ids = []
                 for cand in fresh:
                     job_id = job_id_for(spec.name, cand.relpath, cand.version, salt)
-                    entry = {"v": cand.version, "job": job_id, "at": time.time()}
-                    pipe.hset(ledger_key, cand.relpath, json.dumps(entry))
+                    pipe.hset(ledger_key, cand.relpath, LedgerEntry(cand.version, job_id, time.time()).to_json())
                     pipe.sadd(keys.pending(spec.name), job_id)
                     queue.enqueue_job(_new_job(queue, settings, spec, cand, job_id), pipeline=pipe)
                     ids.append(job_id)
@@ -116,56 +111,29 @@ def _enqueue_batch(
                 continue  # another worker touched the ledger: read it again
 
 
-def register(conn: Any, settings: Settings, spec: WatchSpec) -> str:
-    """Store a new watch, with the checkpoints already there as its baseline unless ``eval_existing``.
+def entries(conn: Any, watch: str, relpaths: Sequence[str]) -> list[LedgerEntry | None]:
+    """The ledger's entry for each path (None where it has none)."""
+    raws = conn.hmget(keys.ledger(watch), list(relpaths)) if relpaths else []
+    return [LedgerEntry.from_json(raw) if raw else None for raw in raws]
 
-    Returns ``"added"`` or ``"unchanged"`` (same spec already registered); one transaction, so a
-    failure leaves nothing half-registered.
+
+def all_entries(conn: Any, watch: str) -> dict[str, LedgerEntry]:
+    return {k.decode(): LedgerEntry.from_json(v) for k, v in conn.hgetall(keys.ledger(watch)).items()}
+
+
+def unevaluated(conn: Any, watch: str, candidates: Sequence[Candidate]) -> tuple[list[Candidate], list[Candidate]]:
+    """Split complete checkpoints without a result: ``(new, again)``.
+
+    ``new``: versions the ledger does not know (a baseline entry of another version, or none).
+    ``again``: versions it knows but whose job has neither a final result nor a place in the queue
+    (a baseline entry, or a job lost with its queue); they need a fresh job id.
     """
-    existing_raw = conn.hget(keys.WATCHES, spec.name)
-    if existing_raw:
-        existing = WatchSpec.from_json(existing_raw)
-        if existing.same_target(spec):
-            return "unchanged"
-        raise WatchError(
-            f"a watch named {spec.name!r} already watches {existing.directory} with {existing.evaluator}",
-            f"pick another --name, or `assayer watch remove {spec.name}` first",
-        )
-    backup.refuse_baseline_if_lost(conn, settings.results_path, spec.name)
-    baseline: dict[str, str] = {}
-    if not spec.eval_existing:
-        scanner = spec.scanner(settings)
-        baseline = {c.relpath: c.version for c in scanner.scan(time.time()).ready}
-    with conn.pipeline() as pipe:
-        pipe.watch(keys.WATCHES)
-        if pipe.hexists(keys.WATCHES, spec.name):
-            pipe.unwatch()
-            return register(conn, settings, spec)
-        pipe.multi()
-        pipe.hset(keys.WATCHES, spec.name, spec.to_json())
-        for relpath, version in baseline.items():
-            pipe.hset(keys.ledger(spec.name), relpath, json.dumps({"v": version, "job": None, "at": time.time()}))
-        if not spec.paused:
-            pipe.zadd(keys.DUE, {spec.name: 0})
-        try:
-            pipe.execute()
-        except redis.WatchError:
-            return register(conn, settings, spec)
-    log.info("watch %s added on %s (%d existing checkpoints as baseline)", spec.name, spec.directory, len(baseline))
-    return "added"
+    handled = {m.decode() for m in conn.hkeys(keys.results(watch))} | {m.decode() for m in conn.smembers(keys.pending(watch))}
+    new, again = [], []
+    for cand, entry in zip(candidates, entries(conn, watch, [c.relpath for c in candidates])):
+        if entry is None or entry.version != cand.version:
+            new.append(cand)
+        elif entry.job not in handled:
+            again.append(cand)
+    return new, again
 
-
-def baseline_size(conn: Any, watch: str) -> int:
-    """Checkpoints taken as already there when the watch was added (ledgered without a job)."""
-    return sum(1 for raw in conn.hvals(keys.ledger(watch)) if json.loads(raw).get("job") is None)
-
-
-def update(conn: Any, spec: WatchSpec) -> None:
-    """Replace a watch's spec (from a watches file), keeping its ledger."""
-    with conn.pipeline() as pipe:
-        pipe.hset(keys.WATCHES, spec.name, spec.to_json())
-        if spec.paused:
-            pipe.zrem(keys.DUE, spec.name)
-        else:
-            pipe.zadd(keys.DUE, {spec.name: 0})
-        pipe.execute()

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from .directions import direction
+from .records import ResultRecord
 
-Record = dict[str, Any]
+Record = ResultRecord
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
@@ -44,7 +45,7 @@ def series(records: Iterable[Record], metric: str) -> dict[str, list[tuple[float
             by_watch.setdefault(str(record.get("watch")), []).append(record)
     out: dict[str, list[tuple[float, Record]]] = {}
     for watch, rows in by_watch.items():
-        stepped = [(float(r["step"]), r) for r in rows if r.get("step") is not None]
+        stepped = [(float(r.get("step") or 0), r) for r in rows if r.get("step") is not None]
         if not stepped:
             rows = sorted(rows, key=lambda r: str(r.get("finished_at") or ""))
             stepped = [(float(i), r) for i, r in enumerate(rows, start=1)]

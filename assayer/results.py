@@ -18,48 +18,48 @@ import io
 import json
 import logging
 import os
-from collections.abc import Iterable
-from datetime import datetime, timezone
+import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import keys
+from . import defaults, keys
 from .directions import Direction, direction
+from .records import FIELDS, LedgerEntry, ResultRecord, dump, parse
 
 log = logging.getLogger("assayer.results")
 
-STATUSES = ("ok", "failed", "missing")
-FIELDS = ("watch", "checkpoint", "step", "status", "metrics", "attempt", "duration", "worker",
-          "started_at", "finished_at", "error", "job_id", "version")
 
 _RECORD_FINAL = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('RPUSH', KEYS[4], ARGV[2])
   redis.call('SREM', KEYS[2], ARGV[1])
   redis.call('HDEL', KEYS[3], ARGV[1])
+  for i = 4, #ARGV do
+    redis.call('ZADD', KEYS[5], 'NX', tonumber(ARGV[3]), ARGV[i])
+  end
   return 1
 end
 return 0
 """
-"""The final record, its attempt, and the job's leaving the pending and failing sets, in one step: no reader
-ever sees a final result without its attempt."""
+"""The final record, its attempt, the job's leaving the pending and failing sets, and its deliveries to
+trackers falling due, in one step: no reader ever sees a final result without its attempt, and no
+final result exists without its deliveries (:mod:`assayer.deliveries`)."""
 
 
-def utcnow() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+def record(conn: Any, results_dir: Path, rec: ResultRecord, report_to: Sequence[str] = ()) -> bool:
+    """Store one attempt. Returns False when ``rec`` is final but its job already had a final result.
 
-
-def iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds")
-
-
-def record(conn: Any, results_dir: Path, rec: dict[str, Any]) -> bool:
-    """Store one attempt. Returns False when ``rec`` is final but its job already had a final result."""
-    line = json.dumps(rec, sort_keys=True)
+    A final ``ok`` result falls due for delivery to each tracker in ``report_to`` in the same step.
+    """
+    line = dump(rec)
     stored = True
     if rec.get("final"):
-        stored = bool(conn.eval(_RECORD_FINAL, 4, keys.results(rec["watch"]), keys.pending(rec["watch"]),
-                                keys.failing(rec["watch"]), keys.attempts(rec["job_id"]), rec["job_id"], line))
+        sinks = report_to if rec.get("status") == "ok" else ()
+        due = [f"{rec['watch']}|{sink}|{rec['job_id']}" for sink in sinks]  # deliveries.Item.member
+        stored = bool(conn.eval(_RECORD_FINAL, 5, keys.results(rec["watch"]), keys.pending(rec["watch"]),
+                                keys.failing(rec["watch"]), keys.attempts(rec["job_id"]), keys.DELIVER_DUE,
+                                rec["job_id"], line, time.time(), *due))
         if not stored:
             log.warning("job %s already has a final result; discarding this late attempt", rec["job_id"])
             return False
@@ -89,8 +89,8 @@ def copy(conn: Any, results_dir: Path, watch: str, line: str | None = None) -> b
 def catch_up(conn: Any, results_dir: Path, watch: str) -> bool:
     """Write a watch's backlog to its file, oldest first; True once nothing is left."""
     backlog = keys.copy_backlog(watch)
-    lock = backlog + ":lock"
-    if not conn.set(lock, "1", nx=True, px=30_000):
+    lock = keys.copy_lock(watch)
+    if not conn.set(lock, "1", nx=True, px=int(defaults.COPY_LOCK_TTL * 1000)):
         return False  # another worker is catching up this watch
     try:
         while True:
@@ -153,45 +153,45 @@ def has_final(conn: Any, watch: str, job_id: str) -> bool:
     return bool(conn.hexists(keys.results(watch), job_id))
 
 
-def load(conn: Any, watch_names: Iterable[str], retrying: bool = True) -> list[dict[str, Any]]:
+def load(conn: Any, watch_names: Iterable[str], retrying: bool = True) -> list[ResultRecord]:
     """Final records of these watches, from Redis, and (``retrying``) the last failed attempt of jobs awaiting a retry."""
-    out: list[dict[str, Any]] = []
+    out: list[ResultRecord] = []
     for name in watch_names:
-        out.extend(json.loads(v) for v in conn.hvals(keys.results(name)))
+        out.extend(parse(v) for v in conn.hvals(keys.results(name)))
         if retrying:
             for raw in conn.hvals(keys.failing(name)):
-                rec = json.loads(raw)
+                rec = parse(raw)
                 rec["status"] = f"retrying {rec.get('attempt', 1) + 1}/{rec.get('attempts_allowed') or '?'}"
                 out.append(rec)
     return sort_records(out)
 
 
-def for_checkpoint(conn: Any, watch: str, relpath: str) -> list[dict[str, Any]]:
+def for_checkpoint(conn: Any, watch: str, relpath: str) -> list[ResultRecord]:
     """Every attempt stored for one checkpoint path of a watch (all its versions), oldest first."""
-    job_ids = {json.loads(v).get("job_id") for v in conn.hvals(keys.results(watch))} | {
+    job_ids: set[str | None] = {parse(v).get("job_id") for v in conn.hvals(keys.results(watch))} | {
         k.decode() for k in conn.hkeys(keys.failing(watch))} | {k.decode() for k in conn.smembers(keys.pending(watch))}
     entry = conn.hget(keys.ledger(watch), relpath)
     if entry:
-        job_ids.add(json.loads(entry).get("job"))
+        job_ids.add(LedgerEntry.from_json(entry).job)
     out = []
     for job_id in job_ids - {None}:
-        for raw in conn.lrange(keys.attempts(job_id), 0, -1):
-            rec = json.loads(raw)
+        for raw in conn.lrange(keys.attempts(str(job_id)), 0, -1):
+            rec = parse(raw)
             if rec.get("relpath") == relpath:
                 out.append(rec)
     return sorted(out, key=lambda r: str(r.get("started_at") or ""))
 
 
-def load_files(results_dir: Path, watch: str | None = None) -> list[dict[str, Any]]:
+def load_files(results_dir: Path, watch: str | None = None) -> list[ResultRecord]:
     """Final records from the JSON-lines files (when Redis was lost)."""
     paths = [results_dir / f"{watch}.jsonl"] if watch else sorted(results_dir.glob("*.jsonl"))
-    final: dict[str, dict[str, Any]] = {}
+    final: dict[str, ResultRecord] = {}
     for path in paths:
         if not path.exists():
             continue
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
-                rec = json.loads(line)
+                rec = parse(line)
             except ValueError:
                 continue  # a torn last line after a crash
             if rec.get("final"):
@@ -199,15 +199,15 @@ def load_files(results_dir: Path, watch: str | None = None) -> list[dict[str, An
     return sort_records(list(final.values()))
 
 
-def sort_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def sort_records(records: list[ResultRecord]) -> list[ResultRecord]:
     return sorted(records, key=lambda r: (r["watch"], r.get("step") is None, r.get("step") or 0, r.get("finished_at") or ""))
 
 
-def best(records: list[dict[str, Any]], metric: str, given: str | None = None) -> tuple[dict[str, dict[str, Any]], Direction]:
+def best(records: list[ResultRecord], metric: str, given: str | None = None) -> tuple[dict[str, ResultRecord], Direction]:
     """The best ok record per watch by ``metric``, and the direction used; raise ValueError if no record has it."""
     rule = direction(metric, records, given)
     mode = rule.mode
-    chosen: dict[str, dict[str, Any]] = {}
+    chosen: dict[str, ResultRecord] = {}
     for rec in records:
         value = (rec.get("metrics") or {}).get(metric)
         if rec.get("status") != "ok" or not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -224,11 +224,11 @@ def best(records: list[dict[str, Any]], metric: str, given: str | None = None) -
 # -- formatting ----------------------------------------------------------------------------
 
 
-def to_json(records: list[dict[str, Any]]) -> str:
+def to_json(records: list[ResultRecord]) -> str:
     return json.dumps([{k: r.get(k) for k in FIELDS} for r in records], indent=2)
 
 
-def to_csv(records: list[dict[str, Any]]) -> str:
+def to_csv(records: list[ResultRecord]) -> str:
     metric_names = sorted({k for r in records for k in (r.get("metrics") or {})})
     columns = [f for f in FIELDS if f != "metrics"] + metric_names
     buf = io.StringIO()
@@ -240,13 +240,13 @@ def to_csv(records: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def to_table(records: list[dict[str, Any]], marked: set[str] | None = None) -> str:
+def to_table(records: list[ResultRecord], marked: set[str] | None = None) -> str:
     if not records:
         return "no results yet"
     seen: dict[tuple[str, str], int] = {}
     for r in records:
         seen[(r["watch"], str(r.get("relpath")))] = seen.get((r["watch"], str(r.get("relpath"))), 0) + 1
-    records = [dict(r, rewritten=seen[(r["watch"], str(r.get("relpath")))] > 1) for r in records]
+    rewritten = {key for key, count in seen.items() if count > 1}
     metric_names = sorted({k for r in records for k in (r.get("metrics") or {})})
     header = ["", "watch", "step", "checkpoint", "status", *metric_names, "secs", "worker"]
     rows = []
@@ -256,7 +256,7 @@ def to_table(records: list[dict[str, Any]], marked: set[str] | None = None) -> s
             "*" if marked and r["job_id"] in marked else "",
             r["watch"],
             "" if r.get("step") is None else str(r["step"]),
-            _short(_shown_path(r), 48),
+            _short(_shown_path(r, (r["watch"], str(r.get("relpath"))) in rewritten), 48),
             r["status"] if r["status"] == "ok" else f"{r['status']}: {_head(r.get('error') or '', 60)}",
             *[_fmt(metrics.get(m)) for m in metric_names],
             f"{r.get('duration') or 0:.2f}",
@@ -267,7 +267,7 @@ def to_table(records: list[dict[str, Any]], marked: set[str] | None = None) -> s
     return "\n".join(lines)
 
 
-def tracebacks(records: list[dict[str, Any]]) -> str:
+def tracebacks(records: list[ResultRecord]) -> str:
     """Each record as a block: what, when, the outcome, and the whole error and traceback."""
     blocks = []
     for r in records:
@@ -281,7 +281,7 @@ def tracebacks(records: list[dict[str, Any]]) -> str:
         if r.get("error"):
             lines.append(f"  error: {r['error']}")
         if r.get("traceback"):
-            lines.append("  " + r["traceback"].rstrip().replace("\n", "\n  "))
+            lines.append("  " + str(r["traceback"]).rstrip().replace("\n", "\n  "))
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
@@ -292,11 +292,11 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _shown_path(rec: dict[str, Any]) -> str:
+def _shown_path(rec: ResultRecord, rewritten: bool) -> str:
     """The checkpoint relative to its watch's directory, with its version's time when it was rewritten in place."""
     path = str(rec.get("relpath") or rec.get("checkpoint") or "")
     when = rec.get("checkpoint_time")
-    return f"{path} @{str(when)[11:19]}" if when and rec.get("rewritten") else path
+    return f"{path} @{str(when)[11:19]}" if when and rewritten else path
 
 
 def _head(text: str, width: int) -> str:

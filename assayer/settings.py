@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+import redis
+
 from . import defaults
-from .errors import ConfigError
+from .errors import ConfigError, RedisUnavailable
 
 ENV_PREFIX = "ASSAYER_"
 log = logging.getLogger("assayer.settings")
@@ -64,6 +66,10 @@ class Settings:
     dashboard_port: int = defaults.DASHBOARD_PORT
     dashboard_bind: str = defaults.DASHBOARD_BIND
     dashboard_allow_actions: bool = False
+    exporter_port: int = defaults.EXPORTER_PORT
+    exporter_bind: str = defaults.DASHBOARD_BIND
+    report_to: str = ""  # trackers of new watches without --report-to: "tensorboard,mlflow,wandb"
+    delivery_lease: float = defaults.DELIVERY_LEASE
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -147,10 +153,8 @@ class Settings:
         """The Redis URL fit for logs and error messages."""
         return redact_url(self.effective_redis_url)
 
-    def redis(self) -> Any:
-        """A new Redis client (rq's JSON serializer needs raw bytes, so no decode_responses)."""
-        import redis
-
+    def redis(self) -> redis.Redis:
+        """A new Redis client, not yet connected (rq's JSON serializer needs raw bytes, so no decode_responses)."""
         return redis.Redis.from_url(
             self.effective_redis_url, socket_connect_timeout=5, health_check_interval=30
         )
@@ -183,11 +187,10 @@ class Settings:
         return cls(**values)
 
 
-_FLOATS = {"stall_after", "eval_max_rss", "poll_interval", "settle", "eval_timeout", "heartbeat_interval", "reap_interval",
-           "full_scan_interval",
-           "idle_poll_interval"}
+_FLOATS = {"delivery_lease", "stall_after", "eval_max_rss", "poll_interval", "settle", "eval_timeout",
+           "heartbeat_interval", "reap_interval", "full_scan_interval", "idle_poll_interval"}
 _BOOLS = {"dashboard_allow_actions", "inotify"}
-_INTS = {"retries", "lease_ttl", "max_warm_evaluators", "dashboard_port", "eval_max_calls"}
+_INTS = {"exporter_port", "retries", "lease_ttl", "max_warm_evaluators", "dashboard_port", "eval_max_calls"}
 _PATHS = {"home", "results_dir", "watches_file"}
 
 
@@ -238,3 +241,20 @@ def redact_url(url: str) -> str:
     if (netloc, query) == (parts.netloc, parts.query):
         return url
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def connect(settings: Settings) -> redis.Redis:
+    """A Redis client that answered a PING; :class:`RedisUnavailable` says why not and how to fix it."""
+    conn = settings.redis()
+    try:
+        conn.ping()
+    except redis.AuthenticationError as exc:
+        raise RedisUnavailable(f"Redis at {settings.redacted_redis_url} refused the password: {exc}",
+                               "set the password in ASSAYER_REDIS_URL or ASSAYER_REDIS_PASSWORD(_FILE)") from None
+    except redis.ConnectionError as exc:
+        raise RedisUnavailable(
+            f"cannot reach Redis at {settings.redacted_redis_url}: {exc}",
+            "start one with `assayer up`, or point ASSAYER_REDIS_URL (or --redis-url) at yours",
+        ) from None
+    return conn
+

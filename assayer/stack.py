@@ -28,9 +28,6 @@ from typing import Any
 from urllib.parse import quote
 
 import click
-from rq import Queue, Worker
-from rq.registry import ScheduledJobRegistry
-from rq.serializers import JSONSerializer
 
 from . import defaults, keys
 from .errors import StackError
@@ -38,20 +35,6 @@ from .ports import require_free
 from .settings import Settings
 
 log = logging.getLogger("assayer.stack")
-
-
-def request_shutdown(conn: Any, settings: Settings, purge: bool = False) -> int:
-    """Ask every Assayer worker to finish its current job and stop; returns how many were running."""
-    conn.set(keys.SHUTDOWN, time.time())
-    ours = {settings.watch_queue, settings.eval_queue}
-    count = sum(1 for w in Worker.all(connection=conn) if set(w.queue_names()) & ours)
-    if purge:
-        for name in ours:
-            Queue(name, connection=conn, serializer=JSONSerializer).empty()
-            registry = ScheduledJobRegistry(name, conn)
-            for job_id in registry.get_job_ids():
-                registry.remove(job_id)
-    return count
 
 
 REDIS_VARS = ("ASSAYER_REDIS_URL", "ASSAYER_REDIS_URL_FILE", "ASSAYER_REDIS_PASSWORD", "ASSAYER_REDIS_PASSWORD_FILE")
@@ -169,14 +152,14 @@ def running(stack: Path) -> bool:
     return (stack / "supervisord.conf").exists() and _ctl(stack, "pid").returncode == 0
 
 
-def _wait_ready(settings: Settings, url: str, eval_workers: int, timeout: float = 60.0) -> None:
+def _wait_ready(settings: Settings, url: str, eval_workers: int, timeout: float = defaults.STACK_READY_TIMEOUT) -> None:
     import redis
 
     conn = redis.Redis.from_url(url)
     deadline = time.time() + timeout
     while time.time() < deadline:
         with contextlib.suppress(redis.RedisError):  # Redis itself may still be starting
-            live = {r: len(list(conn.scan_iter(match=f"{defaults.KEY_PREFIX}health:{r}:*"))) for r in ("watch", "eval")}
+            live = {r: len(list(conn.scan_iter(match=keys.health_pattern(r)))) for r in ("watch", "eval")}
             if live["watch"] >= 1 and live["eval"] >= eval_workers:
                 return
         time.sleep(0.5)
@@ -237,6 +220,8 @@ def down(obj: Any) -> None:
         click.echo("the local stack is not running")
         (stack / "redis.url").unlink(missing_ok=True)
         return
+    from .workers import request_shutdown
+
     try:
         request_shutdown(obj.conn, settings)
     except Exception as exc:  # Redis already gone: supervisor still stops the workers warmly

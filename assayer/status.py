@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import timezone
 from typing import Any
@@ -12,7 +11,8 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from . import keys, watches
+from . import deliveries, keys, records, watches
+from .records import LedgerEntry
 from .settings import Settings
 
 
@@ -40,6 +40,7 @@ def collect(conn: Any, settings: Settings) -> dict[str, Any]:
             "stalled": state.get("stalled") or None,
             "results_copy": _copy_state(conn, spec.name),
             "layout": spec.layout,
+            "report_to": deliveries.summary(conn, spec.name, _sinks_of(conn, spec)),
         })
     for name in (settings.watch_queue, settings.eval_queue):
         queue = Queue(name, connection=conn, serializer=JSONSerializer)
@@ -62,8 +63,8 @@ def collect(conn: Any, settings: Settings) -> dict[str, Any]:
 
 def _outcomes(conn: Any, watch: str, now: float) -> dict[str, Any]:
     """Final outcomes by status, the jobs failing now (awaiting a retry), the last error, the oldest pending age."""
-    finals = [json.loads(v) for v in conn.hvals(keys.results(watch))]
-    failing = [json.loads(v) for v in conn.hvals(keys.failing(watch))]
+    finals = [records.parse(v) for v in conn.hvals(keys.results(watch))]
+    failing = [records.parse(v) for v in conn.hvals(keys.failing(watch))]
     counts = {status: sum(1 for r in finals if r.get("status") == status) for status in ("ok", "failed", "missing")}
     errors = sorted((r for r in finals + failing if r.get("status") == "failed" and r.get("error")),
                     key=lambda r: str(r.get("finished_at") or ""))
@@ -71,13 +72,13 @@ def _outcomes(conn: Any, watch: str, now: float) -> dict[str, Any]:
     pending = {m.decode() for m in conn.smembers(keys.pending(watch))}
     queued_at = []
     for raw in conn.hvals(keys.ledger(watch)) if pending else []:
-        entry = json.loads(raw)
-        if entry.get("job") in pending and entry.get("at"):
-            queued_at.append(float(entry["at"]))
+        entry = LedgerEntry.from_json(raw)
+        if entry.job in pending and entry.at:
+            queued_at.append(entry.at)
     return {
         "outcomes": counts,
         "failing": len(failing),
-        "last_error": f"{last.get('relpath')}: {last['error'].strip().splitlines()[0][:300]}" if last else None,
+        "last_error": f"{last.get('relpath')}: {str(last['error']).strip().splitlines()[0][:300]}" if last else None,
         "oldest_pending_age": round(now - min(queued_at), 1) if queued_at else None,
     }
 
@@ -94,6 +95,12 @@ def _doing(conn: Any, job_id: str | None, now: float) -> dict[str, Any]:
     doing = f"{kwargs.get('watch')}: {kwargs.get('relpath')}" if kwargs.get("relpath") else job.description
     started = job.started_at.replace(tzinfo=timezone.utc).timestamp() if job.started_at else None
     return {"doing": doing, "for_seconds": round(now - started, 1) if started else None}
+
+
+def _sinks_of(conn: Any, spec: watches.WatchSpec) -> list[str]:
+    """The watch's trackers, and any other one a backfill (``assayer report --to``) delivers to."""
+    extra = {deliveries.Item.parse(m).sink for m, _ in conn.zscan_iter(keys.DELIVER_DUE, match=f"{spec.name}|*")}
+    return [*spec.report_to, *sorted(extra - set(spec.report_to))]
 
 
 def _copy_state(conn: Any, watch: str) -> str | None:
@@ -143,4 +150,7 @@ def _render_watch(w: dict[str, Any]) -> list[str]:
         ("results file behind", f"{w['results_copy']} (Redis has them; it catches up once writable)"
          if w["results_copy"] else None),
     ]
+    for sink, d in (w.get("report_to") or {}).items():
+        failing = f", {d['failing']} failing: {d['last_error']}" if d["failing"] else ""
+        notes.append((f"to {sink}", f"{d['delivered']} delivered, {d['pending']} pending{failing}"))
     return lines + [f"    {label}: {text}" for label, text in notes if text]

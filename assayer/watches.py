@@ -11,12 +11,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import redis
 import yaml
 
-from . import defaults, evaluator, keys
-from .errors import ConfigError, WatchError
+from . import backup, defaults, evaluator, keys
+from .errors import AssayerError, ConfigError, WatchError
 from .filters import compile_filter
 from .layouts import LAYOUTS
+from .records import LedgerEntry
 from .scan import Scanner
 from .settings import Settings
 
@@ -38,6 +40,10 @@ class WatchSpec:
     layout: str = "auto"
     ready_markers: list[str] = field(default_factory=list)
     follow_symlinks: bool = False
+    report_to: list[str] = field(default_factory=list)  # trackers each final ok result is delivered to
+    tensorboard_dir: str | None = None
+    mlflow_run_id: str | None = None
+    wandb_run_id: str | None = None
     paused: bool = False
     created_at: float = field(default_factory=time.time)
 
@@ -52,8 +58,12 @@ class WatchSpec:
 
     def same_target(self, other: WatchSpec) -> bool:
         """True when ``other`` watches the same thing the same way (ignoring pause and creation time)."""
-        skip = {"paused", "created_at", "eval_existing"}
+        skip = {"paused", "created_at", "eval_existing", "report_to", "tensorboard_dir", "mlflow_run_id",
+                "wandb_run_id"}
         return all(getattr(self, f.name) == getattr(other, f.name) for f in fields(self) if f.name not in skip)
+
+    def reporting(self) -> tuple[Any, ...]:
+        return (self.report_to, self.tensorboard_dir, self.mlflow_run_id, self.wandb_run_id)
 
     def scanner(self, settings: Settings) -> Scanner:
         """A scanner of this watch's directory with its filter, layout and settle time."""
@@ -80,6 +90,7 @@ def build_spec(
     ready_markers: list[str] | tuple[str, ...] = (),
     evaluator_paths: tuple[str, ...] = (),
     follow_symlinks: bool = False,
+    report: Report | None = None,
 ) -> tuple[WatchSpec, list[str]]:
     """Check every part of a watch and return it with warnings; raise on the first bad part.
 
@@ -117,7 +128,30 @@ def build_spec(
         ref = str(parsed)
     spec = WatchSpec(name, directory, ref, regex, eval_existing, poll_interval, settle, layout, markers,
                      bool(follow_symlinks))
+    if report is not None:
+        spec.report_to, spec.tensorboard_dir = report.check(), report.tensorboard_dir
+        spec.mlflow_run_id, spec.wandb_run_id = report.mlflow_run_id, report.wandb_run_id
     return spec, warnings
+
+
+@dataclass(frozen=True)
+class Report:
+    """Where a watch's results go beside Redis: ``--report-to`` and each tracker's per-watch option."""
+
+    to: str | list[str] | tuple[str, ...] = ()
+    tensorboard_dir: str | None = None
+    mlflow_run_id: str | None = None
+    wandb_run_id: str | None = None
+
+    def check(self) -> list[str]:
+        from .sinks import parse_report_to
+
+        names = parse_report_to(self.to if isinstance(self.to, str) else ",".join(self.to))
+        for option, sink in (("tensorboard_dir", "tensorboard"), ("mlflow_run_id", "mlflow"), ("wandb_run_id", "wandb")):
+            if getattr(self, option) and sink not in names:
+                raise WatchError(f"--{option.replace('_', '-')} is given but {sink} is not in --report-to",
+                                 f"add {sink} to --report-to (e.g. --report-to {sink})")
+        return names
 
 
 MARKER_RE = re.compile(r"[A-Za-z0-9_.-]{1,100}")
@@ -153,7 +187,7 @@ def load_file(path: Path) -> list[dict[str, Any]]:
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise ConfigError(f"watches file {path}: 'watches' must be a list of mappings", "see README, Watches file")
     allowed = {"name", "directory", "evaluator", "regex", "eval_existing", "poll_interval", "settle", "layout",
-               "ready_markers", "follow_symlinks"}
+               "ready_markers", "follow_symlinks", "report_to", "tensorboard_dir", "mlflow_run_id", "wandb_run_id"}
     for entry in entries:
         unknown = set(entry) - allowed
         if unknown:
@@ -167,6 +201,97 @@ def load_file(path: Path) -> list[dict[str, Any]]:
 
 
 # -- the store ----------------------------------------------------------------
+#
+# Registering a watch and taking its baseline happen in one WATCH/MULTI transaction on the
+# watches hash: two `watch add` (or a watches file read by two workers) never register twice,
+# and a failure leaves nothing half-registered.
+
+
+def register(conn: redis.Redis, settings: Settings, spec: WatchSpec) -> str:
+    """Store a new watch, with the checkpoints already there as its baseline unless ``eval_existing``.
+
+    Returns ``"added"``, ``"updated"`` (same target, new trackers) or ``"unchanged"``; one transaction, so a
+    failure leaves nothing half-registered.
+    """
+    existing_raw = conn.hget(keys.WATCHES, spec.name)
+    if existing_raw:
+        existing = WatchSpec.from_json(existing_raw)
+        if existing.same_target(spec):
+            if existing.reporting() == spec.reporting():
+                return "unchanged"
+            spec.created_at, spec.paused = existing.created_at, existing.paused
+            update(conn, spec)  # only where results go changed: past results stay as delivered (see `assayer report`)
+            return "updated"
+        raise WatchError(
+            f"a watch named {spec.name!r} already watches {existing.directory} with {existing.evaluator}",
+            f"pick another --name, or `assayer watch remove {spec.name}` first",
+        )
+    backup.refuse_baseline_if_lost(conn, settings.results_path, spec.name)
+    baseline: dict[str, str] = {}
+    if not spec.eval_existing:
+        scanner = spec.scanner(settings)
+        baseline = {c.relpath: c.version for c in scanner.scan(time.time()).ready}
+    with conn.pipeline() as pipe:
+        pipe.watch(keys.WATCHES)
+        if pipe.hexists(keys.WATCHES, spec.name):
+            pipe.unwatch()
+            return register(conn, settings, spec)
+        pipe.multi()
+        pipe.hset(keys.WATCHES, spec.name, spec.to_json())
+        for relpath, version in baseline.items():
+            pipe.hset(keys.ledger(spec.name), relpath, LedgerEntry(version, None, time.time()).to_json())
+        if not spec.paused:
+            pipe.zadd(keys.DUE, {spec.name: 0})
+        try:
+            pipe.execute()
+        except redis.WatchError:
+            return register(conn, settings, spec)
+    log.info("watch %s added on %s (%d existing checkpoints as baseline)", spec.name, spec.directory, len(baseline))
+    return "added"
+
+
+def baseline_size(conn: Any, watch: str) -> int:
+    """Checkpoints taken as already there when the watch was added (ledgered without a job)."""
+    return sum(1 for raw in conn.hvals(keys.ledger(watch)) if LedgerEntry.from_json(raw).is_baseline)
+
+
+def update(conn: Any, spec: WatchSpec) -> None:
+    """Replace a watch's spec (from a watches file), keeping its ledger."""
+    with conn.pipeline() as pipe:
+        pipe.hset(keys.WATCHES, spec.name, spec.to_json())
+        if spec.paused:
+            pipe.zrem(keys.DUE, spec.name)
+        else:
+            pipe.zadd(keys.DUE, {spec.name: 0})
+        pipe.execute()
+
+
+def sync_file(conn: redis.Redis, settings: Settings) -> None:
+    """Register the watches declared in ``settings.watches_file``; a bad entry is logged, the rest still load."""
+    assert settings.watches_file is not None
+    for entry in load_file(settings.watches_file):
+        try:
+            spec, warnings = build_spec(
+                entry["directory"], entry["evaluator"], name=entry.get("name"), regex=entry.get("regex"),
+                eval_existing=bool(entry.get("eval_existing", False)), poll_interval=entry.get("poll_interval"),
+                settle=entry.get("settle"), import_evaluator=False, layout=entry.get("layout"),
+                ready_markers=entry.get("ready_markers") or (), evaluator_paths=settings.evaluator_paths,
+                follow_symlinks=bool(entry.get("follow_symlinks", False)),
+                report=Report(entry.get("report_to", settings.report_to), entry.get("tensorboard_dir"),
+                              entry.get("mlflow_run_id"), entry.get("wandb_run_id")),
+            )
+            for warning in warnings:
+                log.warning("watch %s: %s", spec.name, warning)
+            current = get(conn, spec.name)
+            if current is None:
+                register(conn, settings, spec)
+            elif not current.same_target(spec) or current.reporting() != spec.reporting():
+                spec.created_at, spec.paused = current.created_at, current.paused
+                update(conn, spec)
+                log.info("watch %s updated from %s", spec.name, settings.watches_file)
+        except AssayerError as exc:
+            log.error("watches file %s: skipping %s: %s", settings.watches_file, entry.get("name", entry), exc)
+
 
 
 def get(conn: Any, name: str) -> WatchSpec | None:

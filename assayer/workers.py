@@ -25,16 +25,14 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from rq import Queue, Worker, worker_registration
-from rq.exceptions import StopRequested
+import redis
+from rq import Queue, Worker
 from rq.job import Job
-from rq.registry import ScheduledJobRegistry, StartedJobRegistry
+from rq.registry import ScheduledJobRegistry, clean_registries
 from rq.serializers import JSONSerializer
-from rq.worker import SimpleWorker, WorkerStatus
-from rq.worker_registration import REDIS_WORKER_KEYS
+from rq.worker import WorkerStatus
 
-from . import backup, defaults, evaluator, jobs, keys, ledger, results, watches
-from .errors import AssayerError
+from . import backup, defaults, deliveries, evaluator, jobs, keys, results, rq_internals, watches
 from .notify import Notifier
 from .settings import Settings
 
@@ -50,24 +48,15 @@ return names
 """Atomically take the watches whose scan is due and push their due time one lease ahead, so a
 scan that is lost (its worker killed) is claimed again once the lease ends."""
 
-MAX_WATCHES_PER_SCAN = 100
-"""Watches scanned by one scan job."""
-
-SHUTDOWN_CHECK_INTERVAL = 0.5
-"""Seconds between two looks at the shutdown flag."""
-
 JOB_FUNCTIONS = {"watch": "assayer.jobs.scan", "eval": "assayer.jobs.evaluate"}
 """The one job function each role runs; any other job is failed unrun."""
 
-STOP_POLL = 2
-"""Seconds an idle worker waits for a job before it looks at its stop flag again."""
 
-
-class AssayerWorker(SimpleWorker):
+class AssayerWorker(rq_internals.StoppableWorker):
     role = ""
     tick = 1.0
 
-    def __init__(self, settings: Settings, connection: Any, queue_name: str, name: str | None = None) -> None:
+    def __init__(self, settings: Settings, connection: redis.Redis, queue_name: str, name: str | None = None) -> None:
         self.settings = settings
         self.host = socket.gethostname()
         name = name or f"{self.role}-{self.host}-{os.getpid()}-{secrets.token_hex(2)}"
@@ -83,20 +72,7 @@ class AssayerWorker(SimpleWorker):
 
     def request_stop(self, signum: int, frame: Any) -> None:
         self.stop_requested = True
-        # rq raises StopRequested from inside this signal handler; if the signal lands while the
-        # main thread is writing a log line, logging swallows it. The flag stops the loop anyway.
-        self._stop_requested = True
         super().request_stop(signum, frame)
-
-    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
-        """rq's dequeue, in short waits that look at the stop flag in between (see request_stop)."""
-        if timeout is None or max_idle_time is not None:
-            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
-        while not self._stop_requested:
-            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time=STOP_POLL)
-            if result is not None:
-                return result
-        raise StopRequested()
 
     # -- background thread ------------------------------------------------------------------
 
@@ -118,7 +94,7 @@ class AssayerWorker(SimpleWorker):
         while not self._ticker_stop.wait(self.tick):
             try:
                 now = time.time()
-                if now - last_flag >= SHUTDOWN_CHECK_INTERVAL:
+                if now - last_flag >= defaults.SHUTDOWN_CHECK_INTERVAL:
                     self._check_shutdown()
                     last_flag = now
                 if now - last_health >= self.settings.lease_ttl / 3:
@@ -144,7 +120,7 @@ class AssayerWorker(SimpleWorker):
         rq's heartbeat only refreshes the key; without this a worker that outlived its key stays
         invisible to ``assayer status`` and rq-dashboard while it works on.
         """
-        if self.connection.hexists(self.key, "birth") and self.connection.sismember(REDIS_WORKER_KEYS, self.key):
+        if rq_internals.registered(self.connection, self):
             return
         log.warning("%s: its registration in Redis is gone (Redis lost its data?); registering again", self.name)
         job_id = self.get_current_job_id() if self.connection.exists(self.key) else None
@@ -177,6 +153,9 @@ class AssayerWorker(SimpleWorker):
         # rq's StartedJobRegistry score: a job whose worker stops beating is lost after this long.
         return self.settings.lease_ttl
 
+    def maintain(self) -> None:
+        self.sweep()
+
     def sweep(self) -> None:
         """Re-queue lost eval jobs, drop lost scans, enqueue due retries and remove dead workers.
 
@@ -186,14 +165,15 @@ class AssayerWorker(SimpleWorker):
         for name, on_lost in ((self.settings.watch_queue, self._drop_lost_scan),
                               (self.settings.eval_queue, self._record_lost)):
             queue = Queue(name, connection=self.connection, serializer=JSONSerializer)
-            lock = queue.registry_cleaning_key  # the key rq's own maintenance locks: never both at once
+            lock = rq_internals.maintenance_lock(queue)
             if not self.connection.set(lock, self.name, nx=True, px=int(max(self.settings.reap_interval, 1) * 10_000)):
                 continue
             try:
-                StartedJobRegistry(name, self.connection, serializer=JSONSerializer).cleanup(exception_handlers=[on_lost])
-                queue.intermediate_queue.cleanup(self, queue)
+                # rq's own registry cleaning, with our handler for a lost job (re-queue, record the attempt)
+                clean_registries(queue, exception_handlers=[on_lost])
+                rq_internals.cleanup_intermediate(self, queue)
                 if name == self.settings.eval_queue:
-                    enqueue_due_retries(queue)
+                    rq_internals.enqueue_due(queue, time.time())
                 reap_dead_workers(self.connection, self.settings, name, "watch" if name == self.settings.watch_queue else "eval")
             finally:
                 self.connection.delete(lock)
@@ -223,11 +203,11 @@ class WatchWorker(AssayerWorker):
     role = "watch"
     tick = defaults.WATCH_TICK
 
-    def __init__(self, settings: Settings, connection: Any, name: str | None = None) -> None:
+    def __init__(self, settings: Settings, connection: redis.Redis, name: str | None = None) -> None:
         super().__init__(settings, connection, settings.watch_queue, name)
         self._last_sweep = self._last_beat = 0.0
         if settings.watches_file:
-            sync_watches_file(connection, settings)
+            watches.sync_file(connection, settings)
         if settings.inotify:
             try:
                 self.runtime.notifier = Notifier(self._wake)
@@ -240,29 +220,34 @@ class WatchWorker(AssayerWorker):
         self.connection.zadd(keys.DUE, dict.fromkeys(names, now), xx=True, lt=True)
 
     def work(self, *args: Any, **kwargs: Any) -> bool:
-        notifier = self.runtime.notifier
-        if notifier is None:
-            return super().work(*args, **kwargs)
+        """Scan; beside it, a thread delivers results to trackers and one reads change notifications."""
         stop = threading.Event()
-        thread = threading.Thread(target=notifier.run, args=(stop,), name="watch-notify", daemon=True)
-        thread.start()
+        reporter = deliveries.Reporter(self.connection, self.settings.results_path, self.settings.delivery_lease)
+        threads = [threading.Thread(target=reporter.run, args=(stop,), name="watch-report", daemon=True)]
+        notifier = self.runtime.notifier
+        if notifier is not None:
+            threads.append(threading.Thread(target=notifier.run, args=(stop,), name="watch-notify", daemon=True))
+        for thread in threads:
+            thread.start()
         try:
             return super().work(*args, **kwargs)
         finally:
             stop.set()
-            thread.join(timeout=5)
-            notifier.close()
+            for thread in threads:
+                thread.join(timeout=defaults.DELIVERY_STOP_WAIT)
+            if notifier is not None:
+                notifier.close()
 
     def on_tick(self, now: float) -> None:
         job = self._busy_job
         if job is not None and now - self._last_beat >= self.settings.heartbeat_interval:
             self._last_beat = now
-            self.maintain_heartbeats(job)  # a scan runs in the main thread; this thread keeps its lease
+            self.beat(job)  # a scan runs in the main thread; this thread keeps its lease
         if now - self._last_sweep >= self.settings.reap_interval:
             self._last_sweep = now
             self.sweep()
         # Claim what falls due before the next tick too: watches scanned together stay in step, one job per batch.
-        names = self.connection.eval(CLAIM_DUE, 1, keys.DUE, now + self.tick, defaults.SCAN_LEASE, MAX_WATCHES_PER_SCAN)
+        names = self.connection.eval(CLAIM_DUE, 1, keys.DUE, now + self.tick, defaults.SCAN_LEASE, defaults.MAX_WATCHES_PER_SCAN)
         if names:
             names = sorted(n.decode() for n in names)
             self.queues[0].enqueue(
@@ -270,16 +255,16 @@ class WatchWorker(AssayerWorker):
                 kwargs={"names": names},
                 job_timeout=-1,
                 result_ttl=defaults.SCAN_RESULT_TTL,
-                failure_ttl=24 * 3600,
+                failure_ttl=defaults.SCAN_FAILURE_TTL,
                 description=f"scan {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}",
             )
 
 
 class EvalWorker(AssayerWorker):
     role = "eval"
-    tick = 0.5
+    tick = defaults.EVAL_TICK
 
-    def __init__(self, settings: Settings, connection: Any, name: str | None = None) -> None:
+    def __init__(self, settings: Settings, connection: redis.Redis, name: str | None = None) -> None:
         super().__init__(settings, connection, settings.eval_queue, name)
         self._last_sweep = 0.0
         self._last_beat = 0.0
@@ -302,21 +287,11 @@ class EvalWorker(AssayerWorker):
             if now - self._last_beat >= self.settings.heartbeat_interval:
                 self._last_beat = now
                 try:
-                    self.maintain_heartbeats(job)
+                    self.beat(job)
                 except Exception as exc:  # Redis briefly away: the lease has room for a few misses
                     log.warning("%s: heartbeat failed: %s", self.name, exc)
 
         return beat
-
-    def clean_registries(self) -> None:
-        # rq calls this at start and every maintenance interval; do our sweep instead of rq's.
-        self.sweep()
-        self.last_cleaned_at = self._now()
-
-    def _now(self) -> Any:
-        from rq.utils import now
-
-        return now()
 
     def on_tick(self, now: float) -> None:
         if now - self._last_sweep >= self.settings.reap_interval:
@@ -340,7 +315,7 @@ class EvalWorker(AssayerWorker):
             self.connection.delete(keys.MIRROR_LOCK)
 
 
-def reap_dead_workers(conn: Any, settings: Settings, queue_name: str, role: str) -> list[str]:
+def reap_dead_workers(conn: redis.Redis, settings: Settings, queue_name: str, role: str) -> list[str]:
     """Unregister the workers of ``queue_name`` whose health key expired (killed with -9, node lost).
 
     A live worker writes its key every third of a lease; one missing for a whole lease is dead, and
@@ -356,52 +331,23 @@ def reap_dead_workers(conn: Any, settings: Settings, queue_name: str, role: str)
         if worker.birth_date is not None and worker.birth_date.replace(tzinfo=timezone.utc) > grace:
             continue  # just started: its first health key may not be written yet
         log.warning("worker %s (pid %s on %s) stopped reporting; removing it", worker.name, worker.pid, worker.hostname)
-        with conn.pipeline() as pipe:
-            worker_registration.unregister(worker, pipe)
-            pipe.delete(worker.key)
-            pipe.execute()
+        rq_internals.unregister(conn, worker)
         reaped.append(worker.name)
     return reaped
 
 
-def enqueue_due_retries(queue: Queue) -> None:
-    """Move jobs whose retry backoff has ended from the ScheduledJobRegistry to the queue."""
-    registry = ScheduledJobRegistry(queue.name, queue.connection, serializer=queue.serializer)
-    job_ids = registry.get_jobs_to_schedule(int(time.time()))
-    if not job_ids:
-        return
-    with queue.connection.pipeline() as pipe:
-        for job in Job.fetch_many(job_ids, connection=queue.connection, serializer=queue.serializer):
-            if job is not None:
-                queue._enqueue_job(job, pipeline=pipe)
-        for job_id in job_ids:
-            registry.remove(job_id, pipeline=pipe)
-        pipe.execute()
-
-
-def sync_watches_file(conn: Any, settings: Settings) -> None:
-    """Register the watches declared in ``settings.watches_file``; a bad entry is logged, the rest still load."""
-    assert settings.watches_file is not None
-    for entry in watches.load_file(settings.watches_file):
-        try:
-            spec, warnings = watches.build_spec(
-                entry["directory"], entry["evaluator"], name=entry.get("name"), regex=entry.get("regex"),
-                eval_existing=bool(entry.get("eval_existing", False)), poll_interval=entry.get("poll_interval"),
-                settle=entry.get("settle"), import_evaluator=False, layout=entry.get("layout"),
-                ready_markers=entry.get("ready_markers") or (), evaluator_paths=settings.evaluator_paths,
-                follow_symlinks=bool(entry.get("follow_symlinks", False)),
-            )
-            for warning in warnings:
-                log.warning("watch %s: %s", spec.name, warning)
-            current = watches.get(conn, spec.name)
-            if current is None:
-                ledger.register(conn, settings, spec)
-            elif not current.same_target(spec):
-                spec.created_at, spec.paused = current.created_at, current.paused
-                ledger.update(conn, spec)
-                log.info("watch %s updated from %s", spec.name, settings.watches_file)
-        except AssayerError as exc:
-            log.error("watches file %s: skipping %s: %s", settings.watches_file, entry.get("name", entry), exc)
+def request_shutdown(conn: redis.Redis, settings: Settings, purge: bool = False) -> int:
+    """Ask every Assayer worker to finish its current job and stop; returns how many were running."""
+    conn.set(keys.SHUTDOWN, time.time())
+    ours = {settings.watch_queue, settings.eval_queue}
+    count = sum(1 for w in Worker.all(connection=conn) if set(w.queue_names()) & ours)
+    if purge:
+        for name in ours:
+            Queue(name, connection=conn, serializer=JSONSerializer).empty()
+            registry = ScheduledJobRegistry(name, conn)
+            for job_id in registry.get_job_ids():
+                registry.remove(job_id)
+    return count
 
 
 WORKERS: dict[str, Callable[..., AssayerWorker]] = {"watch": WatchWorker, "eval": EvalWorker}

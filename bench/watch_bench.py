@@ -36,7 +36,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from assayer import ledger, watches  # noqa: E402
+from assayer import watches  # noqa: E402
 from assayer.settings import Settings  # noqa: E402
 from assayer.stack import redis_binary  # noqa: E402
 
@@ -67,7 +67,7 @@ class Stack:
 
     def add_watch(self, directory: Path, name: str) -> None:
         spec, _ = watches.build_spec(str(directory), NOOP, name=name)
-        ledger.register(self.conn, self.settings, spec)
+        watches.register(self.conn, self.settings, spec)
 
     def start(self, role: str) -> subprocess.Popen[bytes]:
         log = open(self.tmp / f"{role}-{len(self.workers)}.log", "wb")  # noqa: SIM115

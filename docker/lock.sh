@@ -4,7 +4,8 @@
 # The Dockerfile installs exactly this set (pip --no-deps --require-hashes) and docker/wheelhouse.sh
 # downloads it; rerun this after changing pyproject.toml's dependencies, and commit the result.
 #
-# What goes in: pyproject.toml's dependencies and its torch and plot extras, resolved together with
+# What goes in: pyproject.toml's dependencies and its torch, plot and trackers' extras (tensorboard,
+# mlflow, which also serves compose's mlflow profile, and wandb), resolved together with
 # TORCH_SPEC, so that torch's own dependencies (sympy, networkx, ...) are locked too; torch is left
 # out: its build (CPU or CUDA, and the CUDA libraries that come with it) is chosen by the build args
 # TORCH_SPEC and TORCH_INDEX_URL. Plus async-timeout, which redis needs on Python < 3.11.3 (Debian
@@ -40,7 +41,8 @@ fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 {
-    "$py" docker/requirements.py pyproject.toml --extra torch --extra plot --exclude torch
+    "$py" docker/requirements.py pyproject.toml --extra torch --extra plot --extra tensorboard --extra mlflow \
+        --extra wandb --exclude torch
     echo "$torch_spec"
     echo "async-timeout>=4.0.3"
 } >"$work/requirements.in"

@@ -342,9 +342,9 @@ def evaluator_ref(name: str) -> str:
 def add_watch(conn: redis.Redis, settings: Settings, directory: Path, fn: str = "record", name: str = "run",
               **options: Any) -> str:
     """Register a watch the way ``assayer watch add`` does (validated, baseline taken), creating the directory."""
-    from assayer import ledger, watches
+    from assayer import watches
 
     directory.mkdir(parents=True, exist_ok=True)
     spec, _ = watches.build_spec(str(directory), evaluator_ref(fn), name=name, **options)
-    ledger.register(conn, settings, spec)
+    watches.register(conn, settings, spec)
     return spec.name

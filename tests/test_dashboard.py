@@ -42,6 +42,9 @@ ACTIONS = {
     "compact": "/queue/{queue}/compact",
 }
 
+# Assayer's own state-changing routes beside them (assayer/pages.py).
+OUR_ACTIONS = {"/api/watches/<name>/pause", "/api/watches/<name>/resume", "/api/watches/<name>/evaluate"}
+
 
 @dataclass(frozen=True)
 class Reply:
@@ -127,7 +130,7 @@ def test_the_tests_cover_every_state_changing_route_of_rq_dashboard(settings: Se
     app = make_app(settings.replace(dashboard_password=PASSWORD))
     guarded = {rule.rule for rule in app.url_map.iter_rules() if rule.endpoint in action_endpoints(app)}
     assert guarded == {path.replace("{job}", "<job_id>").replace("{queue}", "<queue_name>")
-                       .replace("/failed/", "/<registry_name>/") for path in ACTIONS.values()}
+                       .replace("/failed/", "/<registry_name>/") for path in ACTIONS.values()} | OUR_ACTIONS
 
 
 def test_dashboard_runs_on_waitress_behind_basic_auth(start_dashboard: Callable[..., Dashboard]) -> None:

@@ -141,10 +141,10 @@ def test_the_hugging_face_example_evaluates_trainer_checkpoints_and_results_pick
 
     run = tmp_path / "llm"
     run.mkdir()
-    from assayer import ledger, watches
+    from assayer import watches
 
     spec, _ = watches.build_spec(str(run), str(ROOT / "examples" / "hf" / "eval.py") + ":evaluate", name="llm")
-    ledger.register(conn, settings, spec)
+    watches.register(conn, settings, spec)
     workers.start("watch")
     workers.start("eval")
     train_hf(run, max_steps=8, save_steps=4, save_total_limit=None)

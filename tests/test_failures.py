@@ -14,7 +14,7 @@ import redis
 from harness import RedisServer, Workers, add_watch, attempts, final_results, invoke, quiet, wait_for
 from writers import torch_bytes, zip_bytes
 
-from assayer import ledger, watches
+from assayer import watches
 from assayer.settings import Settings
 
 
@@ -218,7 +218,7 @@ def test_evaluator_broken_after_the_watch_was_added_fails_the_job_not_the_worker
     ckpts = tmp_path / "ckpts"
     ckpts.mkdir()
     spec, _ = watches.build_spec(str(ckpts), f"{ev}:evaluate", name="run")
-    ledger.register(conn, settings, spec)
+    watches.register(conn, settings, spec)
     ev.write_text("import not_a_module_anywhere\n")
     workers.settings = dataclasses.replace(settings, retries=0)
     workers.start("watch")

@@ -24,7 +24,6 @@ from assayer.evaluator import EvaluatorRef, parse_ref
 from assayer.scan import Candidate
 from assayer.settings import Settings
 from assayer.watches import WatchSpec
-from assayer.workers import sync_watches_file
 
 
 def candidates(spec: WatchSpec, settings: Settings) -> list[Candidate]:
@@ -87,7 +86,7 @@ def test_existing_checkpoints_are_the_baseline_unless_eval_existing(
         (tmp_path / name / "before.pt").write_bytes(torch_bytes())
     add_watch(conn, settings, tmp_path / "old", name="old")
     add_watch(conn, settings, tmp_path / "all", name="all", eval_existing=True)
-    assert ledger.baseline_size(conn, "old") == 1 and ledger.baseline_size(conn, "all") == 0
+    assert watches.baseline_size(conn, "old") == 1 and watches.baseline_size(conn, "all") == 0
     assert ledger.enqueue_new(conn, settings, watches.require(conn, "old"),
                               candidates(watches.require(conn, "old"), settings)) == []
     assert len(ledger.enqueue_new(conn, settings, watches.require(conn, "all"),
@@ -137,14 +136,14 @@ def test_the_watches_file_registers_its_watches_and_skips_only_the_bad_one(
         f"  - {{name: later, directory: {tmp_path / 'later'}, evaluator: '{evaluator_ref('record')}', eval_existing: true}}\n"
     )
     with caplog.at_level(logging.ERROR, logger="assayer.workers"):
-        sync_watches_file(conn, settings.replace(watches_file=path))
+        watches.sync_file(conn, settings.replace(watches_file=path))
     assert sorted(s.name for s in watches.all_specs(conn)) == ["good", "later"]
     assert "skipping broken" in caplog.text and "missing.py does not exist" in caplog.text
-    assert ledger.baseline_size(conn, "good") == 1 and watches.require(conn, "good").poll_interval == 2
+    assert watches.baseline_size(conn, "good") == 1 and watches.require(conn, "good").poll_interval == 2
 
     path.write_text(path.read_text().replace("poll_interval: 2", "poll_interval: 5"))
     watches.set_paused(conn, "good", True)
-    sync_watches_file(conn, settings.replace(watches_file=path))  # a worker restarted with an edited file
+    watches.sync_file(conn, settings.replace(watches_file=path))  # a worker restarted with an edited file
     spec = watches.require(conn, "good")
     assert spec.poll_interval == 5 and spec.paused  # updated, and still paused as the user left it
 

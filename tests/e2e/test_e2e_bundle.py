@@ -26,9 +26,11 @@ VARIANTS = {
     "gpu": (["compose.yaml", "compose.gpu.yaml"], []),
     "demo": (["compose.yaml"], ["demo"]),
     "gpu+demo": (["compose.yaml", "compose.gpu.yaml"], ["demo"]),
+    "mlflow": (["compose.yaml"], ["mlflow"]),
+    "gpu+demo+mlflow": (["compose.yaml", "compose.gpu.yaml"], ["demo", "mlflow"]),
 }
-ASSAYER_SERVICES = ("watch", "eval", "dashboard")
-EVERY_ASSAYER_SERVICE = (*ASSAYER_SERVICES, "demo-trainer")
+ASSAYER_SERVICES = ("watch", "eval", "dashboard", "exporter")
+EVERY_ASSAYER_SERVICE = (*ASSAYER_SERVICES, "demo-trainer", "mlflow")
 
 
 def compose(variant: str, **env: str) -> Compose:
@@ -74,14 +76,21 @@ def test_a_missing_required_variable_is_named(variable: str) -> None:
 
 def test_services_are_wired_and_hardened() -> None:
     services = config("default", ASSAYER_DASHBOARD_PORT="19999")["services"]
-    assert set(services) == {"redis", "watch", "eval", "dashboard"}
+    assert set(services) == {"redis", "watch", "eval", "dashboard", "exporter"}
 
     for name, service in services.items():
         assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
         for dependency in service.get("depends_on", {}).values():
             assert dependency["condition"] == "service_healthy", name
         if name != "dashboard":
-            assert not service.get("ports"), f"{name} publishes a port"
+            assert not service.get("ports"), f"{name} publishes a port"  # the exporter's metrics have no password
+    assert services["exporter"]["command"] == ["exporter"]
+    assert services["exporter"]["environment"]["ASSAYER_EXPORTER_BIND"] == "0.0.0.0"
+    trackers = {"MLFLOW_TRACKING_URI", "WANDB_API_KEY", "WANDB_PROJECT", "ASSAYER_REPORT_TO"}
+    assert trackers <= set(services["watch"]["environment"])
+    for name in ("eval", "dashboard", "exporter"):
+        assert not trackers & set(services[name]["environment"]), f"{name} gets the trackers' settings"
+    assert services["watch"]["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
 
     eval_ = services["eval"]
     assert "container_name" not in eval_, "eval must stay scalable"
@@ -144,7 +153,7 @@ def dockerfile_base_image() -> str:
     return line.split("=", 1)[1]
 
 
-@pytest.mark.parametrize("variant", ["demo", "gpu+demo"])
+@pytest.mark.parametrize("variant", ["gpu+demo+mlflow"])
 def test_one_service_builds_the_image_every_assayer_service_runs_and_none_pulls_it(variant: str) -> None:
     # One build per `up`: builds of one tag in parallel can end as different images (cold cache),
     # and the next `up` then recreates containers (test_e2e_stack's stop and up again).
@@ -224,3 +233,15 @@ def test_dockerfiles_pass_hadolint() -> None:
                    ("docker/Dockerfile", "docker/redis/Dockerfile", "examples/custom-image/Dockerfile")]
     proc = subprocess.run([str(binary), "--no-color", *dockerfiles], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_mlflow_profile_serves_on_loopback_from_the_assayer_image_without_redis_secrets() -> None:
+    services = config("mlflow")["services"]
+    mlflow = services["mlflow"]
+    assert mlflow["image"] == services["watch"]["image"] and mlflow["pull_policy"] == "never"
+    (port,) = mlflow["ports"]
+    assert (port["host_ip"], port["target"]) == ("127.0.0.1", 5000)
+    assert "ASSAYER_REDIS_PASSWORD" not in mlflow.get("environment", {})
+    assert mounts(mlflow)["/mlflow"]["type"] == "volume"
+    assert mlflow["user"] == "10001:10001" and mlflow["read_only"] is True
+

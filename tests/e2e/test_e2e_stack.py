@@ -7,6 +7,7 @@ The tests share one stack (see conftest.py) and run in file order.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import tempfile
 import threading
@@ -245,6 +246,44 @@ def test_stop_mid_evaluation_loses_nothing_and_up_again_reevaluates_nothing(stac
     assert {k: v for k, v in after.items() if k != stack.container_path(fresh)} == before
     assert len(compose.jsonl_lines(WATCH)) == lines_before + 1
     assert len(by_checkpoint(compose.results(), "declared")) == 1
+
+
+MLFLOW_POINTS = """
+import json, sys
+from mlflow.tracking import MlflowClient
+client = MlflowClient("http://127.0.0.1:5000")
+runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+        if r.data.tags.get("assayer.watch") == sys.argv[1]]
+print(json.dumps([[m.step, m.value] for r in runs for m in client.get_metric_history(r.info.run_id, "eval/sum")]))
+"""
+
+
+def test_mlflow_profile_gets_each_result_at_its_step_and_the_exporter_stays_on_the_bundle_network(
+        stack: Stack) -> None:
+    """`--report-to mlflow` with the mlflow profile and nothing else set up; metrics for Prometheus inside only."""
+    tracked = dataclasses.replace(stack.compose, profiles=["mlflow"])
+    tracked("up", "--detach", "--no-build", "--pull", "never", "--wait", "mlflow", timeout=300)
+    (stack.checkpoints / "tracked").mkdir()
+    stack.compose.exec("watch", "assayer", "watch", "add", "/checkpoints/tracked", "-e", "/evaluators/probe.py:evaluate",
+                       "--report-to", "mlflow")
+    sums = {step: write_checkpoint(stack.checkpoints / "tracked" / f"step_{step:06d}.pt", tag=step) for step in (30, 10)}
+
+    def points() -> list[list[float]] | None:
+        out = tracked.exec("mlflow", "python", "-c", MLFLOW_POINTS, "tracked", check=False)
+        found = json.loads(out.stdout) if out.returncode == 0 and out.stdout.strip() else []
+        return found if len(found) >= 2 else None
+
+    found = wait_for(points, 120, "both results in the mlflow profile's server")
+    assert sorted((int(s), v) for s, v in found) == sorted((s, pytest.approx(v, rel=1e-5)) for s, v in sums.items())
+    sink = next(w for w in stack.compose.status()["watches"] if w["name"] == "tracked")["report_to"]["mlflow"]
+    assert sink["delivered"] == 2 and sink["pending"] == 0 and sink["failing"] == 0
+
+    metrics = stack.compose.exec("watch", "python", "-c", "import urllib.request; print(urllib.request.urlopen("
+                                 "'http://exporter:9182/metrics', timeout=10).read().decode())").stdout
+    assert 'assayer_checkpoints{status="ok",watch="tracked"} 2.0' in metrics
+    assert 'assayer_deliveries{sink="mlflow",state="delivered",watch="tracked"} 2.0' in metrics
+    published = stack.compose("port", "exporter", "9182", check=False)
+    assert published.returncode != 0 or not published.stdout.strip()  # no port on the host
 
 
 def test_demo_profile_trains_and_every_epoch_is_evaluated(stack: Stack) -> None:

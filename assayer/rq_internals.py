@@ -1,0 +1,128 @@
+"""What Assayer needs from rq beyond its documented API, in one place.
+
+rq is pinned to the minor series these were written and tested against (pyproject.toml,
+``RQ_SERIES``); ``tests/test_rq_internals.py`` exercises each one against the installed rq, so
+an upgrade that moves one fails there, not in a user's worker. Everything else in Assayer uses
+rq's public API: queues, jobs, ``Retry``, the registries, ``Worker.all``.
+
+Why each is needed:
+
+* :class:`StoppableWorker` overrides ``dequeue_job_and_maintain_ttl``: rq blocks for up to
+  ``worker_ttl`` in one dequeue, and the stop signal's exception can be swallowed by the logging
+  module, so an idle worker would not stop until the wait ended. It waits in short slices and
+  looks at rq's ``_stop_requested`` flag between them.
+* It overrides ``clean_registries`` (rq's registry maintenance, every 10 minutes) with the
+  worker's own :meth:`StoppableWorker.maintain`, run every few seconds: a job whose worker was
+  killed is re-queued within one lease, not ten minutes.
+* :func:`enqueue_due` is what rq's scheduler does, without it: rq's scheduler is a process forked
+  from the worker (``with_scheduler=True``), which a warm eval worker holding an evaluator
+  process should not fork. It uses ``ScheduledJobRegistry`` and ``Queue.enqueue_job`` (public).
+* :func:`maintenance_lock`, :func:`cleanup_intermediate`, :func:`registered`, :func:`unregister`:
+  rq's own lock key for registry cleaning, its intermediate (being-dequeued) list, and its
+  worker registration set, so Assayer's sweep never runs beside rq's and a reaped worker leaves
+  rq-dashboard as rq itself would remove it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from rq import Queue, worker_registration
+from rq.exceptions import StopRequested
+from rq.job import Job
+from rq.registry import ScheduledJobRegistry
+from rq.utils import now
+from rq.worker import BaseWorker, SimpleWorker
+from rq.worker_registration import REDIS_WORKER_KEYS
+
+from . import defaults
+
+RQ_SERIES = "2.12"
+"""The rq minor series this module was tested against (pyproject pins ``rq>=2.12,<2.13``)."""
+
+
+def queue_key(name: str) -> str:
+    """The Redis list of queue ``name`` (what KEDA's redis trigger and the chart's probes read)."""
+    return Queue.redis_queue_namespace_prefix + name
+
+
+class StoppableWorker(SimpleWorker):
+    """rq's in-process worker that stops promptly when idle and runs :meth:`maintain` instead of rq's cleaning."""
+
+    def request_stop(self, signum: int, frame: Any) -> None:
+        # rq raises StopRequested from inside this signal handler; if the signal lands while the
+        # main thread is writing a log line, logging swallows it. The flag stops the loop anyway.
+        self._stop_requested = True
+        super().request_stop(signum, frame)
+
+    @property
+    def stopping(self) -> bool:
+        return bool(self._stop_requested)
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        """rq's dequeue, in short waits that look at the stop flag in between (see request_stop)."""
+        if timeout is None or max_idle_time is not None:
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        while not self._stop_requested:
+            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time=defaults.STOP_POLL)
+            if result is not None:
+                return result
+        raise StopRequested()
+
+    def beat(self, job: Job) -> None:
+        """Extend ``job``'s lease from another thread; a no-op once rq has ended the job's execution."""
+        if self.execution is not None:
+            self.maintain_heartbeats(job)
+
+    def clean_registries(self) -> None:
+        # rq calls this at start and every maintenance interval.
+        self.maintain()
+        self.last_cleaned_at = now()  # type: ignore[assignment]  # rq declares it None-typed
+
+    def maintain(self) -> None:
+        """Registry maintenance; rq's own unless a subclass does better."""
+        super().clean_registries()
+
+
+def maintenance_lock(queue: Queue) -> str:
+    """The key rq locks while it cleans ``queue``'s registries: whoever holds it cleans, never two at once."""
+    return str(queue.registry_cleaning_key)
+
+
+def cleanup_intermediate(worker: BaseWorker, queue: Queue) -> None:
+    """Fail (so retry, if it has retries) a job a dead worker took off ``queue`` but never started.
+
+    rq moves a job to its intermediate list while dequeueing; one stranded there over a minute
+    (seen on two cleanups) is handed to ``handle_job_failure``.
+    """
+    queue.intermediate_queue.cleanup(worker, queue)
+
+
+def registered(conn: redis.Redis, worker: BaseWorker) -> bool:
+    """True when ``worker`` is in rq's registry (what ``Worker.all``, ``rq info`` and rq-dashboard list)."""
+    return bool(conn.hexists(worker.key, "birth") and conn.sismember(REDIS_WORKER_KEYS, worker.key))
+
+
+def unregister(conn: redis.Redis, worker: BaseWorker) -> None:
+    """Remove a dead worker from rq's registry, as rq does when a worker exits."""
+    with conn.pipeline() as pipe:
+        worker_registration.unregister(worker, pipe)
+        pipe.delete(worker.key)
+        pipe.execute()
+
+
+def enqueue_due(queue: Queue, at: float) -> list[str]:
+    """Move the jobs of ``queue`` whose scheduled time (a retry's backoff) is before ``at`` onto the queue."""
+    registry = ScheduledJobRegistry(queue.name, queue.connection, serializer=queue.serializer)
+    job_ids = registry.get_jobs_to_schedule(int(at))
+    if not job_ids:
+        return []
+    with queue.connection.pipeline() as pipe:
+        for job in Job.fetch_many(job_ids, connection=queue.connection, serializer=queue.serializer):
+            if job is not None:
+                queue.enqueue_job(job, pipeline=pipe)
+        for job_id in job_ids:
+            registry.remove(job_id, pipeline=pipe)
+        pipe.execute()
+    return [j.decode() if isinstance(j, bytes) else str(j) for j in job_ids]

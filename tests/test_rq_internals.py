@@ -1,0 +1,129 @@
+"""Each rq internal Assayer relies on (assayer/rq_internals.py), checked against the installed rq on a real Redis.
+
+An rq upgrade that moves one of them fails here first.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from datetime import timedelta
+from importlib.metadata import version
+
+import pytest
+import redis
+from rq import Queue, Retry, Worker
+from rq.exceptions import StopRequested
+from rq.job import Job, JobStatus
+from rq.registry import ScheduledJobRegistry
+from rq.serializers import JSONSerializer
+
+from assayer import defaults, rq_internals
+from tests.harness import wait_for
+
+
+def _queue(conn: redis.Redis, name: str = "q") -> Queue:
+    return Queue(name, connection=conn, serializer=JSONSerializer)
+
+
+class _Recorder(rq_internals.StoppableWorker):
+    maintained = 0
+
+    def maintain(self) -> None:
+        type(self).maintained += 1
+
+
+def test_rq_is_the_minor_series_the_internals_were_tested_on() -> None:
+    assert version("rq").startswith(rq_internals.RQ_SERIES + "."), (
+        f"rq {version('rq')} is installed; assayer/rq_internals.py was written for {rq_internals.RQ_SERIES}: "
+        "re-check each internal it uses, then move RQ_SERIES and the pin in pyproject.toml")
+
+
+def test_queue_key_is_the_list_rq_pushes_jobs_onto(conn: redis.Redis) -> None:
+    _queue(conn, "evals").enqueue("os.getpid")
+    assert conn.llen(rq_internals.queue_key("evals")) == 1
+
+
+def test_an_idle_worker_stops_at_its_next_short_wait_not_after_worker_ttl(conn: redis.Redis) -> None:
+    worker = _Recorder([_queue(conn)], connection=conn, serializer=JSONSerializer, worker_ttl=600)
+    done = threading.Event()
+
+    def stop_soon() -> None:
+        wait_for(lambda: worker.get_state() == "idle", 10, what="the worker to wait for a job")
+        worker._stop_requested = True  # what request_stop sets when the signal's exception is swallowed
+        done.set()
+
+    threading.Thread(target=stop_soon, daemon=True).start()
+    started = time.monotonic()
+    worker.work(with_scheduler=False)  # must return, not block for worker_ttl (600 s)
+    assert done.is_set()
+    assert time.monotonic() - started < defaults.STOP_POLL * 3 + 5
+
+
+def test_request_stop_sets_the_flag_the_dequeue_loop_reads(conn: redis.Redis) -> None:
+    worker = _Recorder([_queue(conn)], connection=conn, serializer=JSONSerializer)
+    assert not worker.stopping
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(StopRequested):  # rq's way out of an idle wait
+            worker.request_stop(signal.SIGINT, None)
+    finally:
+        for sig, handler in handlers.items():  # rq installs its force-stop handlers
+            signal.signal(sig, handler)
+    assert worker.stopping
+
+
+def test_rq_runs_maintain_in_place_of_its_registry_cleaning(conn: redis.Redis) -> None:
+    _Recorder.maintained = 0
+    worker = _Recorder([_queue(conn)], connection=conn, serializer=JSONSerializer)
+    worker.work(burst=True, with_scheduler=False)
+    assert _Recorder.maintained >= 1
+    assert worker.last_cleaned_at is not None
+
+
+def test_maintenance_lock_is_the_key_rq_locks_before_cleaning(conn: redis.Redis) -> None:
+    queue = _queue(conn)
+    key = rq_internals.maintenance_lock(queue)
+    assert queue.acquire_maintenance_lock()
+    assert conn.exists(key)
+    assert not queue.acquire_maintenance_lock()  # rq itself would now skip its cleaning
+    queue.release_maintenance_lock()
+    assert not conn.exists(key)
+
+
+def test_registered_and_unregister_follow_rqs_own_worker_registry(conn: redis.Redis) -> None:
+    queue = _queue(conn)
+    worker = Worker([queue], connection=conn, serializer=JSONSerializer, name="w1")
+    worker.register_birth()
+    assert rq_internals.registered(conn, worker)
+    assert [w.name for w in Worker.all(connection=conn)] == ["w1"]
+    rq_internals.unregister(conn, worker)
+    assert not rq_internals.registered(conn, worker)
+    assert Worker.all(connection=conn) == [] and Worker.all(queue=queue) == []
+
+
+def test_cleanup_intermediate_retries_a_job_a_dead_worker_took_but_never_started(conn: redis.Redis) -> None:
+    queue = _queue(conn)
+    job = queue.enqueue("os.getpid", retry=Retry(max=1))
+    conn.lmove(queue.key, queue.intermediate_queue.key, "RIGHT", "LEFT")  # what a dequeue does first
+    dead = Worker([queue], connection=conn, serializer=JSONSerializer, name="dead")
+    rq_internals.cleanup_intermediate(dead, queue)  # first sighting: rq only notes the time
+    assert conn.llen(queue.key) == 0 and queue.intermediate_queue.get_job_ids() == [job.id]
+    conn.set(queue.intermediate_queue.get_first_seen_key(job.id), time.time() - 120)  # stranded over a minute
+    rq_internals.cleanup_intermediate(dead, queue)
+    assert queue.intermediate_queue.get_job_ids() == []
+    assert [j.decode() for j in conn.lrange(queue.key, 0, -1)] == [job.id]  # its retry, queued again
+
+
+def test_enqueue_due_moves_only_jobs_whose_backoff_ended(conn: redis.Redis) -> None:
+    queue = _queue(conn)
+    registry = ScheduledJobRegistry(queue.name, conn, serializer=JSONSerializer)
+    due = queue.enqueue_in(timedelta(seconds=1), "os.getpid", retry=Retry(max=1))
+    later = queue.enqueue_in(timedelta(seconds=600), "os.getpid")
+    assert set(registry.get_job_ids()) == {due.id, later.id}
+    assert rq_internals.enqueue_due(queue, time.time()) == []
+    assert rq_internals.enqueue_due(queue, time.time() + 2) == [due.id]
+    assert queue.get_job_ids() == [due.id]
+    assert registry.get_job_ids() == [later.id]
+    assert Job.fetch(due.id, connection=conn, serializer=JSONSerializer).get_status() == JobStatus.QUEUED
