@@ -13,6 +13,7 @@ from importlib.metadata import version
 
 import pytest
 import redis
+from harness import wait_for
 from rq import Queue, Retry, Worker
 from rq.exceptions import StopRequested
 from rq.job import Job, JobStatus
@@ -20,7 +21,6 @@ from rq.registry import ScheduledJobRegistry
 from rq.serializers import JSONSerializer
 
 from assayer import defaults, rq_internals
-from tests.harness import wait_for
 
 
 def _queue(conn: redis.Redis, name: str = "q") -> Queue:

@@ -230,10 +230,16 @@ def test_status_shows_what_a_busy_worker_evaluates_and_the_oldest_queued_checkpo
     (ckpts / "sub" / "a.pt").write_bytes(torch_bytes())
     wait_for(marker.exists, 20, what="the evaluation to start")
     (queued / "b.pt").write_bytes(torch_bytes(1))  # waits behind the slow one (one eval worker)
-    info = wait_for(lambda: (lambda i: i if any(w["doing"] for w in i["workers"]) and next(
-        w for w in i["watches"] if w["name"] == "queued")["oldest_pending_age"] else None)(
-        status.collect(conn, settings)), 10, what="a busy worker and a queued checkpoint")
-    busy = next(w for w in info["workers"] if w["doing"])
+
+    def evaluating_and_queued() -> dict | None:  # type: ignore[type-arg]
+        info = status.collect(conn, settings)
+        evaluating = any(w["doing"] for w in info["workers"] if w["queues"] == ["assayer-eval"])
+        queued_since = next(w for w in info["watches"] if w["name"] == "queued")["oldest_pending_age"]
+        return info if evaluating and queued_since else None
+
+    # The eval worker, not the watch worker: that one is busy too now and then, with a scan.
+    info = wait_for(evaluating_and_queued, 10, what="the eval worker busy and a queued checkpoint")
+    (busy,) = [w for w in info["workers"] if w["queues"] == ["assayer-eval"]]
     assert busy["doing"] == "run: sub/a.pt" and busy["for_seconds"] >= 0
     assert "run: sub/a.pt for " in status.render(info) and "oldest queued checkpoint: " in status.render(info)
 
