@@ -58,7 +58,7 @@ def test_redis_takes_any_password_and_shows_it_on_no_command_line(tmp_path: Path
         assert stat.S_IMODE(conf.stat().st_mode) == 0o600 and "d%x" not in conf.read_text()
     finally:
         proc.terminate()
-        proc.wait(15)
+        proc.communicate(timeout=15)  # reads and closes both pipes (wait() would leave them to the GC)
 
 
 @pytest.mark.parametrize(("password", "message"), [
