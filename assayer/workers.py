@@ -120,8 +120,8 @@ class AssayerWorker(rq_internals.StoppableWorker):
         rq's heartbeat only refreshes the key; without this a worker that outlived its key stays
         invisible to ``assayer status`` and rq-dashboard while it works on.
         """
-        if rq_internals.registered(self.connection, self):
-            return
+        if self.stop_requested or self.stopping or rq_internals.registered(self.connection, self):
+            return  # a stopping worker's key is gone because rq unregistered it: not to be put back
         log.warning("%s: its registration in Redis is gone (Redis lost its data?); registering again", self.name)
         job_id = self.get_current_job_id() if self.connection.exists(self.key) else None
         self.connection.delete(self.key)
