@@ -81,7 +81,6 @@ def test_a_missing_tracker_package_says_which_extra_to_install(monkeypatch: pyte
 # --- TensorBoard -----------------------------------------------------------------------------------
 
 def test_tensorboard_keeps_out_of_order_steps_and_the_checkpoint_text(tmp_path: Path) -> None:
-    pytest.importorskip("tensorboard")
     sink = build("tensorboard", tmp_path, env={})
     for step, acc in ((30, 0.3), (10, 0.1), (20, 0.2)):  # a late evaluation of an earlier checkpoint
         sink.deliver(result(step, acc))
@@ -99,7 +98,6 @@ def test_tensorboard_keeps_out_of_order_steps_and_the_checkpoint_text(tmp_path: 
 
 
 def test_tensorboard_redelivery_after_a_kill_keeps_one_point_per_step(tmp_path: Path) -> None:
-    pytest.importorskip("tensorboard")
     first, second = result(5, 0.5), result(10, 0.6)
     TensorBoardSink(tmp_path).deliver(first)  # ... and the worker dies before recording it
 
@@ -114,7 +112,6 @@ def test_tensorboard_redelivery_after_a_kill_keeps_one_point_per_step(tmp_path: 
 
 
 def test_tensorboard_writes_where_the_watch_says(tmp_path: Path) -> None:
-    pytest.importorskip("tensorboard")
     TensorBoardSink(None).deliver(result(7, 0.7, tensorboard_dir=str(tmp_path / "runs" / "train")))
     assert tensorboard_scalars(tmp_path / "runs" / "train", "eval/acc") == [(7, pytest.approx(0.7))]
     with pytest.raises(ConfigError):
@@ -125,7 +122,6 @@ def test_tensorboard_writes_where_the_watch_says(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    pytest.importorskip("mlflow")
     server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
     server.start()  # about 20 s: once for the module
     yield server
@@ -236,7 +232,6 @@ def test_mlflow_down_is_a_retryable_error_and_the_retry_lands_once(mlflow_env: s
 
 @pytest.fixture
 def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    pytest.importorskip("wandb")
     for name in ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
