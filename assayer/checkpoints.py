@@ -21,9 +21,9 @@ import redis
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from . import keys, ledger
+from . import keys, ledger, pools
 from .directions import direction
-from .records import ResultRecord, parse
+from .records import ResultRecord, evaluator_name, parse
 from .scan import parse_step
 from .settings import Settings
 
@@ -35,7 +35,8 @@ _NUMBER = (int, float)
 
 def running_jobs(conn: redis.Redis, settings: Settings) -> set[str]:
     """Ids of the eval jobs a worker runs now."""
-    return set(StartedJobRegistry(settings.eval_queue, conn, serializer=JSONSerializer).get_job_ids())
+    return {job_id for name in pools.all_queues(conn, settings)
+            for job_id in StartedJobRegistry(name, conn, serializer=JSONSerializer).get_job_ids()}
 
 
 def rows(conn: redis.Redis, watch: str, running: set[str]) -> list[dict[str, Any]]:
@@ -47,43 +48,58 @@ def rows(conn: redis.Redis, watch: str, running: set[str]) -> list[dict[str, Any
     out: list[dict[str, Any]] = []
     current_jobs = set()
     for relpath, entry in entries.items():
-        job = entry.job
-        current_jobs.add(job)
-        if job is None:
+        if entry.is_baseline:
             out.append(_row(relpath, "baseline", version=entry.version))
-        elif job in finals:
-            out.append(_from_record(finals[job]))
-        elif job in running:
-            out.append(_row(relpath, "running", version=entry.version, job_id=job, **_attempt_of(failing.get(job))))
-        elif job in failing:
-            out.append(_from_record(failing[job], "retrying"))
-        elif job in pending:
-            out.append(_row(relpath, "queued", version=entry.version, job_id=job))
-        else:
-            out.append(_row(relpath, "unfinished", version=entry.version, job_id=job))
-    for job, rec in finals.items():  # older versions of a path, and results whose ledger entry went
+            continue
+        # One row per evaluator of the checkpoint (a ledger entry from before names has one unnamed job).
+        slots: list[tuple[str | None, str | None]] = sorted((n, s.job) for n, s in entry.evals.items())
+        for name, job in slots or [(None, entry.job)]:
+            current_jobs.add(job)
+            out.append(_slot_row(relpath, entry.version, name, job, finals, failing, pending, running))
+    for job, rec in finals.items():  # older versions of a path (or of its evaluator), and results whose entry went
         if job not in current_jobs:
             out.append(_from_record(rec) | {"older_version": rec.get("relpath") in entries})
     raw = conn.hget(keys.watch_state(watch), "writing")
     for relpath in json.loads(raw) if raw else []:
         if relpath not in entries:
             out.append(_row(relpath, "writing"))
+    evaluators = {r["evaluator"] for r in out if r["evaluator"]}
+    if len(evaluators) > 1:  # EVALUATOR.METRIC, as `assayer results` names them (results.qualify)
+        for r in out:
+            if r["evaluator"]:
+                r["metrics"] = {f"{r['evaluator']}.{k}": v for k, v in r["metrics"].items()}
+                r["directions"] = {f"{r['evaluator']}.{k}": v for k, v in (r.get("directions") or {}).items()}
     out.sort(key=_order)
     return out
 
 
+def _slot_row(relpath: str, version: str, name: str | None, job: str | None, finals: dict[str, ResultRecord],
+              failing: dict[str, ResultRecord], pending: set[str], running: set[str]) -> dict[str, Any]:
+    """The row of one evaluator's job for a checkpoint version."""
+    named = {"evaluator": name} if name else {}
+    if job in finals:
+        return _from_record(finals[job])
+    if job in running:
+        return _row(relpath, "running", version=version, job_id=job, **named, **_attempt_of(failing.get(job or "")))
+    if job in failing:
+        return _from_record(failing[job], "retrying")
+    status = "queued" if job in pending else "unfinished"
+    return _row(relpath, status, version=version, job_id=job, **named)
+
+
 def _row(relpath: str, status: str, **fields: Any) -> dict[str, Any]:
-    row: dict[str, Any] = {"relpath": relpath, "step": None, "status": status, "metrics": {}, "attempt": None, "duration": None,
-           "worker": None, "error": None, "traceback": None, "finished_at": None, "version": None, "job_id": None}
+    row: dict[str, Any] = {"relpath": relpath, "step": None, "status": status, "metrics": {}, "attempt": None,
+                           "duration": None, "worker": None, "error": None, "traceback": None, "finished_at": None,
+                           "version": None, "job_id": None, "evaluator": None, "evaluator_version": None}
     row.update(fields)
     if "step" not in fields:
         row["step"] = parse_step(relpath)
     return row
 
 
-def _order(row: dict[str, Any]) -> tuple[bool, int, str, str]:
+def _order(row: dict[str, Any]) -> tuple[bool, int, str, str, str]:
     step = row["step"]
-    return step is None, step or 0, row["relpath"], row["finished_at"] or ""
+    return step is None, step or 0, row["relpath"], row["evaluator"] or "", row["finished_at"] or ""
 
 
 def _attempt_of(rec: ResultRecord | None) -> dict[str, Any]:
@@ -95,7 +111,9 @@ def _from_record(rec: ResultRecord, status: str | None = None) -> dict[str, Any]
                 step=rec.get("step"), metrics=rec.get("metrics") or {}, attempt=rec.get("attempt"),
                 duration=rec.get("duration"), worker=rec.get("worker"), error=rec.get("error"),
                 traceback=rec.get("traceback"), finished_at=rec.get("finished_at"), version=rec.get("version"),
-                job_id=rec.get("job_id"), directions=rec.get("directions") or {})
+                job_id=rec.get("job_id"), directions=rec.get("directions") or {},
+                evaluator=evaluator_name(rec) if rec.get("evaluator") else None,
+                evaluator_version=rec.get("evaluator_version"))
 
 
 def metric_names(rows_: Iterable[dict[str, Any]]) -> list[str]:

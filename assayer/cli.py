@@ -77,12 +77,16 @@ def cli(ctx: click.Context, redis_url: str | None, log_level: str | None) -> Non
 @click.option("--name", help="Worker name (default: ROLE-HOST-PID-RANDOM)")
 @click.option("--burst", is_flag=True, help="Stop when the queue is empty (tests, batch use)")
 @click.option("--watches-file", type=click.Path(dir_okay=False, path_type=Path), help="[env ASSAYER_WATCHES_FILE]")
+@click.option("--pool", "pool_names", metavar="POOL[,POOL...]",
+              help="eval: the pools whose evaluations this worker runs [env ASSAYER_POOLS; default: default]")
 @pass_ctx
-def worker(ctx: Context, role: str, name: str | None, burst: bool, watches_file: Path | None) -> None:
+def worker(ctx: Context, role: str, name: str | None, burst: bool, watches_file: Path | None,
+           pool_names: str | None) -> None:
     """Run a watch or eval worker until shutdown. Reconnects when Redis goes away."""
+    from . import pools
     from .workers import WORKERS
 
-    settings = ctx.settings.replace(watches_file=watches_file)
+    settings = ctx.settings.replace(watches_file=watches_file, pools=pools.parse(pool_names) if pool_names else None)
     if role == "watch":  # its reporter thread: MLflow's client would otherwise retry a dead server for minutes
         for var, value in defaults.TRACKER_ENV.items():
             os.environ.setdefault(var, value)
@@ -129,7 +133,17 @@ def watch() -> None:
 
 @watch.command("add")
 @click.argument("directory")
-@click.option("--evaluator", "-e", required=True, help="path/to/file.py:fn or package.module.fn")
+@click.option("--evaluator", "-e", "evaluator_refs", required=True, multiple=True, metavar="[NAME=]REF",
+              help="path/to/file.py:fn or package.module.fn, named NAME (default: the function's name); repeatable: "
+                   "each checkpoint gets one evaluation per evaluator")
+@click.option("--pool", "pool_items", multiple=True, metavar="[NAME=]POOL",
+              help="Run evaluator NAME (or every one) only on eval workers of POOL, e.g. --pool mmlu=gpu [default: default]")
+@click.option("--no-backfill", is_flag=True,
+              help="When an evaluator is added or its version changes, do not evaluate the checkpoints already evaluated")
+@click.option("--order", type=click.Choice(["newest", "oldest"]), default="newest", show_default=True,
+              help="Which checkpoints are evaluated first")
+@click.option("--every", type=click.IntRange(min=1), metavar="N",
+              help="Evaluate only checkpoints whose step is a multiple of N (and always the newest)")
 @click.option("--name", help="Watch name (default: the directory's name)")
 @click.option("--regex", help="Filter searched in each file's absolute path [default: common checkpoint extensions]")
 @click.option("--eval-existing", is_flag=True, help="Also evaluate checkpoints already there")
@@ -150,7 +164,8 @@ def watch() -> None:
 @click.option("--mlflow-run-id", help="Log into this MLflow run (the training run) [default: a run named after the watch]")
 @click.option("--wandb-run-id", help="Log into this W&B run (the training run) [default: a run named after the watch]")
 @pass_ctx
-def watch_add(ctx: Context, directory: str, evaluator: str, name: str | None, regex: str | None,
+def watch_add(ctx: Context, directory: str, evaluator_refs: tuple[str, ...], pool_items: tuple[str, ...],
+              no_backfill: bool, order: str, every: int | None, name: str | None, regex: str | None,
               eval_existing: bool, poll_interval: float | None, settle: float | None, layout: str,
               ready_markers: tuple[str, ...], follow_symlinks: bool, report_to: str | None,
               tensorboard_dir: str | None, mlflow_run_id: str | None, wandb_run_id: str | None) -> None:
@@ -158,14 +173,14 @@ def watch_add(ctx: Context, directory: str, evaluator: str, name: str | None, re
     ctx.conn  # noqa: B018 -- Redis first: importing an evaluator (torch, say) can take seconds before that error
     report = watches.Report(ctx.settings.report_to if report_to is None else report_to,
                             os.path.abspath(tensorboard_dir) if tensorboard_dir else None, mlflow_run_id, wandb_run_id)
-    spec, warnings = watches.build_spec(directory, evaluator, name, regex, eval_existing, poll_interval, settle,
-                                        layout=layout, ready_markers=ready_markers,
-                                        evaluator_paths=ctx.settings.evaluator_paths,
-                                        follow_symlinks=follow_symlinks, report=report)
+    spec, warnings = watches.build_spec(directory, list(evaluator_refs), name, regex, eval_existing, poll_interval,
+                                        settle, layout=layout, ready_markers=ready_markers,
+                                        evaluator_paths=ctx.settings.evaluator_paths, follow_symlinks=follow_symlinks,
+                                        report=report, suite=watches.Suite(pool_items, not no_backfill, order, every))
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
     outcome = watches.register(ctx.conn, ctx.settings, spec)
-    click.echo(f"watch {spec.name} {outcome}: {spec.directory} -> {spec.evaluator}"
+    click.echo(f"watch {spec.name} {outcome}: {spec.directory} -> {_evaluators(spec)}"
                + (f" (results also to {', '.join(spec.report_to)})" if spec.report_to else ""))
     existing = watches.baseline_size(ctx.conn, spec.name) if outcome == "added" else 0
     if existing:
@@ -183,9 +198,16 @@ def watch_list(ctx: Context, fmt: str) -> None:
         click.echo(json.dumps([json.loads(s.to_json()) for s in specs], indent=2))
         return
     for s in specs:
-        click.echo(f"{s.name}{' (paused)' if s.paused else ''}\t{s.directory}\t{s.evaluator}\t{s.regex}\t{s.layout}")
+        click.echo(f"{s.name}{' (paused)' if s.paused else ''}\t{s.directory}\t{_evaluators(s)}\t{s.regex}\t{s.layout}")
     if not specs:
         click.echo("no watches")
+
+
+def _evaluators(spec: watches.WatchSpec) -> str:
+    """``ref`` for a watch of one default-pool evaluator; ``name=ref@pool, ...`` otherwise."""
+    if len(spec.evaluators) == 1 and spec.evaluators[0].pool == "default":
+        return spec.evaluator
+    return ", ".join(f"{e.name}={e.ref}" + ("" if e.pool == "default" else f"@{e.pool}") for e in spec.evaluators)
 
 
 def _name_command(verb: str, action: Callable[[Any, str], Any], help_text: str) -> None:
@@ -204,27 +226,40 @@ _name_command("resume", lambda c, n: watches.set_paused(c, n, False), "Scan NAME
 
 @cli.command()
 @click.argument("paths", nargs=-1)
-@click.option("--watch", "watch_name", required=True, help="Watch whose evaluator to use")
+@click.option("--watch", "watch_name", required=True, help="Watch whose evaluators to use")
+@click.option("--evaluator", "evaluator_names", multiple=True, metavar="NAME",
+              help="Only this evaluator of the watch (repeatable) [default: all of them]")
 @click.option("--force", is_flag=True, help="Evaluate again even checkpoints that already have a result")
 @pass_ctx
-def evaluate(ctx: Context, paths: tuple[str, ...], watch_name: str, force: bool) -> None:
-    """Evaluate existing checkpoints of a watch now: PATHS, or every complete one not yet evaluated."""
+def evaluate(ctx: Context, paths: tuple[str, ...], watch_name: str, evaluator_names: tuple[str, ...],
+             force: bool) -> None:
+    """Evaluate existing checkpoints of a watch now: PATHS, or every complete one lacking an evaluation.
+
+    Without PATHS this is a backfill: each checkpoint gets exactly the evaluations it lacks at the
+    evaluators' current versions, queued after new checkpoints.
+    """
     spec = watches.require(ctx.conn, watch_name)
+    only = [spec.evaluator_named(n).name for n in evaluator_names] or [e.name for e in spec.evaluators]
+    current = ledger.versions(spec)
     report = spec.scanner(ctx.settings).scan(time.time())
     ready = {c.path: c for c in report.ready}
-    if paths:  # named on request: evaluated (again), whatever the ledger says
+    if paths:  # named on request: evaluated (again), whatever the ledger says, before backfill work
         wanted = [os.path.abspath(p) for p in paths]
         unknown = [p for p in wanted if p not in ready]
         if unknown:
             raise WatchError(f"not a complete checkpoint of watch {spec.name}: {', '.join(unknown)}",
                              f"give files under {spec.directory} that match {spec.regex} and are fully written")
-        ids = ledger.enqueue_new(ctx.conn, ctx.settings, spec, [ready[p] for p in wanted], force=True)
+        ids = ledger.enqueue_new(ctx.conn, ctx.settings, spec, [ready[p] for p in wanted], force=True,
+                                 current=current, only=only)
     elif force:
-        ids = ledger.enqueue_new(ctx.conn, ctx.settings, spec, list(ready.values()), force=True)
-    else:  # every complete checkpoint without a result, queued or running evaluation
-        new, again = ledger.unevaluated(ctx.conn, spec.name, list(ready.values()))
-        ids = ledger.enqueue_new(ctx.conn, ctx.settings, spec, new)  # the ledger dedupes against a concurrent scan
-        ids += ledger.enqueue_new(ctx.conn, ctx.settings, spec, again, force=True)
+        ids = ledger.enqueue_new(ctx.conn, ctx.settings, spec, list(ready.values()), force=True, current=current,
+                                 only=only, backfill=True)
+    else:  # what the ledger lacks (the ledger dedupes against a concurrent scan), then what was lost
+        ids = ledger.enqueue_new(ctx.conn, ctx.settings, spec, list(ready.values()), current=current, only=only,
+                                 backfill=True)
+        for cand, names in ledger.unevaluated(ctx.conn, spec, list(ready.values()), current, only):
+            ids += ledger.enqueue_new(ctx.conn, ctx.settings, spec, [cand], force=True, current=current, only=names,
+                                      backfill=True)
     click.echo(f"queued {len(ids)} evaluation(s) for watch {spec.name}")
 
 
@@ -254,7 +289,8 @@ def report(ctx: Context, watch_name: str, to: str | None) -> None:
 @cli.command("results")
 @click.argument("watch_name", required=False)
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table")
-@click.option("--best", help="METRIC[:max|min]: mark (table) or keep only (json/csv) the best checkpoint per watch")
+@click.option("--best", help="[EVALUATOR.]METRIC[:max|min]: mark (table) or keep only (json/csv) the best checkpoint "
+                             "per watch (EVALUATOR. where a watch has several evaluators)")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG of metrics by step")
 @click.option("--metric", help="Metric to plot [default: the --best metric, else the first one]")
 @click.option("--source", type=click.Choice(["redis", "files"]), default="redis",
@@ -278,6 +314,7 @@ def results_command(ctx: Context, watch_name: str | None, fmt: str, best: str | 
         if watch_name and not ctx.conn.exists(keys.results(watch_name)):
             watches.require(ctx.conn, watch_name)
         records = results.load(ctx.conn, names)
+    records = results.qualify(records)  # EVALUATOR.METRIC where a watch has several evaluators
     if failed:
         shown = [r for r in records if r.get("status") != "ok" and r.get("error")]
         click.echo(results.to_json(shown) if fmt == "json" else results.tracebacks(shown) or "no failed evaluations")
@@ -299,7 +336,7 @@ def results_command(ctx: Context, watch_name: str | None, fmt: str, best: str | 
             raise ConfigError(str(exc), "pick a metric your evaluator returns") from None
         click.echo(f"plot written to {out}", err=True)
     if fmt == "table":
-        click.echo(results.to_table(records, {r["job_id"] for r in winners.values()}))
+        click.echo(results.to_table(results.by_checkpoint(records), {r["job_id"] for r in winners.values()}))
         for w, r in winners.items():
             click.echo(f"best {best_pair[0]} for {w}: {r['metrics'][best_pair[0]]} at {r['checkpoint']}"  # type: ignore[index]
                        f" ({rule})")

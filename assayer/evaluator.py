@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import importlib.util
@@ -192,3 +193,73 @@ def validate(ref: str, base_dir: str | None = None) -> str:
     if not takes_context(fn) and len(list(inspect.signature(fn).parameters)) == 0:
         raise EvaluatorError(f"evaluator {parsed} takes no argument", "it is called as fn(checkpoint_path)")
     return str(parsed)
+
+
+# -- versions ----------------------------------------------------------------------------------
+
+_VERSIONS: dict[tuple[str, str], tuple[tuple[int, int, int], str]] = {}
+
+
+def source_file(ref: EvaluatorRef | str) -> str | None:
+    """The ``.py`` file that defines the evaluator, found without running it (None when it cannot be found)."""
+    parsed = parse_ref(ref) if isinstance(ref, str) else ref
+    if parsed.file:
+        return parsed.file
+    assert parsed.module is not None
+    try:
+        spec = importlib.util.find_spec(parsed.module)  # imports parent packages only, never the module itself
+    except (ImportError, ValueError):
+        return None
+    origin = spec.origin if spec is not None else None
+    return origin if origin and origin.endswith(".py") else None
+
+
+def version_of(ref: EvaluatorRef | str) -> str:
+    """The evaluator's version: what it declares, else a hash of its source file.
+
+    Declared means ``fn.version = "..."`` or ``__version__ = "..."`` in its module, read from the
+    source without importing it (a watch worker never imports an evaluator). Cached per file by
+    its inode, size and mtime, so asking every scan costs one stat.
+    """
+    parsed = parse_ref(ref) if isinstance(ref, str) else ref
+    path = source_file(parsed)
+    if path is None:
+        return "unknown"
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "unknown"
+    sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+    cached = _VERSIONS.get((path, parsed.func))
+    if cached is not None and cached[0] == sig:
+        return cached[1]
+    try:
+        with open(path, "rb") as fh:
+            source = fh.read()
+    except OSError:
+        return "unknown"
+    version = _declared(source, parsed.func) or "src-" + hashlib.sha256(source).hexdigest()[:12]
+    _VERSIONS[(path, parsed.func)] = (sig, version)
+    return version
+
+
+def _declared(source: bytes, func: str) -> str | None:
+    """A module-level ``func.version = "x"`` wins over the module's ``__version__ = "x"``."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return None
+    module_version = None
+    for node in tree.body:
+        if not isinstance(node, ast.Assign) or not isinstance(node.value, ast.Constant):
+            continue
+        value = node.value.value
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            continue
+        for target in node.targets:
+            if (isinstance(target, ast.Attribute) and target.attr == "version" and isinstance(target.value, ast.Name)
+                    and target.value.id == func):
+                return str(value)
+            if isinstance(target, ast.Name) and target.id == "__version__":
+                module_version = str(value)
+    return module_version

@@ -81,7 +81,7 @@ class AssayerCollector(Collector):
         yield queue
         workers = _gauge("assayer_workers", "Live workers by role and state", ["role", "state"])
         seen: dict[tuple[str, str], int] = {}
-        roles = {self.settings.watch_queue: "watch", self.settings.eval_queue: "eval"}
+        roles = {q["name"]: "eval" for q in info["queues"]} | {self.settings.watch_queue: "watch"}
         for wk in info["workers"]:
             role = next((roles[q] for q in wk["queues"] if q in roles), "other")
             seen[(role, wk["state"])] = seen.get((role, wk["state"]), 0) + 1

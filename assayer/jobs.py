@@ -19,13 +19,13 @@ from typing import Any
 
 from rq import get_current_job
 
-from . import defaults, keys, ledger, records, results, watches
+from . import defaults, keys, ledger, pools, records, results, watches
 from .dirs import version_of_path
 from .errors import AssayerError, EvaluationFailed
 from .evalhost import EvaluatorPool
-from .evaluator import check_allowed
+from .evaluator import check_allowed, version_of
 from .notify import Notifier
-from .scan import Scanner, ScanReport
+from .scan import Candidate, Scanner, ScanReport
 from .settings import Settings
 
 log = logging.getLogger("assayer.jobs")
@@ -47,6 +47,7 @@ class Runtime:
     notifier: Notifier | None = None  # set by the watch worker when inotify is available
     active_at: dict[str, float] = field(default_factory=dict)  # last scan that saw a change, per watch
     notified: dict[str, tuple[int, int]] = field(default_factory=dict)  # (scanner generation, overflows) synced
+    backfilled: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # per watch: the evaluators last backfilled
     _pool: EvaluatorPool | None = None
     _specs: dict[bytes, watches.WatchSpec] = field(default_factory=dict)
 
@@ -145,9 +146,12 @@ def scan_one(rt: Runtime, spec: watches.WatchSpec, batch_start: float) -> tuple[
         rt.scanned_specs[spec.name] = spec
     now = time.time()
     report = scanner.scan(now, budget=defaults.SCAN_BUDGET)
-    queued = ledger.enqueue_new(rt.conn, rt.settings, spec, report.ready) if report.ready else []
+    current = ledger.versions(spec)
+    ready = report.ready if spec.every is None else _every(spec.every, report.ready)
+    queued = ledger.enqueue_new(rt.conn, rt.settings, spec, ready, current=current) if ready else []
     for cand in report.ready:
         scanner.mark_done(cand.relpath, cand.version)
+    queued += _backfill(rt, spec, current)
     error = "; ".join(report.errors[:3])
     if report.truncated:  # reported, not waited for: the other watches of the batch get their turn
         error = (f"slow: the scan took over {defaults.SCAN_BUDGET:g} s ({report.files} checkpoints so far) "
@@ -163,6 +167,26 @@ def scan_one(rt: Runtime, spec: watches.WatchSpec, batch_start: float) -> tuple[
              "waiting": waiting, "stalled": stalled,
              "writing": json.dumps(sorted(report.pending)[: defaults.WRITING_SHOWN])}  # the checkpoint page's rows
     return {"queued": len(queued), "incomplete": len(report.pending), "files": report.files}, next_scan, state
+
+
+def _every(every: int, ready: list[Candidate]) -> list[Candidate]:
+    """``--every N``: the checkpoints whose step is a multiple of N, and the newest one of the scan."""
+    newest = max((c.step for c in ready if c.step is not None), default=None)
+    return [c for c in ready if c.step is None or c.step % every == 0 or c.step == newest]
+
+
+def _backfill(rt: Runtime, spec: watches.WatchSpec, current: dict[str, str]) -> list[str]:
+    """When the watch's evaluators or their versions changed (or this worker first sees it), queue what
+    its evaluated checkpoints lack; nothing when the watch opted out (``--no-backfill``)."""
+    signature = (tuple(spec.evaluators), tuple(sorted(current.items())))
+    if rt.backfilled.get(spec.name) == signature:
+        return []
+    queued = ledger.backfill(rt.conn, rt.settings, spec, current) if spec.backfill else []
+    rt.backfilled[spec.name] = signature
+    if queued:
+        log.info("watch %s: %d evaluation(s) of earlier checkpoints queued (evaluators %s)", spec.name, len(queued),
+                 ", ".join(f"{k} {v}" for k, v in sorted(current.items())))
+    return queued
 
 
 def _some(items: list[str], shown: int = 3) -> str:
@@ -223,9 +247,10 @@ def _state_changed(rt: Runtime, name: str, state: dict[str, Any]) -> bool:
 
 def evaluate(
     watch: str, checkpoint: str, relpath: str, version: str, evaluator: str, step: int | None, retries: int,
-    layout: str = "file", epoch: int | None = None, mtime: float | None = None,
+    layout: str = "file", epoch: int | None = None, mtime: float | None = None, evaluator_name: str | None = None,
+    evaluator_version: str | None = None, pool: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate one checkpoint version in a warm evaluator process and store the outcome."""
+    """Evaluate one checkpoint version with one evaluator in a warm evaluator process and store the outcome."""
     rt = runtime()
     job = get_current_job()
     job_id = job.id if job else f"adhoc-{time.time_ns()}"
@@ -234,7 +259,8 @@ def evaluate(
         log.warning("job %s already has a final result; not evaluating %s again", job_id, relpath)
         return {"status": "duplicate"}
     payload = {"watch": watch, "checkpoint": checkpoint, "relpath": relpath, "version": version, "step": step,
-               "evaluator": evaluator, "retries": retries, "layout": layout, "epoch": epoch, "mtime": mtime}
+               "evaluator": evaluator, "retries": retries, "layout": layout, "epoch": epoch, "mtime": mtime,
+               "evaluator_name": evaluator_name, "evaluator_version": evaluator_version, "pool": pool}
     rec = records.new_attempt(job_id, payload, retries - retries_left + 1, rt.worker_name, records.utcnow())
     try:
         check_allowed(evaluator, rt.settings.evaluator_paths)
@@ -245,6 +271,10 @@ def evaluate(
     missing = _missing_reason(checkpoint, version)
     if missing:
         return _missing(rt, rec, f"{missing} before it could be evaluated")
+    if evaluator_version and job is not None:
+        now_version = version_of(evaluator)
+        if now_version != evaluator_version:
+            return _superseded(rt, job, payload, now_version)
     context = {"watch": watch, "checkpoint": checkpoint, "step": step, "attempt": rec["attempt"],
                "job_id": job_id, "version": version, "layout": layout}
     outcome = rt.pool.evaluate(evaluator, checkpoint, context, rt.settings.eval_timeout or None, rt.beat)
@@ -271,6 +301,28 @@ def evaluate(
         raise EvaluationFailed(outcome.error or "evaluation failed")
     log.info("evaluated %s in %.2fs: %s", relpath, outcome.duration, outcome.metrics)
     return {"status": "ok", "metrics": outcome.metrics}
+
+
+def _superseded(rt: Runtime, job: Any, payload: dict[str, Any], now_version: str) -> dict[str, Any]:
+    """The evaluator changed since this job was queued: it is replaced by a job for the new version.
+
+    Running it would record the new code's metrics under the old version (and the backfill of the
+    new version would evaluate the checkpoint again); so the ledger hands the checkpoint to a job
+    of the current version (queued once, whoever asks first) and this one ends without a result.
+    """
+    spec = watches.get(rt.conn, payload["watch"])
+    name = records.evaluator_name(payload)
+    queued: list[str] = []
+    if spec is not None and any(e.name == name for e in spec.evaluators):
+        cand = Candidate(payload["checkpoint"], payload["relpath"], payload["version"], payload.get("step"),
+                         payload.get("layout") or "file", payload.get("epoch"), payload.get("mtime"))
+        queued = ledger.enqueue_new(rt.conn, rt.settings, spec, [cand], current={name: now_version}, only=[name],
+                                    backfill=str(job.origin).endswith(pools.BACKFILL_SUFFIX))
+    rt.conn.srem(keys.pending(payload["watch"]), job.id)
+    log.info("%s: evaluator %s changed (%s -> %s) since it was queued; %s", payload["relpath"], name,
+             payload.get("evaluator_version"), now_version,
+             "queued for the new version" if queued else "the new version is already queued")
+    return {"status": "superseded", "by": queued}
 
 
 def _missing(rt: Runtime, rec: records.ResultRecord, what: str, **fields: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -17,31 +18,36 @@ from typing import Any
 import redis
 from rq import Queue, Retry
 
-from . import defaults, keys
-from .records import LedgerEntry
-from .scan import Candidate
+from . import defaults, evaluator, keys, pools
+from .dirs import version_of_path
+from .records import LedgerEntry, Slot
+from .scan import Candidate, parse_step
 from .settings import Settings
-from .watches import WatchSpec
+from .watches import Evaluator, WatchSpec
 
 log = logging.getLogger("assayer.ledger")
 
-def job_id_for(watch: str, relpath: str, version: str, salt: str = "") -> str:
-    """rq job ids must match ``[A-Za-z0-9_-]+``: hash the path and version."""
-    digest = hashlib.sha1(f"{watch}\0{relpath}\0{version}\0{salt}".encode()).hexdigest()
+def job_id_for(watch: str, relpath: str, version: str, salt: str = "", evaluator: str = "", ev_version: str = "") -> str:
+    """rq job ids must match ``[A-Za-z0-9_-]+``: hash what the job evaluates."""
+    digest = hashlib.sha1(f"{watch}\0{relpath}\0{version}\0{salt}\0{evaluator}\0{ev_version}".encode()).hexdigest()
     return f"ev-{digest[:32]}"
 
 
-def eval_queue(conn: Any, settings: Settings) -> Queue:
-    return Queue(settings.eval_queue, connection=conn, serializer="json", default_timeout=-1)
+def eval_queue(conn: Any, settings: Settings, pool: str = pools.DEFAULT, backfill: bool = False) -> Queue:
+    return Queue(pools.queue(settings, pool, backfill), connection=conn, serializer="json", default_timeout=-1)
 
 
-def _new_job(queue: Queue, settings: Settings, spec: WatchSpec, cand: Candidate, job_id: str) -> Any:
+def _new_job(queue: Queue, settings: Settings, spec: WatchSpec, cand: Candidate, job_id: str, ev: Evaluator,
+             ev_version: str) -> Any:
     payload = {
         "watch": spec.name,
         "checkpoint": cand.path,
         "relpath": cand.relpath,
         "version": cand.version,
-        "evaluator": spec.evaluator,
+        "evaluator": ev.ref,
+        "evaluator_name": ev.name,
+        "evaluator_version": ev_version,
+        "pool": ev.pool,
         "step": cand.step,
         "retries": settings.retries,
         "layout": cand.layout,
@@ -49,6 +55,7 @@ def _new_job(queue: Queue, settings: Settings, spec: WatchSpec, cand: Candidate,
         "mtime": cand.mtime,
     }
     retry = Retry(max=settings.retries, interval=list(settings.retry_backoff)) if settings.retries else None
+    shown = cand.relpath if len(spec.evaluators) == 1 else f"{cand.relpath} [{ev.name}]"
     return queue.create_job(
         "assayer.jobs.evaluate",
         kwargs=payload,
@@ -57,29 +64,47 @@ def _new_job(queue: Queue, settings: Settings, spec: WatchSpec, cand: Candidate,
         result_ttl=defaults.RESULT_TTL,
         failure_ttl=defaults.FAILURE_TTL,
         retry=retry,
-        description=f"evaluate {spec.name}: {cand.relpath}",
+        description=f"evaluate {spec.name}: {shown}",
     )
 
 
-def enqueue_new(
-    conn: Any, settings: Settings, spec: WatchSpec, candidates: Sequence[Candidate], force: bool = False
-) -> list[str]:
-    """Enqueue an eval job for each candidate whose version the ledger does not have yet.
+def versions(spec: WatchSpec) -> dict[str, str]:
+    """The current version of each of the watch's evaluators (read from their source, never imported)."""
+    return {ev.name: evaluator.version_of(ev.ref) for ev in spec.evaluators}
 
-    With ``force`` (an explicit ``assayer evaluate``), enqueue even known versions, under a fresh job id.
+
+def enqueue_new(
+    conn: Any, settings: Settings, spec: WatchSpec, candidates: Sequence[Candidate], force: bool = False,
+    current: dict[str, str] | None = None, only: Sequence[str] | None = None, backfill: bool = False,
+) -> list[str]:
+    """Enqueue an eval job for each candidate and evaluator the ledger does not have at the current versions.
+
+    ``current``: each evaluator's version (read from its source when not given). ``only``: these
+    evaluators' names (default all). ``backfill``: the jobs go to the pools' backfill queues, after
+    new work. With ``force`` (an explicit ``assayer evaluate``), enqueue even what the ledger has,
+    under fresh job ids. Every (checkpoint version, evaluator, evaluator version) is queued once:
+    the ledger and the queues change in one WATCH/MULTI transaction.
     """
-    queue = eval_queue(conn, settings)
+    current = current if current is not None else versions(spec)
+    chosen = [ev for ev in spec.evaluators if only is None or ev.name in only]
+    order = sorted(candidates, key=lambda c: (c.step is None, c.step or 0, c.relpath))
+    if backfill and spec.order == "newest":
+        order.reverse()  # appended in turn: the newest is taken first
     enqueued: list[str] = []
-    for start in range(0, len(candidates), defaults.ENQUEUE_BATCH):
-        enqueued += _enqueue_batch(conn, queue, settings, spec, candidates[start : start + defaults.ENQUEUE_BATCH], force)
+    for start in range(0, len(order), defaults.ENQUEUE_BATCH):
+        batch = order[start : start + defaults.ENQUEUE_BATCH]
+        enqueued += _enqueue_batch(conn, settings, spec, batch, force, current, chosen, backfill)
     return enqueued
 
 
 def _enqueue_batch(
-    conn: Any, queue: Queue, settings: Settings, spec: WatchSpec, batch: Sequence[Candidate], force: bool
+    conn: Any, settings: Settings, spec: WatchSpec, batch: Sequence[Candidate], force: bool,
+    current: dict[str, str], chosen: Sequence[Evaluator], backfill: bool,
 ) -> list[str]:
     ledger_key = keys.ledger(spec.name)
     salt = f"request-{time.time_ns()}" if force else ""
+    # New work of the newest order goes to the front of its queue, oldest first, so the newest is taken next.
+    at_front = not backfill and spec.order == "newest"
     with conn.pipeline() as pipe:
         while True:
             try:
@@ -87,53 +112,115 @@ def _enqueue_batch(
                 if not pipe.hexists(keys.WATCHES, spec.name):
                     pipe.unwatch()
                     return []  # removed while we scanned
-                current = pipe.hmget(ledger_key, [c.relpath for c in batch])
-                fresh = [
-                    c for c, raw in zip(batch, current)
-                    if force or raw is None or LedgerEntry.from_json(raw).version != c.version
-                ]
-                if not fresh:
+                now = time.time()
+                raws = pipe.hmget(ledger_key, [c.relpath for c in batch])
+                writes: dict[str, LedgerEntry] = {}
+                todo: list[tuple[Candidate, Evaluator, str, str]] = []
+                for cand, raw in zip(batch, raws):
+                    entry = LedgerEntry.from_json(raw, spec.first) if raw else None
+                    planned = _plan(spec, cand, entry, chosen, current, force, salt, now)
+                    if planned is not None:
+                        writes[cand.relpath] = planned[0]
+                        todo += [(cand, ev, job_id, current[ev.name]) for ev, job_id in planned[1]]
+                if not writes:
                     pipe.unwatch()
                     return []
                 pipe.multi()
-                ids = []
-                for cand in fresh:
-                    job_id = job_id_for(spec.name, cand.relpath, cand.version, salt)
-                    pipe.hset(ledger_key, cand.relpath, LedgerEntry(cand.version, job_id, time.time()).to_json())
+                for relpath, entry in writes.items():
+                    pipe.hset(ledger_key, relpath, entry.to_json())
+                queues: dict[tuple[str, bool], Queue] = {}
+                for cand, ev, job_id, ev_version in todo:
+                    queue = queues.get((ev.pool, backfill)) or eval_queue(conn, settings, ev.pool, backfill)
+                    queues[(ev.pool, backfill)] = queue
                     pipe.sadd(keys.pending(spec.name), job_id)
-                    queue.enqueue_job(_new_job(queue, settings, spec, cand, job_id), pipeline=pipe)
-                    ids.append(job_id)
+                    queue.enqueue_job(_new_job(queue, settings, spec, cand, job_id, ev, ev_version), pipeline=pipe,
+                                      at_front=at_front)
                 pipe.execute()
-                for cand in fresh:
-                    log.info("queued %s: %s (step %s)", spec.name, cand.relpath, cand.step)
-                return ids
+                for cand, ev, _, ev_version in todo:
+                    log.info("queued %s: %s (step %s) for %s %s%s", spec.name, cand.relpath, cand.step, ev.name,
+                             ev_version, " (backfill)" if backfill else "")
+                return [job_id for _, _, job_id, _ in todo]
             except redis.WatchError:
                 continue  # another worker touched the ledger: read it again
 
 
-def entries(conn: Any, watch: str, relpaths: Sequence[str]) -> list[LedgerEntry | None]:
+def _plan(spec: WatchSpec, cand: Candidate, entry: LedgerEntry | None, chosen: Sequence[Evaluator],
+          current: dict[str, str], force: bool, salt: str, now: float,
+          ) -> tuple[LedgerEntry, list[tuple[Evaluator, str]]] | None:
+    """The ledger entry ``cand`` needs and the jobs to queue for it; None when the ledger has all of it."""
+    same = entry is not None and entry.version == cand.version
+    if same and entry is not None and entry.is_baseline and not force:
+        return None  # there when the watch was added: only `assayer evaluate` queues it
+    slots = dict(entry.evals) if same and entry is not None else {}
+    changed = not same
+    jobs = []
+    for ev in chosen:
+        slot = slots.get(ev.name)
+        if slot is not None and slot.ev is None and not force:  # from before versions: taken as the current one
+            slots[ev.name], changed = Slot(current[ev.name], slot.job, slot.at), True
+        elif force or slot is None or slot.ev != current[ev.name]:
+            job_id = job_id_for(spec.name, cand.relpath, cand.version, salt, ev.name, current[ev.name])
+            slots[ev.name], changed = Slot(current[ev.name], job_id, now), True
+            jobs.append((ev, job_id))
+    if not changed:
+        return None
+    first = slots.get(spec.first) or next(iter(slots.values()), None)
+    return LedgerEntry(cand.version, first.job if first else None, now, slots, cand.step, cand.layout), jobs
+
+
+def backfill(conn: Any, settings: Settings, spec: WatchSpec, current: dict[str, str] | None = None,
+             only: Sequence[str] | None = None) -> list[str]:
+    """Queue the evaluations that checkpoints already evaluated lack at the evaluators' current versions.
+
+    Looks at the ledger's non-baseline entries whose checkpoint is still on disk at the same
+    version; what is already queued or done at the current version is never queued again.
+    """
+    current = current if current is not None else versions(spec)
+    chosen = [ev.name for ev in spec.evaluators if only is None or ev.name in only]
+    wanted = []
+    for relpath, entry in all_entries(conn, spec.name, spec.first).items():
+        if entry.is_baseline:
+            continue
+        if all((slot := entry.evals.get(n)) is not None and slot.ev in (None, current[n]) for n in chosen):
+            continue
+        path = os.path.join(spec.directory, relpath)
+        try:
+            if version_of_path(path) != entry.version:
+                continue  # rewritten (a scan queues the new version) or gone
+        except OSError:
+            continue
+        step = entry.step if entry.step is not None else parse_step(relpath)
+        wanted.append(Candidate(path, relpath, entry.version, step, entry.layout or "file"))
+    return enqueue_new(conn, settings, spec, wanted, current=current, only=chosen, backfill=True) if wanted else []
+
+
+def entries(conn: Any, watch: str, relpaths: Sequence[str], first: str | None = None) -> list[LedgerEntry | None]:
     """The ledger's entry for each path (None where it has none)."""
     raws = conn.hmget(keys.ledger(watch), list(relpaths)) if relpaths else []
-    return [LedgerEntry.from_json(raw) if raw else None for raw in raws]
+    return [LedgerEntry.from_json(raw, first) if raw else None for raw in raws]
 
 
-def all_entries(conn: Any, watch: str) -> dict[str, LedgerEntry]:
-    return {k.decode(): LedgerEntry.from_json(v) for k, v in conn.hgetall(keys.ledger(watch)).items()}
+def all_entries(conn: Any, watch: str, first: str | None = None) -> dict[str, LedgerEntry]:
+    return {k.decode(): LedgerEntry.from_json(v, first) for k, v in conn.hgetall(keys.ledger(watch)).items()}
 
 
-def unevaluated(conn: Any, watch: str, candidates: Sequence[Candidate]) -> tuple[list[Candidate], list[Candidate]]:
-    """Split complete checkpoints without a result: ``(new, again)``.
-
-    ``new``: versions the ledger does not know (a baseline entry of another version, or none).
-    ``again``: versions it knows but whose job has neither a final result nor a place in the queue
-    (a baseline entry, or a job lost with its queue); they need a fresh job id.
+def unevaluated(conn: Any, spec: WatchSpec, candidates: Sequence[Candidate], current: dict[str, str],
+                only: Sequence[str]) -> list[tuple[Candidate, list[str]]]:
+    """Complete checkpoints whose evaluation by some of ``only`` was queued once but is now neither
+    queued, running nor finished (a baseline entry, or a job lost with its queue), with those
+    evaluators' names: they need a fresh job id. (What the ledger lacks, ``enqueue_new`` queues.)
     """
-    handled = {m.decode() for m in conn.hkeys(keys.results(watch))} | {m.decode() for m in conn.smembers(keys.pending(watch))}
-    new, again = [], []
-    for cand, entry in zip(candidates, entries(conn, watch, [c.relpath for c in candidates])):
+    handled = {m.decode() for m in conn.hkeys(keys.results(spec.name))} | {
+        m.decode() for m in conn.smembers(keys.pending(spec.name))}
+    again = []
+    for cand, entry in zip(candidates, entries(conn, spec.name, [c.relpath for c in candidates], spec.first)):
         if entry is None or entry.version != cand.version:
-            new.append(cand)
-        elif entry.job not in handled:
-            again.append(cand)
-    return new, again
-
+            continue
+        if entry.is_baseline:
+            again.append((cand, list(only)))
+            continue
+        lost = [n for n in only if (slot := entry.evals.get(n)) is not None and slot.ev in (None, current[n])
+                and slot.job not in handled]
+        if lost:
+            again.append((cand, lost))
+    return again

@@ -14,28 +14,57 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TypedDict
 
 
 @dataclass(frozen=True)
+class Slot:
+    """One evaluator's job for a checkpoint version: at which evaluator version, under which job id."""
+
+    ev: str | None  # the evaluator version it was queued for; None: from before evaluators had versions
+    job: str
+    at: float
+
+
+@dataclass(frozen=True)
 class LedgerEntry:
     version: str
-    job: str | None  # None: a baseline entry (already there when the watch was added; never queued)
+    job: str | None  # the first evaluator's job (what single-evaluator readers use); None: a baseline entry
     at: float  # when it was queued (0 when restored from a results file)
+    evals: dict[str, Slot] = field(default_factory=dict)  # evaluator name -> its job for this version
+    step: int | None = None
+    layout: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps({"v": self.version, "job": self.job, "at": self.at})
+        data: dict[str, Any] = {"v": self.version, "job": self.job, "at": self.at}
+        if self.evals:
+            data["e"] = {name: [s.ev, s.job, s.at] for name, s in self.evals.items()}
+        if self.step is not None:
+            data["s"] = self.step
+        if self.layout:
+            data["l"] = self.layout
+        return json.dumps(data)
 
     @classmethod
-    def from_json(cls, raw: str | bytes) -> LedgerEntry:
+    def from_json(cls, raw: str | bytes, first: str | None = None) -> LedgerEntry:
+        """Parse an entry; one written before evaluators had names belongs to ``first`` (the watch's first one)."""
         data = json.loads(raw)
-        return cls(version=data["v"], job=data.get("job"), at=float(data.get("at") or 0))
+        job, at = data.get("job"), float(data.get("at") or 0)
+        evals = {name: Slot(ev, j, float(t or 0)) for name, (ev, j, t) in (data.get("e") or {}).items()}
+        if not evals and job and first:
+            evals = {first: Slot(None, job, at)}
+        return cls(version=data["v"], job=job, at=at, evals=evals, step=data.get("s"), layout=data.get("l"))
 
     @property
     def is_baseline(self) -> bool:
-        return self.job is None
+        return self.job is None and not self.evals
+
+    def jobs(self) -> list[str]:
+        """Every job id this entry names (each evaluator's, and the legacy one)."""
+        found = [s.job for s in self.evals.values()]
+        return [*found, self.job] if self.job and self.job not in found else found
 
 
 class ResultRecord(TypedDict, total=False):
@@ -46,7 +75,10 @@ class ResultRecord(TypedDict, total=False):
     step: int | None
     epoch: int | None
     layout: str
-    evaluator: str
+    evaluator: str  # the evaluator's name in its watch (records before names: its reference)
+    evaluator_ref: str
+    evaluator_version: str
+    pool: str
     job_id: str
     attempt: int
     attempts_allowed: int
@@ -61,13 +93,14 @@ class ResultRecord(TypedDict, total=False):
     error: str | None
     traceback: str | None
     duration: float
+    jobs: list[str]  # only in a row of ``assayer results`` that merges several evaluators' results
 
 
 STATUSES = ("ok", "failed", "missing")
 """Statuses of a final record."""
 
-FIELDS = ("watch", "checkpoint", "step", "status", "metrics", "attempt", "duration", "worker",
-          "started_at", "finished_at", "error", "job_id", "version")
+FIELDS = ("watch", "checkpoint", "step", "evaluator", "evaluator_version", "status", "metrics", "attempt", "duration",
+          "worker", "started_at", "finished_at", "error", "job_id", "version")
 """Columns of ``assayer results --format csv``, in order."""
 
 
@@ -87,7 +120,9 @@ def new_attempt(job_id: str, payload: Mapping[str, Any], attempt: int, worker: s
     return ResultRecord(
         watch=payload["watch"], checkpoint=payload["checkpoint"], relpath=payload["relpath"],
         version=payload["version"], step=payload.get("step"), epoch=payload.get("epoch"),
-        layout=payload.get("layout") or "file", evaluator=payload.get("evaluator") or "", job_id=job_id,
+        layout=payload.get("layout") or "file", evaluator=payload.get("evaluator_name") or evaluator_name(payload),
+        evaluator_ref=payload.get("evaluator") or "", evaluator_version=payload.get("evaluator_version") or "",
+        pool=payload.get("pool") or "default", job_id=job_id,
         attempt=attempt, attempts_allowed=retries + 1, worker=worker, started_at=started_at, finished_at=None,
         checkpoint_time=iso(mtime) if mtime else None, status="failed", final=False, metrics={}, error=None,
         traceback=None, duration=0.0,
@@ -100,6 +135,15 @@ def finish(rec: ResultRecord, status: str, final: bool, error: str | None = None
     done["status"], done["final"], done["error"], done["finished_at"] = status, final, error, utcnow()
     done.update(fields)  # type: ignore[typeddict-item]
     return done
+
+
+def evaluator_name(rec: Mapping[str, Any]) -> str:
+    """The evaluator's name in its watch; a record or payload from before names has only the reference."""
+    name = rec.get("evaluator_name") if "evaluator_ref" not in rec else rec.get("evaluator")
+    if name:
+        return str(name)
+    ref = str(rec.get("evaluator_ref") or rec.get("evaluator") or "")
+    return ref.rpartition(":")[2].rpartition(".")[2]
 
 
 def dump(rec: ResultRecord) -> str:

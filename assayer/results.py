@@ -25,7 +25,7 @@ from typing import Any
 
 from . import defaults, keys
 from .directions import Direction, direction
-from .records import FIELDS, LedgerEntry, ResultRecord, dump, parse
+from .records import FIELDS, LedgerEntry, ResultRecord, dump, evaluator_name, parse
 
 log = logging.getLogger("assayer.results")
 
@@ -172,7 +172,7 @@ def for_checkpoint(conn: Any, watch: str, relpath: str) -> list[ResultRecord]:
         k.decode() for k in conn.hkeys(keys.failing(watch))} | {k.decode() for k in conn.smembers(keys.pending(watch))}
     entry = conn.hget(keys.ledger(watch), relpath)
     if entry:
-        job_ids.add(LedgerEntry.from_json(entry).job)
+        job_ids.update(LedgerEntry.from_json(entry).jobs())
     out = []
     for job_id in job_ids - {None}:
         for raw in conn.lrange(keys.attempts(str(job_id)), 0, -1):
@@ -221,6 +221,63 @@ def best(records: list[ResultRecord], metric: str, given: str | None = None) -> 
     return chosen, rule
 
 
+def qualify(records: list[ResultRecord]) -> list[ResultRecord]:
+    """Name each metric ``EVALUATOR.METRIC`` in the watches that have several evaluators.
+
+    What ``--best``, the plot, the table and the checkpoint page use, so one rule
+    (:func:`assayer.directions.direction`) sees each evaluator's metric apart.
+    """
+    names: dict[str, set[str]] = {}
+    for rec in records:
+        names.setdefault(rec["watch"], set()).add(evaluator_name(rec))
+    out = []
+    for rec in records:
+        if len(names[rec["watch"]]) > 1:
+            ev = evaluator_name(rec)
+            rec = rec.copy()
+            rec["metrics"] = {f"{ev}.{k}": v for k, v in (rec.get("metrics") or {}).items()}
+            rec["directions"] = {f"{ev}.{k}": v for k, v in (rec.get("directions") or {}).items()}
+        out.append(rec)
+    return out
+
+
+def by_checkpoint(records: list[ResultRecord]) -> list[ResultRecord]:
+    """One row per checkpoint version with each evaluator's newest result merged in (``assayer results``).
+
+    A result of an older version of an evaluator stays a row of its own, its status saying so.
+    Records of watches with one evaluator come out as they went in.
+    """
+    groups: dict[tuple[str, str, str], list[ResultRecord]] = {}
+    for rec in records:
+        groups.setdefault((rec["watch"], str(rec.get("relpath")), str(rec.get("version"))), []).append(rec)
+    out: list[ResultRecord] = []
+    for group in groups.values():
+        if len({evaluator_name(r) for r in group}) == 1 and len({r.get("evaluator_version") for r in group}) == 1:
+            out.extend(group)
+            continue
+        newest: dict[str, ResultRecord] = {}
+        for rec in sorted(group, key=lambda r: str(r.get("finished_at") or "")):
+            ev = evaluator_name(rec)
+            older = newest.get(ev)
+            if older is not None and older.get("evaluator_version") != rec.get("evaluator_version"):
+                stale = older.copy()
+                stale["status"] = f"{older['status']} (old {ev} {older.get('evaluator_version')})"
+                out.append(stale)
+            newest[ev] = rec
+        parts = list(newest.values())
+        merged = parts[0].copy()
+        merged["metrics"] = {k: v for r in parts for k, v in (r.get("metrics") or {}).items()}
+        merged["directions"] = {k: v for r in parts for k, v in (r.get("directions") or {}).items()}
+        bad = [r for r in parts if r.get("status") != "ok"]
+        merged["status"] = "ok" if not bad else bad[0]["status"]
+        merged["error"] = "; ".join(f"{evaluator_name(r)}: {r.get('error')}" for r in bad if r.get("error")) or None
+        merged["duration"] = sum(float(r.get("duration") or 0) for r in parts)
+        merged["evaluator"] = ",".join(sorted(newest))
+        merged["jobs"] = [str(r["job_id"]) for r in parts]
+        out.append(merged)
+    return sort_records(out)
+
+
 # -- formatting ----------------------------------------------------------------------------
 
 
@@ -253,7 +310,7 @@ def to_table(records: list[ResultRecord], marked: set[str] | None = None) -> str
     for r in records:
         metrics = r.get("metrics") or {}
         rows.append([
-            "*" if marked and r["job_id"] in marked else "",
+            "*" if marked and set(r.get("jobs") or [r["job_id"]]) & marked else "",
             r["watch"],
             "" if r.get("step") is None else str(r["step"]),
             _short(_shown_path(r, (r["watch"], str(r.get("relpath"))) in rewritten), 48),

@@ -56,7 +56,8 @@ class Settings:
     full_scan_interval: float = defaults.FULL_SCAN_INTERVAL
     idle_poll_interval: float = defaults.IDLE_POLL_INTERVAL
     inotify: bool = True
-    max_warm_evaluators: int = defaults.MAX_WARM_EVALUATORS
+    max_warm_evaluators: int = defaults.MAX_WARM_EVALUATORS  # also read from ASSAYER_MAX_WARM
+    pools: tuple[str, ...] = ("default",)  # pools an eval worker serves: "gpu,default"
     eval_max_calls: int = 0
     stall_after: float = defaults.STALL_AFTER
     evaluator_paths: tuple[str, ...] = ()
@@ -174,6 +175,9 @@ class Settings:
                 values[f.name] = _parse(f.name, env[name])
             elif name + "_FILE" in env and env[name + "_FILE"] != "":
                 values[f.name] = _read_secret_file(name + "_FILE", env[name + "_FILE"])
+        for alias, name in ALIASES.items():
+            if env.get(alias) and name not in values:
+                values[name] = _parse(name, env[alias])
         for old, new in DEPRECATED_NAMES.items():
             if env.get(old) and new not in values:
                 log.warning("%s is deprecated: use %s", old, ENV_PREFIX + new.upper())
@@ -194,6 +198,10 @@ _INTS = {"exporter_port", "retries", "lease_ttl", "max_warm_evaluators", "dashbo
 _PATHS = {"home", "results_dir", "watches_file"}
 
 
+ALIASES = {"ASSAYER_MAX_WARM": "max_warm_evaluators"}
+"""Shorter names a setting is also read from."""
+
+
 def _parse(name: str, raw: str) -> Any:
     var = ENV_PREFIX + name.upper()
     try:
@@ -203,6 +211,10 @@ def _parse(name: str, raw: str) -> Any:
             return int(raw)
         if name in _PATHS:
             return Path(raw).expanduser()
+        if name == "pools":
+            from .pools import parse as parse_pools
+
+            return parse_pools(raw)
         if name == "evaluator_paths":
             return tuple(x.strip() for x in raw.split(",") if x.strip())
         if name == "retry_backoff":

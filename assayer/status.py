@@ -11,7 +11,7 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from . import deliveries, keys, records, watches
+from . import deliveries, keys, pools, records, watches
 from .records import LedgerEntry
 from .settings import Settings
 
@@ -28,6 +28,7 @@ def collect(conn: Any, settings: Settings) -> dict[str, Any]:
             "name": spec.name,
             "directory": spec.directory,
             "evaluator": spec.evaluator,
+            "evaluators": [{"name": e.name, "ref": e.ref, "pool": e.pool} for e in spec.evaluators],
             "paused": spec.paused,
             "queued_or_running": conn.scard(keys.pending(spec.name)),
             "incomplete": int(state.get("incomplete", 0) or 0),
@@ -42,7 +43,8 @@ def collect(conn: Any, settings: Settings) -> dict[str, Any]:
             "layout": spec.layout,
             "report_to": deliveries.summary(conn, spec.name, _sinks_of(conn, spec)),
         })
-    for name in (settings.watch_queue, settings.eval_queue):
+    eval_queues = pools.all_queues(conn, settings)
+    for name in [settings.watch_queue, *eval_queues]:
         queue = Queue(name, connection=conn, serializer=JSONSerializer)
         out["queues"].append({
             "name": name,
@@ -53,7 +55,7 @@ def collect(conn: Any, settings: Settings) -> dict[str, Any]:
         })
     for worker in Worker.all(connection=conn, serializer=JSONSerializer):
         names = worker.queue_names()
-        if not set(names) & {settings.watch_queue, settings.eval_queue}:
+        if not set(names) & {settings.watch_queue, *eval_queues}:
             continue
         job_id = worker.get_current_job_id()
         out["workers"].append({"name": worker.name, "queues": names, "state": worker.get_state(), "job": job_id,
@@ -73,7 +75,8 @@ def _outcomes(conn: Any, watch: str, now: float) -> dict[str, Any]:
     queued_at = []
     for raw in conn.hvals(keys.ledger(watch)) if pending else []:
         entry = LedgerEntry.from_json(raw)
-        if entry.job in pending and entry.at:
+        queued_at += [s.at for s in entry.evals.values() if s.job in pending and s.at]
+        if not entry.evals and entry.job in pending and entry.at:
             queued_at.append(entry.at)
     return {
         "outcomes": counts,

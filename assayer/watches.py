@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import redis
 import yaml
 
-from . import backup, defaults, evaluator, keys
+from . import backup, defaults, evaluator, keys, pools
 from .errors import AssayerError, ConfigError, WatchError
 from .filters import compile_filter
 from .layouts import LAYOUTS
@@ -28,11 +29,32 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 """Watch names; always used with ``fullmatch`` (``$`` would let a trailing newline through)."""
 
 
+ORDERS = ("newest", "oldest")
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    """One evaluation a watch runs on each checkpoint: its name in the watch, reference and pool."""
+
+    name: str
+    ref: str
+    pool: str = "default"
+
+    @classmethod
+    def parse(cls, text: str) -> Evaluator:
+        """``[NAME=]REF``; a bare REF is named after its function."""
+        name, sep, ref = text.partition("=")
+        if not sep or not NAME_RE.fullmatch(name.strip()):
+            name, ref = "", text
+        ref = ref.strip()
+        return cls(name.strip() or evaluator.parse_ref(ref).func, ref)
+
+
 @dataclass
 class WatchSpec:
     name: str
     directory: str
-    evaluator: str
+    evaluator: str  # the first evaluator's reference (what readers of a one-evaluator watch show)
     regex: str = defaults.CHECKPOINT_REGEX
     eval_existing: bool = False
     poll_interval: float | None = None
@@ -44,8 +66,17 @@ class WatchSpec:
     tensorboard_dir: str | None = None
     mlflow_run_id: str | None = None
     wandb_run_id: str | None = None
+    evaluators: list[Evaluator] = field(default_factory=list)  # every evaluation of each checkpoint, in order
+    backfill: bool = True  # evaluate older checkpoints when an evaluator is added or its version changes
+    order: str = "newest"  # which checkpoints go first: newest or oldest
+    every: int | None = None  # evaluate only steps that are multiples of this (and always the newest)
     paused: bool = False
     created_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        if not self.evaluators:  # a spec from before several evaluators: its one evaluator
+            self.evaluators = [Evaluator(evaluator.parse_ref(self.evaluator).func, self.evaluator)]
+        self.evaluator = self.evaluators[0].ref
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -54,16 +85,32 @@ class WatchSpec:
     def from_json(cls, raw: str | bytes) -> WatchSpec:
         data = json.loads(raw)
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        values["evaluators"] = [Evaluator(**e) for e in values.get("evaluators") or []]
+        return cls(**values)
+
+    @property
+    def first(self) -> str:
+        """The first evaluator's name: owner of ledger entries written before evaluators had names."""
+        return self.evaluators[0].name
+
+    def evaluator_named(self, name: str) -> Evaluator:
+        for ev in self.evaluators:
+            if ev.name == name:
+                return ev
+        raise WatchError(f"watch {self.name} has no evaluator {name!r}",
+                         f"its evaluators: {', '.join(e.name for e in self.evaluators)}")
 
     def same_target(self, other: WatchSpec) -> bool:
-        """True when ``other`` watches the same thing the same way (ignoring pause and creation time)."""
+        """True when ``other`` watches the same thing the same way (ignoring what it runs and where results go)."""
         skip = {"paused", "created_at", "eval_existing", "report_to", "tensorboard_dir", "mlflow_run_id",
-                "wandb_run_id"}
+                "wandb_run_id", "evaluator", "evaluators", "backfill", "order", "every"}
         return all(getattr(self, f.name) == getattr(other, f.name) for f in fields(self) if f.name not in skip)
 
     def reporting(self) -> tuple[Any, ...]:
-        return (self.report_to, self.tensorboard_dir, self.mlflow_run_id, self.wandb_run_id)
+        """What may change on a running watch: where results go and what it evaluates."""
+        return (self.report_to, self.tensorboard_dir, self.mlflow_run_id, self.wandb_run_id, self.evaluators,
+                self.backfill, self.order, self.every)
 
     def scanner(self, settings: Settings) -> Scanner:
         """A scanner of this watch's directory with its filter, layout and settle time."""
@@ -79,7 +126,7 @@ def default_name(directory: str) -> str:
 
 def build_spec(
     directory: str,
-    evaluator_ref: str,
+    evaluator_ref: str | Sequence[str],
     name: str | None = None,
     regex: str | None = None,
     eval_existing: bool = False,
@@ -91,12 +138,13 @@ def build_spec(
     evaluator_paths: tuple[str, ...] = (),
     follow_symlinks: bool = False,
     report: Report | None = None,
+    suite: Suite | None = None,
 ) -> tuple[WatchSpec, list[str]]:
     """Check every part of a watch and return it with warnings; raise on the first bad part.
 
-    ``import_evaluator`` imports the evaluator (``watch add`` does, in the CLI process); watches
-    from a file are only checked for the evaluator file's presence, so a watch worker never
-    imports (and never initialises CUDA for) an evaluator.
+    ``evaluator_ref`` is one ``[NAME=]REF`` or several. ``import_evaluator`` imports each evaluator
+    (``watch add`` does, in the CLI process); watches from a file are only checked for the
+    evaluator file's presence, so a watch worker never imports (and never initialises CUDA for) one.
     """
     warnings: list[str] = []
     directory = os.path.abspath(os.path.expanduser(directory))
@@ -118,20 +166,67 @@ def build_spec(
             raise WatchError(f"{directory} is not readable by this user", "fix its permissions or mount it readable")
     else:
         warnings.append(f"{directory} does not exist yet; it will be watched once training creates it")
-    evaluator.check_allowed(evaluator.parse_ref(evaluator_ref), evaluator_paths)
-    if import_evaluator:
-        ref = evaluator.validate(evaluator_ref)
-    else:
-        parsed = evaluator.parse_ref(evaluator_ref)
-        if parsed.file and not os.path.isfile(parsed.file):
-            raise WatchError(f"evaluator file {parsed.file} does not exist", "mount the evaluators directory")
-        ref = str(parsed)
-    spec = WatchSpec(name, directory, ref, regex, eval_existing, poll_interval, settle, layout, markers,
-                     bool(follow_symlinks))
+    suite = suite or Suite()
+    evaluators = suite.evaluators([evaluator_ref] if isinstance(evaluator_ref, str) else list(evaluator_ref))
+    checked = []
+    for ev in evaluators:
+        evaluator.check_allowed(evaluator.parse_ref(ev.ref), evaluator_paths)
+        if import_evaluator:
+            ref = evaluator.validate(ev.ref)
+        else:
+            parsed = evaluator.parse_ref(ev.ref)
+            if parsed.file and not os.path.isfile(parsed.file):
+                raise WatchError(f"evaluator file {parsed.file} does not exist", "mount the evaluators directory")
+            ref = str(parsed)
+        checked.append(Evaluator(ev.name, ref, ev.pool))
+    spec = WatchSpec(name, directory, checked[0].ref, regex, eval_existing, poll_interval, settle, layout, markers,
+                     bool(follow_symlinks), evaluators=checked, backfill=suite.backfill, order=suite.order,
+                     every=suite.every)
     if report is not None:
         spec.report_to, spec.tensorboard_dir = report.check(), report.tensorboard_dir
         spec.mlflow_run_id, spec.wandb_run_id = report.mlflow_run_id, report.wandb_run_id
     return spec, warnings
+
+
+@dataclass(frozen=True)
+class Suite:
+    """How a watch's evaluations are run: ``--pool``, ``--no-backfill``, ``--order`` and ``--every``."""
+
+    pools: str | Sequence[str] | dict[str, str] = ()  # "POOL" for all, or "NAME=POOL" each (or a mapping)
+    backfill: bool = True
+    order: str = "newest"
+    every: int | None = None
+
+    def evaluators(self, texts: Sequence[str]) -> list[Evaluator]:
+        """Parse ``[NAME=]REF`` items, give each its pool, and refuse duplicates and unknown names."""
+        if not texts:
+            raise WatchError("a watch needs at least one evaluator", "give -e path/to/file.py:fn (repeatable)")
+        evaluators = [Evaluator.parse(t) for t in texts]
+        names = [e.name for e in evaluators]
+        for ev in evaluators:
+            if not NAME_RE.fullmatch(ev.name):
+                raise WatchError(f"evaluator name {ev.name!r} is not valid",
+                                 "use -e NAME=REF with letters, digits, '.', '_', '-'")
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise WatchError(f"two evaluators are named {', '.join(dupes)}",
+                             "name each one: -e loss=eval.py:run -e acc=eval.py:run")
+        if self.order not in ORDERS:
+            raise WatchError(f"order {self.order!r} is not known", f"use one of: {', '.join(ORDERS)}")
+        if self.every is not None and (isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1):
+            raise WatchError(f"--every must be a whole number of steps >= 1, got {self.every!r}", "e.g. --every 1000")
+        chosen: dict[str, str] = {}
+        items = self.pools.items() if isinstance(self.pools, dict) else [
+            (p.partition("=")[0], p.partition("=")[2]) if "=" in p else ("", p)
+            for p in ([self.pools] if isinstance(self.pools, str) else self.pools)]
+        for ev_name, pool in items:
+            pool_name = pools.check(str(pool).strip())
+            if ev_name and ev_name not in names:
+                raise WatchError(f"--pool {ev_name}={pool_name}: no evaluator is named {ev_name!r}",
+                                 f"evaluators of this watch: {', '.join(names)}")
+            for target in [ev_name] if ev_name else names:
+                chosen[target] = pool_name
+        return [Evaluator(e.name, e.ref, chosen.get(e.name, pools.DEFAULT)) for e in evaluators]
 
 
 @dataclass(frozen=True)
@@ -186,8 +281,9 @@ def load_file(path: Path) -> list[dict[str, Any]]:
         return []
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise ConfigError(f"watches file {path}: 'watches' must be a list of mappings", "see README, Watches file")
-    allowed = {"name", "directory", "evaluator", "regex", "eval_existing", "poll_interval", "settle", "layout",
-               "ready_markers", "follow_symlinks", "report_to", "tensorboard_dir", "mlflow_run_id", "wandb_run_id"}
+    allowed = {"name", "directory", "evaluator", "evaluators", "pools", "backfill", "order", "every", "regex",
+               "eval_existing", "poll_interval", "settle", "layout", "ready_markers", "follow_symlinks", "report_to",
+               "tensorboard_dir", "mlflow_run_id", "wandb_run_id"}
     for entry in entries:
         unknown = set(entry) - allowed
         if unknown:
@@ -195,9 +291,40 @@ def load_file(path: Path) -> list[dict[str, Any]]:
                 f"watches file {path}: unknown key(s) {sorted(unknown)} in {entry.get('name', entry)}",
                 f"allowed keys: {sorted(allowed)}",
             )
-        if "directory" not in entry or "evaluator" not in entry:
-            raise ConfigError(f"watches file {path}: each watch needs directory and evaluator", "add them")
+        if "directory" not in entry or not (entry.get("evaluator") or entry.get("evaluators")):
+            raise ConfigError(f"watches file {path}: each watch needs directory and evaluator (or evaluators)",
+                              "add them")
     return entries
+
+
+def _file_evaluators(entry: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
+    """A watches-file entry's evaluators as ``NAME=REF`` items, and the pools its mappings name.
+
+    ``evaluators`` is a list of ``[NAME=]REF`` strings or ``{name, ref, pool}`` mappings;
+    ``evaluator`` (one reference) is the older spelling.
+    """
+    items = entry.get("evaluators") or [entry["evaluator"]]
+    if not isinstance(items, list):
+        items = [items]
+    texts, chosen = [], {}
+    for item in items:
+        if isinstance(item, dict):
+            if not item.get("ref"):
+                raise ConfigError(f"evaluator {item} in watch {entry.get('name', entry)} has no ref",
+                                  "give {name: ..., ref: path/to/file.py:fn, pool: ...}")
+            ev = Evaluator.parse(f"{item['name']}={item['ref']}" if item.get("name") else str(item["ref"]))
+            texts.append(f"{ev.name}={ev.ref}")
+            if item.get("pool"):
+                chosen[ev.name] = str(item["pool"])
+        else:
+            texts.append(str(item))
+    pools_given = entry.get("pools") or {}
+    if isinstance(pools_given, str):
+        pools_given = {Evaluator.parse(t).name: pools_given for t in texts}
+    if not isinstance(pools_given, dict):
+        raise ConfigError(f"pools of watch {entry.get('name', entry)} must map evaluator names to pools",
+                          "e.g. pools: {mmlu: gpu}")
+    return texts, {**{str(k): str(v) for k, v in pools_given.items()}, **chosen}
 
 
 # -- the store ----------------------------------------------------------------
@@ -223,8 +350,8 @@ def register(conn: redis.Redis, settings: Settings, spec: WatchSpec) -> str:
             update(conn, spec)  # only where results go changed: past results stay as delivered (see `assayer report`)
             return "updated"
         raise WatchError(
-            f"a watch named {spec.name!r} already watches {existing.directory} with {existing.evaluator}",
-            f"pick another --name, or `assayer watch remove {spec.name}` first",
+            f"a watch named {spec.name!r} already watches {existing.directory} (regex, layout and options as given "
+            "then)", f"pick another --name, or `assayer watch remove {spec.name}` first",
         )
     backup.refuse_baseline_if_lost(conn, settings.results_path, spec.name)
     baseline: dict[str, str] = {}
@@ -271,14 +398,17 @@ def sync_file(conn: redis.Redis, settings: Settings) -> None:
     assert settings.watches_file is not None
     for entry in load_file(settings.watches_file):
         try:
+            texts, chosen = _file_evaluators(entry)
             spec, warnings = build_spec(
-                entry["directory"], entry["evaluator"], name=entry.get("name"), regex=entry.get("regex"),
+                entry["directory"], texts, name=entry.get("name"), regex=entry.get("regex"),
                 eval_existing=bool(entry.get("eval_existing", False)), poll_interval=entry.get("poll_interval"),
                 settle=entry.get("settle"), import_evaluator=False, layout=entry.get("layout"),
                 ready_markers=entry.get("ready_markers") or (), evaluator_paths=settings.evaluator_paths,
                 follow_symlinks=bool(entry.get("follow_symlinks", False)),
                 report=Report(entry.get("report_to", settings.report_to), entry.get("tensorboard_dir"),
                               entry.get("mlflow_run_id"), entry.get("wandb_run_id")),
+                suite=Suite(chosen, bool(entry.get("backfill", True)), entry.get("order") or "newest",
+                            entry.get("every")),
             )
             for warning in warnings:
                 log.warning("watch %s: %s", spec.name, warning)

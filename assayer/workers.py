@@ -32,7 +32,7 @@ from rq.registry import ScheduledJobRegistry, clean_registries
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
-from . import backup, defaults, deliveries, evaluator, jobs, keys, results, rq_internals, watches
+from . import backup, defaults, deliveries, evaluator, jobs, keys, pools, results, rq_internals, watches
 from .notify import Notifier
 from .settings import Settings
 
@@ -56,12 +56,13 @@ class AssayerWorker(rq_internals.StoppableWorker):
     role = ""
     tick = 1.0
 
-    def __init__(self, settings: Settings, connection: redis.Redis, queue_name: str, name: str | None = None) -> None:
+    def __init__(self, settings: Settings, connection: redis.Redis, queue_names: list[str],
+                 name: str | None = None) -> None:
         self.settings = settings
         self.host = socket.gethostname()
         name = name or f"{self.role}-{self.host}-{os.getpid()}-{secrets.token_hex(2)}"
-        queue = Queue(queue_name, connection=connection, serializer=JSONSerializer)
-        super().__init__([queue], name=name, connection=connection, serializer=JSONSerializer,
+        queues = [Queue(q, connection=connection, serializer=JSONSerializer) for q in queue_names]
+        super().__init__(queues, name=name, connection=connection, serializer=JSONSerializer,
                          worker_ttl=defaults.WORKER_TTL)
         self.born = time.time()
         self.runtime = jobs.Runtime(settings, connection, worker_name=name)
@@ -162,8 +163,9 @@ class AssayerWorker(rq_internals.StoppableWorker):
         Every worker of either role does it (one at a time per queue), so a dead worker leaves
         ``assayer status`` and rq-dashboard even when it was the last of its role.
         """
-        for name, on_lost in ((self.settings.watch_queue, self._drop_lost_scan),
-                              (self.settings.eval_queue, self._record_lost)):
+        eval_queues = pools.all_queues(self.connection, self.settings)
+        for name, on_lost in [(self.settings.watch_queue, self._drop_lost_scan)] + [
+                (q, self._record_lost) for q in eval_queues]:
             queue = Queue(name, connection=self.connection, serializer=JSONSerializer)
             lock = rq_internals.maintenance_lock(queue)
             if not self.connection.set(lock, self.name, nx=True, px=int(max(self.settings.reap_interval, 1) * 10_000)):
@@ -172,7 +174,7 @@ class AssayerWorker(rq_internals.StoppableWorker):
                 # rq's own registry cleaning, with our handler for a lost job (re-queue, record the attempt)
                 clean_registries(queue, exception_handlers=[on_lost])
                 rq_internals.cleanup_intermediate(self, queue)
-                if name == self.settings.eval_queue:
+                if name != self.settings.watch_queue:
                     rq_internals.enqueue_due(queue, time.time())
                 reap_dead_workers(self.connection, self.settings, name, "watch" if name == self.settings.watch_queue else "eval")
             finally:
@@ -204,7 +206,7 @@ class WatchWorker(AssayerWorker):
     tick = defaults.WATCH_TICK
 
     def __init__(self, settings: Settings, connection: redis.Redis, name: str | None = None) -> None:
-        super().__init__(settings, connection, settings.watch_queue, name)
+        super().__init__(settings, connection, [settings.watch_queue], name)
         self._last_sweep = self._last_beat = 0.0
         if settings.watches_file:
             watches.sync_file(connection, settings)
@@ -265,14 +267,17 @@ class EvalWorker(AssayerWorker):
     tick = defaults.EVAL_TICK
 
     def __init__(self, settings: Settings, connection: redis.Redis, name: str | None = None) -> None:
-        super().__init__(settings, connection, settings.eval_queue, name)
+        # New work of each pool it serves first, then their backfill (rq takes from the first queue that has a job).
+        super().__init__(settings, connection, pools.worker_queues(settings, settings.pools), name)
         self._last_sweep = 0.0
         self._last_beat = 0.0
         self._last_mirror = 0.0
-        # Warm the evaluators of the watches there are, most recently added first.
+        # Warm the evaluators it serves of the watches there are, most recently added first.
         for spec in sorted(watches.all_specs(connection), key=lambda s: -s.created_at):
-            if not spec.paused and evaluator.is_allowed(spec.evaluator, settings.evaluator_paths):
-                self.runtime.pool.prestart(spec.evaluator)
+            for ev in spec.evaluators:
+                if (not spec.paused and ev.pool in settings.pools
+                        and evaluator.is_allowed(ev.ref, settings.evaluator_paths)):
+                    self.runtime.pool.prestart(ev.ref)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         self.runtime.beat = self._beat_for(job)
@@ -339,7 +344,7 @@ def reap_dead_workers(conn: redis.Redis, settings: Settings, queue_name: str, ro
 def request_shutdown(conn: redis.Redis, settings: Settings, purge: bool = False) -> int:
     """Ask every Assayer worker to finish its current job and stop; returns how many were running."""
     conn.set(keys.SHUTDOWN, time.time())
-    ours = {settings.watch_queue, settings.eval_queue}
+    ours = {settings.watch_queue, *pools.all_queues(conn, settings)}
     count = sum(1 for w in Worker.all(connection=conn) if set(w.queue_names()) & ours)
     if purge:
         for name in ours:

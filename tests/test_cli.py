@@ -162,7 +162,7 @@ def test_status_shows_watches_lag_queues_workers_and_errors(
     wait_for(lambda: conn.hget("assayer:state:run", "error"), 10, what="the scan to note the missing directory")
     info = json.loads(run(settings, "status", "--format", "json").stdout)
     assert info["watches"][0]["name"] == "run" and "does not exist" in info["watches"][0]["error"]
-    assert [q["name"] for q in info["queues"]] == ["assayer-watch", "assayer-eval"]
+    assert [q["name"] for q in info["queues"]] == ["assayer-watch", "assayer-eval", "assayer-eval-backfill"]
     assert len(info["workers"]) == 1
     text = run(settings, "status").stdout
     assert "lag 0" in text and "last error" in text and "workers: 1" in text
@@ -234,7 +234,7 @@ def test_dashboard_requires_a_password_then_answers_401_and_200(
         req.add_header("Authorization", "Basic " + b64encode(b"assayer:pw").decode())
         with urllib.request.urlopen(req, timeout=5) as resp:
             queues = {q["name"]: q["count"] for q in json.load(resp)["queues"]}
-        assert queues["assayer-eval"] == 1
+        assert queues["assayer-eval-backfill"] == 1  # `assayer evaluate`: after new checkpoints
     finally:
         proc.terminate()
         proc.wait(10)

@@ -132,7 +132,7 @@ def test_workers_register_again_after_redis_lost_their_keys_and_show_their_job(
     listed = wait_for(lambda: [w for w in status.collect(conn, settings)["workers"]] if len(
         status.collect(conn, settings)["workers"]) == 2 else None, 10, what="both workers listed again")
     busy = [w for w in listed if w["state"] == "busy"]
-    assert len(busy) == 1 and busy[0]["job"] and busy[0]["queues"] == ["assayer-eval"]
+    assert len(busy) == 1 and busy[0]["job"] and busy[0]["queues"] == ["assayer-eval", "assayer-eval-backfill"]
 
 
 def test_a_worker_killed_with_9_leaves_status_within_the_lease(
@@ -228,7 +228,8 @@ def test_evaluators_outside_the_allowed_roots_are_refused_at_add_and_in_the_work
     add_watch(conn, settings, ckpts)  # allowed: tests/evaluators.py
     spec = watches.get(conn, "run")
     assert spec is not None
-    spec.evaluator = f"{outside}:evaluate"  # rewritten in Redis by someone who can write to it
+    spec.evaluators = [watches.Evaluator("evaluate", f"{outside}:evaluate")]  # rewritten in Redis by someone who can
+    spec.evaluator = spec.evaluators[0].ref
     conn.hset("assayer:watches", "run", spec.to_json())
     workers.start("watch", {"ASSAYER_EVALUATOR_PATHS": str(EVALUATORS.parent)})
     workers.start("eval", {"ASSAYER_EVALUATOR_PATHS": str(EVALUATORS.parent)})

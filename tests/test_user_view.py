@@ -102,7 +102,7 @@ def test_a_failed_attempt_shows_at_once_in_status_results_failed_and_show(
     settings = dataclasses.replace(settings, retry_backoff=(60,))
     queue_existing(settings, conn, ckpts, "always_retry", 1)
     burst(settings, conn)  # the first attempt fails; the retry waits 60 s
-    assert conn.zcard("rq:scheduled:assayer-eval") == 1 and final_results(conn, "run") == []
+    assert conn.zcard("rq:scheduled:assayer-eval-backfill") == 1 and final_results(conn, "run") == []  # `evaluate`: backfill
     (watch,) = status.collect(conn, settings)["watches"]
     assert watch["failing"] == 1 and watch["last_error"] == "a.pt: Retry: GPU busy for a.pt"
     table = invoke(settings, "results", "run").stdout
@@ -233,13 +233,13 @@ def test_status_shows_what_a_busy_worker_evaluates_and_the_oldest_queued_checkpo
 
     def evaluating_and_queued() -> dict | None:  # type: ignore[type-arg]
         info = status.collect(conn, settings)
-        evaluating = any(w["doing"] for w in info["workers"] if w["queues"] == ["assayer-eval"])
+        evaluating = any(w["doing"] for w in info["workers"] if "assayer-eval" in w["queues"])
         queued_since = next(w for w in info["watches"] if w["name"] == "queued")["oldest_pending_age"]
         return info if evaluating and queued_since else None
 
     # The eval worker, not the watch worker: that one is busy too now and then, with a scan.
     info = wait_for(evaluating_and_queued, 10, what="the eval worker busy and a queued checkpoint")
-    (busy,) = [w for w in info["workers"] if w["queues"] == ["assayer-eval"]]
+    (busy,) = [w for w in info["workers"] if "assayer-eval" in w["queues"]]
     assert busy["doing"] == "run: sub/a.pt" and busy["for_seconds"] >= 0
     assert "run: sub/a.pt for " in status.render(info) and "oldest queued checkpoint: " in status.render(info)
 
