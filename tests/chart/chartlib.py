@@ -67,7 +67,9 @@ def case_name(path: Path) -> str:
 
 
 def wants_keda(values: Mapping[str, Any]) -> bool:
-    return bool(values.get("eval", {}).get("keda", {}).get("enabled"))
+    """KEDA for the default pool (eval) or for any pool of evalPools."""
+    pools = [values.get("eval", {}), *values.get("evalPools", {}).values()]
+    return any(pool.get("keda", {}).get("enabled") for pool in pools)
 
 
 def wants_service_monitor(values: Mapping[str, Any]) -> bool:

@@ -237,8 +237,8 @@ def test_the_keda_trigger_is_unchanged(helm: str) -> None:
     without = render(helm, keda, {"exporter": {"enabled": False}})
     for kind, name in (("ScaledObject", f"{FULLNAME}-eval"), ("TriggerAuthentication", f"{FULLNAME}-eval-redis")):
         assert with_exporter.get(kind, name) == without.get(kind, name)
-    (trigger,) = with_exporter.get("ScaledObject", f"{FULLNAME}-eval")["spec"]["triggers"]
-    assert trigger["type"] == "redis"
+    triggers = with_exporter.get("ScaledObject", f"{FULLNAME}-eval")["spec"]["triggers"]
+    assert [t["type"] for t in triggers] == ["redis", "redis"]  # the queue and its backfill queue
 
 
 # ---------------------------------------------------------------- NetworkPolicy

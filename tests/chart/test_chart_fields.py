@@ -86,7 +86,9 @@ def test_checkpoints_are_mounted_read_only_everywhere(helm: str, values_file: Pa
                 assert m["readOnly"] is True, f"{obj['metadata']['name']}/{c['name']} mounts checkpoints writable"
                 assert m["mountPath"] == "/checkpoints"
                 mounted_in.append(obj["metadata"]["name"])
-    assert sorted(mounted_in) == [EVAL, WATCH]
+    # the watch workers and the eval workers of every pool (helm/assayer/ci/pools-values.yaml has three)
+    pools = [f"{EVAL}-{pool}" for pool in sorted(yaml.safe_load(values_file.read_text()).get("evalPools", {}))]
+    assert sorted(mounted_in) == sorted([EVAL, *pools, WATCH])
 
 
 def test_checkpoint_volume_choices(helm: str) -> None:
@@ -327,20 +329,29 @@ def test_gpus_only_when_asked(helm: str) -> None:
 # ---------------------------------------------------------------- autoscaling
 
 
-def test_keda_scales_on_the_list_the_eval_workers_pop(helm: str) -> None:
+def test_keda_scales_on_the_lists_the_eval_workers_pop(helm: str) -> None:
     r = render(helm, files=case("keda"))
     assert r.config()["ASSAYER_EVAL_QUEUE"] == "lm-evals"
     scaled = r.get("ScaledObject", EVAL)
     assert scaled["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": EVAL}
     assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == (0, 8)
-    (trigger,) = scaled["spec"]["triggers"]
-    assert trigger["type"] == "redis"
-    # rq keeps queue <name> in the Redis list rq:queue:<name>
-    assert trigger["metadata"]["listName"] == "rq:queue:" + r.config()["ASSAYER_EVAL_QUEUE"]
-    assert trigger["metadata"]["listLength"] == "2"
-    assert trigger["metadata"]["address"] == f"{REDIS}.{NAMESPACE}.svc.cluster.local:6379"
-    assert trigger["metadata"]["databaseIndex"] == "0"
-    assert trigger["metadata"]["enableTLS"] == "false"
+    # The default pool's workers pop its queue, then its backfill queue: both count, so re-evaluations
+    # of older checkpoints wake the workers too. rq keeps queue <name> in the Redis list rq:queue:<name>.
+    queue = r.config()["ASSAYER_EVAL_QUEUE"]
+    triggers = scaled["spec"]["triggers"]
+    assert [(t["name"], t["metadata"]["listName"]) for t in triggers] == [
+        ("queue", f"rq:queue:{queue}"),
+        ("backfill", f"rq:queue:{queue}-backfill"),
+    ]
+    assert env_of(container(r.get("Deployment", EVAL)))["ASSAYER_POOLS"]["value"] == "default"
+    for trigger in triggers:
+        assert trigger["type"] == "redis"
+        assert trigger["metadata"]["listLength"] == "2"
+        assert trigger["metadata"]["address"] == f"{REDIS}.{NAMESPACE}.svc.cluster.local:6379"
+        assert trigger["metadata"]["databaseIndex"] == "0"
+        assert trigger["metadata"]["enableTLS"] == "false"
+        assert trigger["authenticationRef"] == triggers[0]["authenticationRef"]
+    trigger = triggers[0]
     # The in-chart URL the workers use points at the same Service and database.
     assert env_of(container(r.get("Deployment", EVAL)))["ASSAYER_REDIS_URL"]["value"] == f"redis://{REDIS}:6379/0"
 

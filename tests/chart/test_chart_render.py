@@ -83,7 +83,8 @@ def validate_object(k8s: Any, obj: dict[str, Any], version: str) -> None:
 
 
 def test_matrix_names_every_case() -> None:
-    assert {"default", "gpu", "keda", "external-redis", "existing-claim", "hostpath", "ingress", "metrics"} <= set(CASE_IDS)
+    cases = {"default", "gpu", "keda", "external-redis", "existing-claim", "hostpath", "ingress", "metrics", "pools"}
+    assert cases <= set(CASE_IDS)
 
 
 @pytest.mark.parametrize("values_file", CASES, ids=CASE_IDS)

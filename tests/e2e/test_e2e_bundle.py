@@ -94,6 +94,7 @@ def test_services_are_wired_and_hardened() -> None:
 
     eval_ = services["eval"]
     assert "container_name" not in eval_, "eval must stay scalable"
+    assert eval_["environment"]["ASSAYER_POOLS"] == "default", "eval serves the default pool"
     assert eval_["restart"] == "on-failure" and services["watch"]["restart"] == "on-failure"
     assert seconds(eval_["stop_grace_period"]) >= 300, "a warm shutdown needs time to finish an evaluation"
 
@@ -146,6 +147,52 @@ def test_gpu_variant_reserves_nvidia_devices_for_eval_only() -> None:
     assert "deploy" not in services["watch"] and "deploy" not in services["dashboard"]
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_only_the_gpu_override_adds_a_worker_for_the_pool_gpu(variant: str) -> None:
+    files, _ = VARIANTS[variant]
+    services = config(variant)["services"]
+    assert ("eval-gpu" in services) == ("compose.gpu.yaml" in files), sorted(services)
+    assert services["eval"]["environment"]["ASSAYER_POOLS"] == "default"
+
+
+def test_eval_gpu_is_the_eval_service_on_gpus_for_the_pool_gpu() -> None:
+    services = config("gpu")["services"]
+    eval_, gpu = services["eval"], services["eval-gpu"]
+    assert gpu["environment"]["ASSAYER_POOLS"] == "gpu"
+    assert gpu["command"] == eval_["command"] == ["worker", "eval"]
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert (device["driver"], device["capabilities"], device["count"]) == ("nvidia", ["gpu"], 1)
+    # The default pool keeps its GPU under this override (setups from before pools keep their GPUs).
+    assert eval_["deploy"] == gpu["deploy"]
+    assert gpu["environment"]["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
+
+    # Same image, volumes, hardening, health and warm shutdown as eval; scalable; nothing published.
+    assert gpu["image"] == eval_["image"] == "assayer:cuda" and gpu["pull_policy"] == "never"
+    assert "build" not in gpu and "container_name" not in gpu and not gpu.get("ports")
+    assert mounts(gpu) == mounts(eval_)
+    assert mounts(gpu)["/checkpoints"]["source"] == "/srv/run" and mounts(gpu)["/checkpoints"]["read_only"]
+    assert mounts(gpu)["/evaluators"]["read_only"] and mounts(gpu)["/results"]["source"] == "results"
+    assert gpu["user"] == "10001:10001" and gpu["read_only"] is True
+    assert gpu["cap_drop"] == ["ALL"] and gpu["security_opt"] == ["no-new-privileges:true"]
+    assert gpu["tmpfs"] == eval_["tmpfs"]
+    for key in ("healthcheck", "stop_grace_period", "restart", "depends_on"):
+        assert gpu[key] == eval_[key], key
+    assert gpu["healthcheck"]["test"] == ["CMD", "assayer", "health", "eval"]
+    assert gpu["depends_on"]["redis"]["condition"] == "service_healthy"
+    # The Redis credentials of every worker; no tracker settings (those are the watch service's).
+    same = {k: v for k, v in eval_["environment"].items() if k != "ASSAYER_POOLS"}
+    assert {k: v for k, v in gpu["environment"].items() if k != "ASSAYER_POOLS"} == same
+    assert gpu["environment"]["ASSAYER_REDIS_PASSWORD"] == "redis-secret"
+    assert not {"WANDB_API_KEY", "MLFLOW_TRACKING_URI"} & set(gpu["environment"])
+
+
+def test_eval_gpu_follows_the_gpu_count_and_grace_settings() -> None:
+    services = config("gpu", ASSAYER_GPUS_PER_EVAL="2", ASSAYER_EVAL_STOP_GRACE="45m")["services"]
+    for name in ("eval", "eval-gpu"):
+        assert services[name]["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 2, name
+        assert seconds(services[name]["stop_grace_period"]) == 45 * 60, name
+
+
 def dockerfile_base_image() -> str:
     """The default of docker/Dockerfile's BASE_IMAGE build arg."""
     (line,) = [line for line in (ROOT / "docker" / "Dockerfile").read_text().splitlines()
@@ -158,10 +205,11 @@ def test_one_service_builds_the_image_every_assayer_service_runs_and_none_pulls_
     # One build per `up`: builds of one tag in parallel can end as different images (cold cache),
     # and the next `up` then recreates containers (test_e2e_stack's stop and up again).
     services = config(variant, EXTRA_REQUIREMENTS="tabulate>=0.9 six")["services"]
-    assert [name for name in EVERY_ASSAYER_SERVICE if "build" in services[name]] == ["watch"]
+    every = [*EVERY_ASSAYER_SERVICE, "eval-gpu"] if variant.startswith("gpu") else list(EVERY_ASSAYER_SERVICE)
+    assert [name for name in every if "build" in services[name]] == ["watch"]
     assert services["watch"]["pull_policy"] == "build"
-    assert {services[name]["pull_policy"] for name in EVERY_ASSAYER_SERVICE if name != "watch"} == {"never"}
-    assert len({services[name]["image"] for name in EVERY_ASSAYER_SERVICE}) == 1
+    assert {services[name]["pull_policy"] for name in every if name != "watch"} == {"never"}
+    assert len({services[name]["image"] for name in every}) == 1
     build = services["watch"]["build"]
     assert Path(build["context"]) == ROOT and build["dockerfile"] == "docker/Dockerfile"
     assert build["args"]["EXTRA_REQUIREMENTS"] == "tabulate>=0.9 six"

@@ -157,6 +157,95 @@ from a secretKeyRef, never as a literal value.
 {{- end }}
 {{- end }}
 
+{{/* ---------------------------------------------------------------- eval pools */}}
+
+{{/*
+Every eval pool with its settings, in .out (a dict: templates cannot return objects, so the helper
+fills the one it is given). Call with (dict "ctx" $ "out" $pools); then range over $pools.
+"default" is the eval block (evalPools.default is refused); any other pool is the eval block overridden
+by evalPools.<pool>: a key
+of the pool replaces eval's, except in the groups assayer.eval.mergedGroups, whose keys replace
+eval's one by one (gpu: {enabled: true} keeps eval's gpu.count and gpu.nodeSelector).
+*/}}
+{{- define "assayer.eval.pools" -}}
+{{- $eval := .ctx.Values.eval }}
+{{- $_ := set .out "default" $eval }}
+{{- $groups := include "assayer.eval.mergedGroups" . | splitList " " }}
+{{- range $pool, $overrides := omit .ctx.Values.evalPools "default" }}
+{{- $e := deepCopy $eval }}
+{{- range $key, $value := $overrides }}
+{{- if and (has $key $groups) (kindIs "map" $value) }}
+{{- $group := deepCopy (index $eval $key) }}
+{{- range $k, $v := $value }}
+{{- $_ := set $group $k $v }}
+{{- end }}
+{{- $_ := set $e $key $group }}
+{{- else }}
+{{- $_ := set $e $key $value }}
+{{- end }}
+{{- end }}
+{{- $_ := set $.out $pool $e }}
+{{- end }}
+{{- end }}
+
+{{/* The groups of eval settings that a pool overrides key by key rather than as a whole. */}}
+{{- define "assayer.eval.mergedGroups" -}}
+image resources gpu keda hpa startupProbe livenessProbe readinessProbe
+{{- end }}
+
+{{/*
+Name of a pool's Deployment, and of its ScaledObject or HPA: <fullname>-eval for the default pool
+(the name from before pools), <fullname>-eval-<pool> for the others. Call with (dict "ctx" $ "pool" "gpu").
+*/}}
+{{- define "assayer.eval.fullname" -}}
+{{- if eq .pool "default" }}
+{{- printf "%s-eval" (include "assayer.fullname" .ctx) }}
+{{- else }}
+{{- printf "%s-eval-%s" (include "assayer.fullname" .ctx) .pool }}
+{{- end }}
+{{- end }}
+
+{{/*
+app.kubernetes.io/component of a pool's objects: eval for the default pool, eval-<pool> for the
+others. Each Deployment's selector thus matches its own pods only (a Deployment's selector cannot
+change, so the default pool keeps the one from before pools). Call with the pool's name.
+*/}}
+{{- define "assayer.eval.component" -}}
+{{- if eq . "default" }}eval{{ else }}{{ printf "eval-%s" . }}{{ end }}
+{{- end }}
+
+{{/*
+The rq queue of a pool's new work, as Assayer names it: ASSAYER_EVAL_QUEUE for the default pool,
+<ASSAYER_EVAL_QUEUE>-<pool> for the others; its backfill (re-evaluations of older checkpoints) is
+the same name with -backfill. Call with (dict "ctx" $ "pool" "gpu").
+*/}}
+{{- define "assayer.eval.queue" -}}
+{{- if eq .pool "default" }}
+{{- .ctx.Values.config.evalQueue }}
+{{- else }}
+{{- printf "%s-%s" .ctx.Values.config.evalQueue .pool }}
+{{- end }}
+{{- end }}
+
+{{/* The suffix of a pool's backfill queue. */}}
+{{- define "assayer.eval.backfillSuffix" -}}
+-backfill
+{{- end }}
+
+{{/* "true" when some pool (the default one or an evalPools entry) is scaled by KEDA. */}}
+{{- define "assayer.eval.kedaEnabled" -}}
+{{- $pools := dict }}
+{{- include "assayer.eval.pools" (dict "ctx" . "out" $pools) }}
+{{- $on := false }}
+{{- range $pools }}{{ if .keda.enabled }}{{ $on = true }}{{ end }}{{ end }}
+{{- if $on }}true{{ end }}
+{{- end }}
+
+{{/* Pool names of the evalPools keys: a DNS label of at most 30 characters, as Assayer checks them. */}}
+{{- define "assayer.eval.poolPattern" -}}
+^[a-z0-9]([a-z0-9-]{0,28}[a-z0-9])?$
+{{- end }}
+
 {{/* ---------------------------------------------------------------- KEDA */}}
 
 {{/* host:port of Redis for KEDA's redis scaler, which runs in the operator's namespace. */}}

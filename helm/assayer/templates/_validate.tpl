@@ -36,14 +36,20 @@ in one failure, with the keys involved and what to do.
 {{- $errors = append $errors (printf "several checkpoint volumes (%s): choose one (to use an existing claim or a hostPath, also set checkpoints.persistence.enabled=false)" (join ", " $sources)) }}
 {{- end }}
 
-{{- /* Results: one source; a claim written by several eval pods must be ReadWriteMany. */}}
+{{- /* Results: one source; a claim written by several eval pods (of all pools together) must be ReadWriteMany. */}}
 {{- $res := $v.results }}
 {{- if and $res.existingClaim $res.persistence.enabled }}
 {{- $errors = append $errors "results.existingClaim and results.persistence.enabled are both set: set results.persistence.enabled=false to use the existing claim" }}
 {{- end }}
-{{- $evalPods := $v.eval.replicas }}
-{{- if $v.eval.keda.enabled }}{{ $evalPods = $v.eval.keda.maxReplicaCount }}{{ end }}
-{{- if $v.eval.hpa.enabled }}{{ $evalPods = $v.eval.hpa.maxReplicas }}{{ end }}
+{{- $pools := dict }}
+{{- include "assayer.eval.pools" (dict "ctx" . "out" $pools) }}
+{{- $evalPods := 0 }}
+{{- range $pools }}
+{{- $pods := .replicas }}
+{{- if .keda.enabled }}{{ $pods = .keda.maxReplicaCount }}{{ end }}
+{{- if .hpa.enabled }}{{ $pods = .hpa.maxReplicas }}{{ end }}
+{{- $evalPods = add $evalPods (int $pods) }}
+{{- end }}
 {{- if and $res.persistence.enabled (not $res.existingClaim) (ne $res.persistence.accessMode "ReadWriteMany") (gt (int $evalPods) 1) }}
 {{- $errors = append $errors (printf "results.persistence.accessMode is %s but up to %d eval pods write results: use ReadWriteMany, or one eval pod" $res.persistence.accessMode (int $evalPods)) }}
 {{- end }}
@@ -104,45 +110,96 @@ in one failure, with the keys involved and what to do.
 {{- $errors = append $errors (printf "config.watchQueue and config.evalQueue are both %q: scan and evaluation jobs need separate queues" $v.config.evalQueue) }}
 {{- end }}
 
+{{- /* Pools: evalPools keys are pool names (the schema checks them too); the default pool is the eval block. */}}
+{{- range $pool := keys $v.evalPools | sortAlpha }}
+{{- if eq $pool "default" }}
+{{- $errors = append $errors "evalPools.default is set: the default pool's settings are the eval block; move them there" }}
+{{- else if not (regexMatch (include "assayer.eval.poolPattern" $) $pool) }}
+{{- $errors = append $errors (printf "evalPools key %q is not a pool name: use lower-case letters, digits and '-' (at most 30, not starting or ending with '-'), e.g. gpu or a100-80g" $pool) }}
+{{- end }}
+{{- end }}
+
+{{- /* Every pool's queue and backfill queue is its own rq queue: a pool named "backfill" would take the default pool's backfill queue. */}}
+{{- $owners := dict $v.config.watchQueue "config.watchQueue" }}
+{{- $backfill := include "assayer.eval.backfillSuffix" . }}
+{{- range $pool := prepend (without (keys $v.evalPools | sortAlpha) "default") "default" }}
+{{- $queue := include "assayer.eval.queue" (dict "ctx" $ "pool" $pool) }}
+{{- $who := ternary "the default pool" (printf "pool %s (evalPools.%s)" $pool $pool) (eq $pool "default") }}
+{{- range $q, $what := dict $queue (printf "the queue of %s" $who) (printf "%s%s" $queue $backfill) (printf "the backfill queue of %s" $who) }}
+{{- $other := get $owners $q }}
+{{- if and $other (not (and (eq $other "config.watchQueue") (eq $q $v.config.evalQueue))) }}
+{{- $errors = append $errors (printf "%s and %s are both the rq queue %q: rename the pool (or change config.watchQueue)" $other $what $q) }}
+{{- end }}
+{{- $_ := set $owners $q $what }}
+{{- end }}
+{{- end }}
+
 {{- /* Leases: a busy worker must heartbeat at least twice per lease (the settings refuse it otherwise). */}}
 {{- if gt (mulf 2.0 (float64 $v.config.heartbeatInterval)) (float64 $v.config.leaseTTL) }}
 {{- $errors = append $errors (printf "config.heartbeatInterval (%v) must be at most half of config.leaseTTL (%v): raise leaseTTL or lower heartbeatInterval" $v.config.heartbeatInterval $v.config.leaseTTL) }}
 {{- end }}
 
-{{- /* Autoscaling. */}}
-{{- $keda := $v.eval.keda }}
-{{- if and $keda.enabled $v.eval.hpa.enabled }}
-{{- $errors = append $errors "eval.keda.enabled and eval.hpa.enabled are both true: KEDA creates its own HPA, enable only one" }}
+{{- /*
+Autoscaling and warm shutdown, for each pool's Deployment. A pool takes from eval what it does not
+set, so a problem of eval's values is reported once, for eval; a pool's own message comes only where
+the pool sets one of the keys involved.
+*/}}
+{{- $kedaKeys := list }}
+{{- range $pool := prepend (without (keys $v.evalPools | sortAlpha) "default") "default" }}
+{{- $e := index $pools $pool }}
+{{- $at := ternary "eval" (printf "evalPools.%s" $pool) (eq $pool "default") }}
+{{- $own := dict }}
+{{- range $key := list "keda" "hpa" "resources" "terminationGracePeriodSeconds" "extraEnv" }}
+{{- $_ := set $own $key (or (eq $pool "default") (ne (toJson (index $e $key)) (toJson (index $v.eval $key)))) }}
 {{- end }}
-{{- if and $keda.enabled (not (.Capabilities.APIVersions.Has "keda.sh/v1alpha1")) }}
-{{- $errors = append $errors "eval.keda.enabled is true but the cluster has no keda.sh/v1alpha1 API: install KEDA first (with `helm template`, pass --api-versions keda.sh/v1alpha1)" }}
+{{- $keda := $e.keda }}
+{{- $hpa := $e.hpa }}
+{{- if and $keda.enabled (or (eq $pool "default") (not $v.eval.keda.enabled)) }}
+{{- $kedaKeys = append $kedaKeys (printf "%s.keda.enabled" $at) }}
 {{- end }}
-{{- if and $keda.enabled (gt (int $keda.minReplicaCount) (int $keda.maxReplicaCount)) }}
-{{- $errors = append $errors (printf "eval.keda.minReplicaCount %d is above eval.keda.maxReplicaCount %d" (int $keda.minReplicaCount) (int $keda.maxReplicaCount)) }}
+{{- if and $keda.enabled $hpa.enabled (or $own.keda $own.hpa) }}
+{{- $errors = append $errors (printf "%s.keda.enabled and %s.hpa.enabled are both true: KEDA creates its own HPA, enable only one" $at $at) }}
 {{- end }}
-{{- if and $keda.enabled (not $v.redis.enabled) $v.externalRedis.existingSecret (not $keda.redisAddress) }}
-{{- $errors = append $errors "eval.keda.enabled with externalRedis.existingSecret needs eval.keda.redisAddress (host:port): KEDA cannot read the URL from the Secret" }}
+{{- if and $keda.enabled $own.keda (gt (int $keda.minReplicaCount) (int $keda.maxReplicaCount)) }}
+{{- $errors = append $errors (printf "%s.keda.minReplicaCount %d is above %s.keda.maxReplicaCount %d" $at (int $keda.minReplicaCount) $at (int $keda.maxReplicaCount)) }}
 {{- end }}
-{{- if and $keda.enabled (not $v.redis.enabled) $v.externalRedis.url (not $keda.redisAddress) }}
-{{- $url := urlParse $v.externalRedis.url }}
-{{- if eq $url.scheme "unix" }}
-{{- $errors = append $errors "eval.keda.enabled with a unix:// externalRedis.url: KEDA's operator cannot reach a socket; set eval.keda.redisAddress (host:port)" }}
+{{- if and $hpa.enabled $own.hpa (gt (int $hpa.minReplicas) (int $hpa.maxReplicas)) }}
+{{- $errors = append $errors (printf "%s.hpa.minReplicas %d is above %s.hpa.maxReplicas %d" $at (int $hpa.minReplicas) $at (int $hpa.maxReplicas)) }}
 {{- end }}
-{{- if and (contains ":" (default "" $url.userinfo)) (not $v.externalRedis.password) }}
-{{- $errors = append $errors "eval.keda.enabled and externalRedis.url carries the password: move it to externalRedis.password so KEDA can authenticate too" }}
+{{- if and $hpa.enabled (or $own.hpa $own.resources) (not (dig "requests" "cpu" "" $e.resources)) }}
+{{- $errors = append $errors (printf "%s.hpa.enabled needs %s.resources.requests.cpu: the HPA scales on CPU use relative to the request" $at $at) }}
+{{- end }}
+{{- /* The pool a Deployment serves is its own: a second ASSAYER_POOLS would leave the first to chance. */}}
+{{- range $e.extraEnv }}
+{{- if and $own.extraEnv (eq .name "ASSAYER_POOLS") }}
+{{- $errors = append $errors (printf "%s.extraEnv sets ASSAYER_POOLS, which the chart sets to the Deployment's pool (%s): remove it; for workers of another pool add an evalPools entry" $at $pool) }}
 {{- end }}
 {{- end }}
-{{- $hpa := $v.eval.hpa }}
-{{- if and $hpa.enabled (gt (int $hpa.minReplicas) (int $hpa.maxReplicas)) }}
-{{- $errors = append $errors (printf "eval.hpa.minReplicas %d is above eval.hpa.maxReplicas %d" (int $hpa.minReplicas) (int $hpa.maxReplicas)) }}
+{{- /* Warm shutdown must outlast an evaluation. */}}
+{{- if and $own.terminationGracePeriodSeconds (gt (float64 $v.config.evalTimeout) 0.0) (lt (float64 $e.terminationGracePeriodSeconds) (float64 $v.config.evalTimeout)) }}
+{{- $errors = append $errors (printf "%s.terminationGracePeriodSeconds (%v) is shorter than config.evalTimeout (%v): a scaled-down or upgraded eval pod would be killed mid-evaluation; raise the grace period" $at $e.terminationGracePeriodSeconds $v.config.evalTimeout) }}
 {{- end }}
-{{- if and $hpa.enabled (not (dig "requests" "cpu" "" $v.eval.resources)) }}
-{{- $errors = append $errors "eval.hpa.enabled needs eval.resources.requests.cpu: the HPA scales on CPU use relative to the request" }}
 {{- end }}
 
-{{- /* Warm shutdown must outlast an evaluation. */}}
-{{- if and (gt (float64 $v.config.evalTimeout) 0.0) (lt (float64 $v.eval.terminationGracePeriodSeconds) (float64 $v.config.evalTimeout)) }}
-{{- $errors = append $errors (printf "eval.terminationGracePeriodSeconds (%v) is shorter than config.evalTimeout (%v): a scaled-down or upgraded eval pod would be killed mid-evaluation; raise the grace period" $v.eval.terminationGracePeriodSeconds $v.config.evalTimeout) }}
+{{- /* KEDA (for any pool): its API, and a Redis address its operator can reach (eval.keda's, for every pool). */}}
+{{- if $kedaKeys }}
+{{- $kedaOn := printf "%s %s" (join ", " $kedaKeys) (ternary "is" "are" (eq (len $kedaKeys) 1)) }}
+{{- $addr := $v.eval.keda.redisAddress }}
+{{- if not (.Capabilities.APIVersions.Has "keda.sh/v1alpha1") }}
+{{- $errors = append $errors (printf "%s true but the cluster has no keda.sh/v1alpha1 API: install KEDA first (with `helm template`, pass --api-versions keda.sh/v1alpha1)" $kedaOn) }}
+{{- end }}
+{{- if and (not $v.redis.enabled) $v.externalRedis.existingSecret (not $addr) }}
+{{- $errors = append $errors (printf "%s true with externalRedis.existingSecret, which needs eval.keda.redisAddress (host:port): KEDA cannot read the URL from the Secret" $kedaOn) }}
+{{- end }}
+{{- if and (not $v.redis.enabled) $v.externalRedis.url (not $addr) }}
+{{- $url := urlParse $v.externalRedis.url }}
+{{- if eq $url.scheme "unix" }}
+{{- $errors = append $errors (printf "%s true with a unix:// externalRedis.url: KEDA's operator cannot reach a socket; set eval.keda.redisAddress (host:port)" $kedaOn) }}
+{{- end }}
+{{- if and (contains ":" (default "" $url.userinfo)) (not $v.externalRedis.password) }}
+{{- $errors = append $errors (printf "%s true and externalRedis.url carries the password: move it to externalRedis.password so KEDA can authenticate too" $kedaOn) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{- /* Dashboard. */}}
