@@ -257,9 +257,12 @@ def evaluate(ctx: Context, paths: tuple[str, ...], watch_name: str, evaluator_na
     else:  # what the ledger lacks (the ledger dedupes against a concurrent scan), then what was lost
         ids = ledger.enqueue_new(ctx.conn, ctx.settings, spec, list(ready.values()), current=current, only=only,
                                  backfill=True)
+        lost: dict[tuple[str, ...], list[Any]] = {}
         for cand, names in ledger.unevaluated(ctx.conn, spec, list(ready.values()), current, only):
-            ids += ledger.enqueue_new(ctx.conn, ctx.settings, spec, [cand], force=True, current=current, only=names,
-                                      backfill=True)
+            lost.setdefault(tuple(names), []).append(cand)
+        for which, cands in lost.items():  # in one call per evaluator set: queued in the watch's --order
+            ids += ledger.enqueue_new(ctx.conn, ctx.settings, spec, cands, force=True, current=current,
+                                      only=list(which), backfill=True)
     click.echo(f"queued {len(ids)} evaluation(s) for watch {spec.name}")
 
 

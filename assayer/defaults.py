@@ -176,3 +176,7 @@ CURVE_POINTS = 2000
 EXPORTER_PORT = 9182
 """Port of ``assayer exporter`` (Prometheus metrics)."""
 
+
+NEWEST_AFTER = 60.0
+"""``--every N``: seconds a checkpoint whose step is no multiple of N must stay the newest before it is
+evaluated anyway (the run's last checkpoint); ``ASSAYER_NEWEST_AFTER``."""

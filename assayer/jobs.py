@@ -48,6 +48,7 @@ class Runtime:
     active_at: dict[str, float] = field(default_factory=dict)  # last scan that saw a change, per watch
     notified: dict[str, tuple[int, int]] = field(default_factory=dict)  # (scanner generation, overflows) synced
     backfilled: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # per watch: the evaluators last backfilled
+    newest: dict[str, tuple[int, Candidate | None, float]] = field(default_factory=dict)  # --every: see _every
     _pool: EvaluatorPool | None = None
     _specs: dict[bytes, watches.WatchSpec] = field(default_factory=dict)
 
@@ -147,7 +148,7 @@ def scan_one(rt: Runtime, spec: watches.WatchSpec, batch_start: float) -> tuple[
     now = time.time()
     report = scanner.scan(now, budget=defaults.SCAN_BUDGET)
     current = ledger.versions(spec)
-    ready = report.ready if spec.every is None else _every(spec.every, report.ready)
+    ready = report.ready if spec.every is None else _every(rt, spec, report.ready, now)
     queued = ledger.enqueue_new(rt.conn, rt.settings, spec, ready, current=current) if ready else []
     for cand in report.ready:
         scanner.mark_done(cand.relpath, cand.version)
@@ -169,10 +170,24 @@ def scan_one(rt: Runtime, spec: watches.WatchSpec, batch_start: float) -> tuple[
     return {"queued": len(queued), "incomplete": len(report.pending), "files": report.files}, next_scan, state
 
 
-def _every(every: int, ready: list[Candidate]) -> list[Candidate]:
-    """``--every N``: the checkpoints whose step is a multiple of N, and the newest one of the scan."""
-    newest = max((c.step for c in ready if c.step is not None), default=None)
-    return [c for c in ready if c.step is None or c.step % every == 0 or c.step == newest]
+def _every(rt: Runtime, spec: watches.WatchSpec, ready: list[Candidate], now: float) -> list[Candidate]:
+    """``--every N``: checkpoints whose step is a multiple of N, and the newest one once no newer came.
+
+    Any other checkpoint is skipped, except the newest: it is held back, and evaluated once it has
+    stayed the newest for ``ASSAYER_NEWEST_AFTER`` seconds (the run's last checkpoint, or the one
+    training paused at). A worker restarted meanwhile holds it back again from its first scan.
+    """
+    assert spec.every is not None
+    top, held, since = rt.newest.get(spec.name, (-1, None, now))
+    keep = [c for c in ready if c.step is None or c.step % spec.every == 0]
+    for cand in ready:
+        if cand.step is not None and cand.step > top:
+            top, held, since = cand.step, (None if cand.step % spec.every == 0 else cand), now
+    if held is not None and now - since >= rt.settings.newest_after:
+        keep.append(held)
+        held = None
+    rt.newest[spec.name] = (top, held, since)
+    return keep
 
 
 def _backfill(rt: Runtime, spec: watches.WatchSpec, current: dict[str, str]) -> list[str]:

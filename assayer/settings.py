@@ -58,6 +58,7 @@ class Settings:
     inotify: bool = True
     max_warm_evaluators: int = defaults.MAX_WARM_EVALUATORS  # also read from ASSAYER_MAX_WARM
     pools: tuple[str, ...] = ("default",)  # pools an eval worker serves: "gpu,default"
+    newest_after: float = defaults.NEWEST_AFTER  # --every: the newest checkpoint is evaluated after this long
     eval_max_calls: int = 0
     stall_after: float = defaults.STALL_AFTER
     evaluator_paths: tuple[str, ...] = ()
@@ -191,7 +192,7 @@ class Settings:
         return cls(**values)
 
 
-_FLOATS = {"delivery_lease", "stall_after", "eval_max_rss", "poll_interval", "settle", "eval_timeout",
+_FLOATS = {"newest_after", "delivery_lease", "stall_after", "eval_max_rss", "poll_interval", "settle", "eval_timeout",
            "heartbeat_interval", "reap_interval", "full_scan_interval", "idle_poll_interval"}
 _BOOLS = {"dashboard_allow_actions", "inotify"}
 _INTS = {"exporter_port", "retries", "lease_ttl", "max_warm_evaluators", "dashboard_port", "eval_max_calls"}

@@ -286,9 +286,11 @@ def wait_for_scans(conn: redis.Redis, watch: str = "run", count: int = 3, timeou
 
 
 def settled(conn: redis.Redis, watch: str = "run", queue: str = "assayer-eval") -> bool:
-    """No evaluation of ``watch`` is queued, running, waiting for a retry or without its final result."""
-    return (conn.scard(f"assayer:pending:{watch}") == 0 and conn.llen(f"rq:queue:{queue}") == 0
-            and conn.zcard(f"rq:wip:{queue}") == 0 and conn.zcard(f"rq:scheduled:{queue}") == 0)
+    """No evaluation of ``watch`` is queued, running, waiting for a retry or without its final result
+    (in ``queue`` or its backfill queue)."""
+    return conn.scard(f"assayer:pending:{watch}") == 0 and all(
+        conn.llen(f"rq:queue:{q}") == 0 and conn.zcard(f"rq:wip:{q}") == 0 and conn.zcard(f"rq:scheduled:{q}") == 0
+        for q in (queue, queue + "-backfill"))
 
 
 def quiet(conn: redis.Redis, watch: str = "run", scans: int = 3, timeout: float = 30.0, after: float = 0.0) -> None:
