@@ -25,9 +25,9 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from . import keys, results
+from . import keys, records, results
 from .errors import ConfigError
-from .records import LedgerEntry
+from .records import LedgerEntry, ResultRecord, Slot
 
 log = logging.getLogger("assayer.backup")
 
@@ -137,8 +137,8 @@ def restore(conn: Any, results_dir: Path) -> dict[str, dict[str, int]]:
         spec = json.loads(spec_path.read_text(encoding="utf-8"))
         ledger = json.loads(_read(results_dir / f"{watch}{LEDGER_SUFFIX}") or "{}")
         finals = {r["job_id"]: r for r in results.load_files(results_dir, watch)}
-        for rec in sorted(finals.values(), key=lambda r: r.get("finished_at") or ""):
-            ledger[rec["relpath"]] = json.loads(LedgerEntry(rec["version"], rec["job_id"], 0).to_json())  # newest wins
+        for rec in sorted(finals.values(), key=lambda r: r.get("finished_at") or ""):  # the newest wins
+            ledger[rec["relpath"]] = json.loads(_with_result(ledger.get(rec["relpath"]), rec).to_json())
         counts = {"ledger": 0, "results": 0}
         if conn.hsetnx(keys.WATCHES, watch, json.dumps(spec, sort_keys=True)) and not spec.get("paused"):
             conn.zadd(keys.DUE, {watch: 0})
@@ -158,12 +158,24 @@ def restore(conn: Any, results_dir: Path) -> dict[str, dict[str, int]]:
     return summary
 
 
-def unfinished(conn: Any, watch: str) -> dict[str, str]:
-    """Ledgered versions (relpath -> version) whose job has no final result and is not queued or running."""
+def _with_result(raw: dict[str, Any] | None, rec: ResultRecord) -> LedgerEntry:
+    """A mirrored ledger entry with a final result put in its evaluator's slot (a new version starts afresh)."""
+    entry = LedgerEntry.from_json(json.dumps(raw)) if raw else None
+    slots = dict(entry.evals) if entry is not None and entry.version == rec["version"] else {}
+    name = records.evaluator_name(rec)
+    slots[name] = Slot(rec.get("evaluator_version") or None, rec["job_id"], 0)
+    job = entry.job if entry is not None and entry.job and entry.version == rec["version"] else rec["job_id"]
+    return LedgerEntry(rec["version"], job, 0, slots, rec.get("step"), rec.get("layout"))
+
+
+def unfinished(conn: Any, watch: str, first: str | None = None) -> dict[str, tuple[str, list[str]]]:
+    """Ledgered versions whose job has no final result and is not queued or running:
+    relpath -> (version, the names of the evaluators whose job that is)."""
     done = {k.decode() for k in conn.hkeys(keys.results(watch))} | {k.decode() for k in conn.smembers(keys.pending(watch))}
     out = {}
     for relpath, raw in conn.hgetall(keys.ledger(watch)).items():
-        entry = LedgerEntry.from_json(raw)
-        if entry.job and entry.job not in done:
-            out[relpath.decode()] = entry.version
+        entry = LedgerEntry.from_json(raw, first)
+        names = [name for name, slot in entry.evals.items() if slot.job not in done]
+        if names:
+            out[relpath.decode()] = (entry.version, names)
     return out

@@ -180,7 +180,7 @@ def watch_add(ctx: Context, directory: str, evaluator_refs: tuple[str, ...], poo
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
     outcome = watches.register(ctx.conn, ctx.settings, spec)
-    click.echo(f"watch {spec.name} {outcome}: {spec.directory} -> {_evaluators(spec)}"
+    click.echo(f"watch {spec.name} {outcome}: {spec.directory} -> {spec.shown_evaluators()}"
                + (f" (results also to {', '.join(spec.report_to)})" if spec.report_to else ""))
     existing = watches.baseline_size(ctx.conn, spec.name) if outcome == "added" else 0
     if existing:
@@ -198,16 +198,9 @@ def watch_list(ctx: Context, fmt: str) -> None:
         click.echo(json.dumps([json.loads(s.to_json()) for s in specs], indent=2))
         return
     for s in specs:
-        click.echo(f"{s.name}{' (paused)' if s.paused else ''}\t{s.directory}\t{_evaluators(s)}\t{s.regex}\t{s.layout}")
+        click.echo(f"{s.name}{' (paused)' if s.paused else ''}\t{s.directory}\t{s.shown_evaluators()}\t{s.regex}\t{s.layout}")
     if not specs:
         click.echo("no watches")
-
-
-def _evaluators(spec: watches.WatchSpec) -> str:
-    """``ref`` for a watch of one default-pool evaluator; ``name=ref@pool, ...`` otherwise."""
-    if len(spec.evaluators) == 1 and spec.evaluators[0].pool == "default":
-        return spec.evaluator
-    return ", ".join(f"{e.name}={e.ref}" + ("" if e.pool == "default" else f"@{e.pool}") for e in spec.evaluators)
 
 
 def _name_command(verb: str, action: Callable[[Any, str], Any], help_text: str) -> None:
@@ -410,9 +403,15 @@ def restore(ctx: Context) -> None:
                           "point ASSAYER_RESULTS_DIR (or ASSAYER_HOME) at the results directory the workers used")
     for name, counts in summary.items():
         spec = watches.require(ctx.conn, name)
-        todo = backup.unfinished(ctx.conn, name)
-        ready = [c for c in spec.scanner(ctx.settings).scan(time.time()).ready if todo.get(c.relpath) == c.version]
-        ids = ledger.enqueue_new(ctx.conn, ctx.settings, spec, ready, force=True) if ready else []
+        todo = backup.unfinished(ctx.conn, name, spec.first)
+        by_evaluators: dict[tuple[str, ...], list[Any]] = {}
+        for cand in spec.scanner(ctx.settings).scan(time.time()).ready:
+            version, names = todo.get(cand.relpath, ("", []))
+            if version == cand.version:
+                by_evaluators.setdefault(tuple(names), []).append(cand)
+        ids = []
+        for which, cands in by_evaluators.items():  # only the evaluators that never finished, each once
+            ids += ledger.enqueue_new(ctx.conn, ctx.settings, spec, cands, force=True, only=list(which))
         click.echo(f"watch {name}: {counts['ledger']} ledger entries and {counts['results']} results restored; "
                    f"{len(ids)} unfinished evaluation(s) queued again")
 

@@ -34,7 +34,7 @@ from typing import Any
 import redis
 
 from . import defaults, keys, watches
-from .records import ResultRecord, parse
+from .records import ResultRecord, evaluator_name, parse
 from .sinks import Delivery, Sink, build
 
 log = logging.getLogger("assayer.deliveries")
@@ -113,11 +113,17 @@ def renew(conn: redis.Redis, item: Item, claimed: float, lease: float) -> float 
 
 
 def delivery_for(item: Item, rec: ResultRecord, spec: watches.WatchSpec | None) -> Delivery:
+    """What a tracker gets. The watch's first evaluator logs its metrics as they are named; any other
+    evaluator's as ``NAME.METRIC``, so adding an evaluator to a running watch renames no curve."""
     finished = rec.get("finished_at")
+    name = evaluator_name(rec)
+    metrics = dict(rec.get("metrics") or {})
+    if spec is not None and name != spec.first:
+        metrics = {f"{name}.{k}": v for k, v in metrics.items()}
     return Delivery(
         watch=item.watch, sink=item.sink, result_key=f"{item.watch}/{item.job_id}", path=rec.get("checkpoint") or "",
-        version=rec.get("version") or "", step=rec.get("step"), metrics=dict(rec.get("metrics") or {}),
-        evaluator=rec.get("evaluator") or "", epoch=rec.get("epoch"),
+        version=rec.get("version") or "", step=rec.get("step"), metrics=metrics,
+        evaluator=name, epoch=rec.get("epoch"),
         finished_at=datetime.fromisoformat(finished).timestamp() if finished else time.time(),
         tensorboard_dir=spec.tensorboard_dir if spec else None, mlflow_run_id=spec.mlflow_run_id if spec else None,
         wandb_run_id=spec.wandb_run_id if spec else None,

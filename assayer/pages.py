@@ -62,7 +62,8 @@ def watch_view(name: str, number: int = 1, size: int = defaults.PAGE_SIZE) -> di
     spec = _spec(name)
     rows = checkpoints.rows(_conn(), spec.name, checkpoints.running_jobs(_conn(), _settings()))
     shown, pages = checkpoints.page(rows, number, size)
-    return {"watch": spec.name, "directory": spec.directory, "evaluator": spec.evaluator, "paused": spec.paused,
+    return {"watch": spec.name, "directory": spec.directory, "evaluator": spec.shown_evaluators(),
+            "several": len(spec.evaluators) > 1, "paused": spec.paused,
             "counts": checkpoints.counts(rows), "metrics": checkpoints.metric_names(rows),
             "best": checkpoints.best(rows), "page": min(max(number, 1), pages), "pages": pages,
             "per_page": size, "total": len(rows), "checkpoints": shown, "_all": rows}
@@ -161,7 +162,9 @@ def watch_page(name: str) -> Response:
     best_jobs = {b["job_id"]: m for m, b in view["best"].items()}
     actions = bool(_settings().dashboard_allow_actions)
     metrics = view["metrics"]
-    head = ("<tr><th>step</th><th>checkpoint</th><th>status</th>" + "".join(f"<th>{escape(m)}</th>" for m in metrics)
+    several = view["several"]  # one row per checkpoint and evaluator
+    head = ("<tr><th>step</th><th>checkpoint</th>" + ("<th>evaluator</th>" if several else "") + "<th>status</th>"
+            + "".join(f"<th>{escape(m)}</th>" for m in metrics)
             + "<th>attempt</th><th>secs</th><th>worker</th><th>error</th>" + ("<th></th>" if actions else "") + "</tr>")
     body = []
     for r in view["checkpoints"]:
@@ -180,7 +183,10 @@ def watch_page(name: str) -> Response:
         older = " <span class=muted>(older version)</span>" if r.get("older_version") else ""
         body.append(
             f"<tr class='{'best' if r['job_id'] in best_jobs else ''}'><td>{'' if r['step'] is None else r['step']}</td>"
-            f"<td>{escape(r['relpath'])}{older}</td><td class='{r['status']}'>{r['status']}</td>{cells}"
+            f"<td>{escape(r['relpath'])}{older}</td>"
+            + (f"<td>{escape(r['evaluator'] or '')} <span class=muted>{escape(r['evaluator_version'] or '')}</span></td>"
+               if several else "")
+            + f"<td class='{r['status']}'>{r['status']}</td>{cells}"
             f"<td>{r['attempt'] or ''}</td><td>{_fmt(r['duration'])}</td><td>{escape(r['worker'] or '')}</td>"
             f"<td>{error}</td>{button}</tr>")
     counts = ", ".join(f"{n} {s}" for s, n in view["counts"].items() if n)

@@ -27,7 +27,7 @@ def collect(conn: Any, settings: Settings) -> dict[str, Any]:
         out["watches"].append({
             "name": spec.name,
             "directory": spec.directory,
-            "evaluator": spec.evaluator,
+            "evaluator": spec.shown_evaluators(),
             "evaluators": [{"name": e.name, "ref": e.ref, "pool": e.pool} for e in spec.evaluators],
             "paused": spec.paused,
             "queued_or_running": conn.scard(keys.pending(spec.name)),

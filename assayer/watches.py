@@ -94,6 +94,13 @@ class WatchSpec:
         """The first evaluator's name: owner of ledger entries written before evaluators had names."""
         return self.evaluators[0].name
 
+    def shown_evaluators(self) -> str:
+        """``ref`` for a watch of one default-pool evaluator; ``name=ref@pool, ...`` otherwise."""
+        if len(self.evaluators) == 1 and self.evaluators[0].pool == pools.DEFAULT:
+            return self.evaluator
+        return ", ".join(f"{e.name}={e.ref}" + ("" if e.pool == pools.DEFAULT else f"@{e.pool}")
+                         for e in self.evaluators)
+
     def evaluator_named(self, name: str) -> Evaluator:
         for ev in self.evaluators:
             if ev.name == name:
