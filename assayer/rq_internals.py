@@ -11,6 +11,11 @@ Why each is needed:
   ``worker_ttl`` in one dequeue, and the stop signal's exception can be swallowed by the logging
   module, so an idle worker would not stop until the wait ended. It waits in short slices and
   looks at rq's ``_stop_requested`` flag between them.
+* Its ``queue_class`` (:class:`SafeQueue`) dequeues from several queues (an eval worker's pools,
+  new work before backfill) the way rq dequeues from one: with LMOVE into the queue's
+  intermediate list, where rq's cleanup finds a job whose worker lost Redis before starting it.
+  rq's own multi-queue dequeue is a BLPOP: such a job would be in no list at all, lost.
+  ``prepare_job_execution`` then always takes the job out of the intermediate list.
 * It overrides ``clean_registries`` (rq's registry maintenance, every 10 minutes) with the
   worker's own :meth:`StoppableWorker.maintain`, run every few seconds: a job whose worker was
   killed is re-queued within one lease, not ten minutes.
@@ -29,7 +34,7 @@ from typing import Any
 
 import redis
 from rq import Queue, worker_registration
-from rq.exceptions import StopRequested
+from rq.exceptions import DequeueTimeout, NoSuchJobError, StopRequested
 from rq.job import Job
 from rq.registry import ScheduledJobRegistry
 from rq.utils import now
@@ -47,8 +52,53 @@ def queue_key(name: str) -> str:
     return Queue.redis_queue_namespace_prefix + name
 
 
+MULTI_QUEUE_WAIT = 0.5
+"""Seconds a worker of several queues blocks on its first queue before it looks at the others again."""
+
+
+class SafeQueue(Queue):
+    """rq's Queue, whose dequeue from several queues keeps each job in an intermediate list until started."""
+
+    @classmethod
+    def dequeue_any(cls, queues: Any, timeout: int | None, connection: Any, job_class: Any = None,
+                    serializer: Any = None, death_penalty_class: Any = None) -> tuple[Job, Queue] | None:
+        queues = list(queues)
+        if len(queues) == 1:  # rq already does LMOVE for one queue
+            return super().dequeue_any(queues, timeout, connection=connection, job_class=job_class,
+                                       serializer=serializer, death_penalty_class=death_penalty_class)
+        while True:
+            found = None
+            for queue in queues:  # in priority order
+                job_id = connection.lmove(queue.key, queue.intermediate_queue_key)
+                if job_id is not None:
+                    found = queue, job_id
+                    break
+            if found is None:
+                if timeout is None:
+                    return None
+                first = queues[0]
+                job_id = connection.blmove(first.key, first.intermediate_queue_key, min(timeout, MULTI_QUEUE_WAIT))
+                if job_id is None:
+                    raise DequeueTimeout(timeout, [q.key for q in queues])
+                found = first, job_id
+            queue, raw = found
+            job_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+            try:
+                job = (job_class or Job).fetch(job_id, connection=connection, serializer=serializer)
+            except NoSuchJobError:
+                connection.lrem(queue.intermediate_queue_key, 1, job_id)
+                continue
+            return job, queue
+
+
 class StoppableWorker(SimpleWorker):
     """rq's in-process worker that stops promptly when idle and runs :meth:`maintain` instead of rq's cleaning."""
+
+    queue_class = SafeQueue
+
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+        # rq removes it only for a worker of one queue; SafeQueue put it there for several too.
+        super().prepare_job_execution(job, remove_from_intermediate_queue=True)
 
     def request_stop(self, signum: int, frame: Any) -> None:
         # rq raises StopRequested from inside this signal handler; if the signal lands while the

@@ -61,7 +61,7 @@ class AssayerWorker(rq_internals.StoppableWorker):
         self.settings = settings
         self.host = socket.gethostname()
         name = name or f"{self.role}-{self.host}-{os.getpid()}-{secrets.token_hex(2)}"
-        queues = [Queue(q, connection=connection, serializer=JSONSerializer) for q in queue_names]
+        queues = [self.queue_class(q, connection=connection, serializer=JSONSerializer) for q in queue_names]
         super().__init__(queues, name=name, connection=connection, serializer=JSONSerializer,
                          worker_ttl=defaults.WORKER_TTL)
         self.born = time.time()

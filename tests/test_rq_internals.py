@@ -15,7 +15,7 @@ import pytest
 import redis
 from harness import wait_for
 from rq import Queue, Retry, Worker
-from rq.exceptions import StopRequested
+from rq.exceptions import DequeueTimeout, StopRequested
 from rq.job import Job, JobStatus
 from rq.registry import ScheduledJobRegistry
 from rq.serializers import JSONSerializer
@@ -24,7 +24,7 @@ from assayer import defaults, rq_internals
 
 
 def _queue(conn: redis.Redis, name: str = "q") -> Queue:
-    return Queue(name, connection=conn, serializer=JSONSerializer)
+    return rq_internals.SafeQueue(name, connection=conn, serializer=JSONSerializer)
 
 
 class _Recorder(rq_internals.StoppableWorker):
@@ -127,3 +127,26 @@ def test_enqueue_due_moves_only_jobs_whose_backoff_ended(conn: redis.Redis) -> N
     assert queue.get_job_ids() == [due.id]
     assert registry.get_job_ids() == [later.id]
     assert Job.fetch(due.id, connection=conn, serializer=JSONSerializer).get_status() == JobStatus.QUEUED
+
+
+def test_a_worker_of_several_queues_dequeues_in_order_through_the_intermediate_lists(conn: redis.Redis) -> None:
+    """rq's own multi-queue dequeue is a BLPOP: a job taken by a worker that then loses Redis is in no list.
+    SafeQueue moves it into its queue's intermediate list, as rq does for one queue, and the worker takes
+    it out there only once the job is started."""
+    new, backfill = _queue(conn, "new"), _queue(conn, "new-backfill")
+    late = backfill.enqueue("assayer.jobs.evaluate", job_id="late")
+    first = new.enqueue("assayer.jobs.evaluate", job_id="first")
+    queues = [new, backfill]
+    job, queue = rq_internals.SafeQueue.dequeue_any(queues, None, connection=conn, serializer=JSONSerializer)
+    assert (job.id, queue.name) == (first.id, "new")  # new work before backfill, whatever was queued first
+    assert new.intermediate_queue.get_job_ids() == ["first"]  # a crash now: rq's cleanup finds it there
+    worker = rq_internals.StoppableWorker(queues, connection=conn, serializer=JSONSerializer)
+    worker.prepare_job_execution(job)
+    assert new.intermediate_queue.get_job_ids() == []  # started: in the started registry instead
+    job, queue = rq_internals.SafeQueue.dequeue_any(queues, None, connection=conn, serializer=JSONSerializer)
+    assert (job.id, queue.name) == (late.id, "new-backfill") and backfill.intermediate_queue.get_job_ids() == ["late"]
+    assert rq_internals.SafeQueue.dequeue_any(queues, None, connection=conn, serializer=JSONSerializer) is None
+    started = time.monotonic()
+    with pytest.raises(DequeueTimeout):
+        rq_internals.SafeQueue.dequeue_any(queues, 5, connection=conn, serializer=JSONSerializer)
+    assert time.monotonic() - started < 2  # blocks in slices, so the other queues are looked at again
