@@ -177,6 +177,12 @@ def watch_add(ctx: Context, directory: str, evaluator_refs: tuple[str, ...], poo
                                         settle, layout=layout, ready_markers=ready_markers,
                                         evaluator_paths=ctx.settings.evaluator_paths, follow_symlinks=follow_symlinks,
                                         report=report, suite=watches.Suite(pool_items, not no_backfill, order, every))
+    per_pool = {p: sum(1 for e in spec.evaluators if e.pool == p) for p in {e.pool for e in spec.evaluators}}
+    crowded = sorted(p for p, n in per_pool.items() if n > ctx.settings.max_warm_evaluators)
+    if crowded:
+        warnings.append(f"pool {', '.join(crowded)} has more evaluators than an eval worker keeps warm "
+                        f"(ASSAYER_MAX_WARM={ctx.settings.max_warm_evaluators}): set ASSAYER_MAX_WARM on the eval "
+                        f"workers to {max(per_pool.values())} or more, or each evaluation may start its evaluator anew")
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
     outcome = watches.register(ctx.conn, ctx.settings, spec)
@@ -310,7 +316,8 @@ def results_command(ctx: Context, watch_name: str | None, fmt: str, best: str | 
         if watch_name and not ctx.conn.exists(keys.results(watch_name)):
             watches.require(ctx.conn, watch_name)
         records = results.load(ctx.conn, names)
-    records = results.qualify(records)  # EVALUATOR.METRIC where a watch has several evaluators
+    specs = {s.name: [e.name for e in s.evaluators] for s in watches.all_specs(ctx.conn)} if source == "redis" else {}
+    records = results.qualify(records, specs)  # EVALUATOR.METRIC where a watch has several evaluators
     if failed:
         shown = [r for r in records if r.get("status") != "ok" and r.get("error")]
         click.echo(results.to_json(shown) if fmt == "json" else results.tracebacks(shown) or "no failed evaluations")

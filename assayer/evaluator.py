@@ -249,8 +249,8 @@ def _declared(source: bytes, func: str) -> str | None:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
         return None
-    module_version = None
-    for node in tree.body:
+    module_version = fn_version = None
+    for node in tree.body:  # the last assignment wins, as when the module runs
         if not isinstance(node, ast.Assign) or not isinstance(node.value, ast.Constant):
             continue
         value = node.value.value
@@ -259,7 +259,7 @@ def _declared(source: bytes, func: str) -> str | None:
         for target in node.targets:
             if (isinstance(target, ast.Attribute) and target.attr == "version" and isinstance(target.value, ast.Name)
                     and target.value.id == func):
-                return str(value)
+                fn_version = str(value)
             if isinstance(target, ast.Name) and target.id == "__version__":
                 module_version = str(value)
-    return module_version
+    return fn_version or module_version

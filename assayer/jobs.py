@@ -193,7 +193,7 @@ def _every(rt: Runtime, spec: watches.WatchSpec, ready: list[Candidate], now: fl
 def _backfill(rt: Runtime, spec: watches.WatchSpec, current: dict[str, str]) -> list[str]:
     """When the watch's evaluators or their versions changed (or this worker first sees it), queue what
     its evaluated checkpoints lack; nothing when the watch opted out (``--no-backfill``)."""
-    signature = (tuple(spec.evaluators), tuple(sorted(current.items())))
+    signature = (tuple(spec.evaluators), tuple(sorted(current.items())), spec.backfill)
     if rt.backfilled.get(spec.name) == signature:
         return []
     queued = ledger.backfill(rt.conn, rt.settings, spec, current) if spec.backfill else []

@@ -125,6 +125,9 @@ def _enqueue_batch(
                 if not writes:
                     pipe.unwatch()
                     return []
+                if backfill:  # one evaluator's jobs after another's: a worker keeps fewer evaluators warm than it serves
+                    rank = {ev.name: i for i, ev in enumerate(chosen)}
+                    todo.sort(key=lambda t: rank[t[1].name])
                 pipe.multi()
                 for relpath, entry in writes.items():
                     pipe.hset(ledger_key, relpath, entry.to_json())

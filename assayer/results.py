@@ -221,13 +221,15 @@ def best(records: list[ResultRecord], metric: str, given: str | None = None) -> 
     return chosen, rule
 
 
-def qualify(records: list[ResultRecord]) -> list[ResultRecord]:
+def qualify(records: list[ResultRecord], evaluators: dict[str, list[str]] | None = None) -> list[ResultRecord]:
     """Name each metric ``EVALUATOR.METRIC`` in the watches that have several evaluators.
 
-    What ``--best``, the plot, the table and the checkpoint page use, so one rule
+    ``evaluators``: each watch's evaluator names (from its spec), so the names do not depend on
+    which evaluators have results yet; the records' own evaluators are counted too. What
+    ``--best``, the plot, the table and the checkpoint page use, so one rule
     (:func:`assayer.directions.direction`) sees each evaluator's metric apart.
     """
-    names: dict[str, set[str]] = {}
+    names: dict[str, set[str]] = {w: set(n) for w, n in (evaluators or {}).items()}
     for rec in records:
         names.setdefault(rec["watch"], set()).add(evaluator_name(rec))
     out = []

@@ -273,11 +273,17 @@ class EvalWorker(AssayerWorker):
         self._last_beat = 0.0
         self._last_mirror = 0.0
         # Warm the evaluators it serves of the watches there are, most recently added first.
+        served = []
         for spec in sorted(watches.all_specs(connection), key=lambda s: -s.created_at):
             for ev in spec.evaluators:
                 if (not spec.paused and ev.pool in settings.pools
                         and evaluator.is_allowed(ev.ref, settings.evaluator_paths)):
                     self.runtime.pool.prestart(ev.ref)
+                    served.append(ev.ref)
+        if len(set(served)) > settings.max_warm_evaluators:
+            log.warning("%s serves %d evaluators but keeps at most %d warm (ASSAYER_MAX_WARM): evaluations that "
+                        "alternate between them start an evaluator process each time; raise ASSAYER_MAX_WARM if "
+                        "memory allows", name or self.name, len(set(served)), settings.max_warm_evaluators)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         self.runtime.beat = self._beat_for(job)

@@ -166,7 +166,7 @@ def test_with_30_backfill_jobs_queued_a_new_checkpoint_is_evaluated_next(
     wait_for(lambda: conn.llen(f"rq:queue:{pools.queue(settings, pools.DEFAULT)}") == 1, 20,
              what="the new checkpoint queued as new work")
     workers.start("eval", env)
-    wait_for(lambda: len(finals_by(conn)) == 31, 60, what="all 31 evaluated")
+    wait_for(lambda: len(finals_by(conn)) == 31, 90, what="all 31 evaluated")
     started = [json.loads(line)["path"] for line in marker.read_text().splitlines()]
     assert started[0] == "step-100.pt" and len(started) == 31
     # Backfill in the watch's order (newest first by default).
