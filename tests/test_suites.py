@@ -14,7 +14,7 @@ import redis
 from harness import Workers, final_results, invoke, wait_for
 from writers import torch_bytes
 
-from assayer import keys, pools, watches
+from assayer import checkpoints, keys, pools, watches
 from assayer.settings import Settings
 
 EVALUATOR = '''
@@ -105,6 +105,25 @@ def test_two_evaluators_then_one_edited_runs_exactly_the_missing_evaluations(
     best = invoke(settings, "results", "run", "--best", "acc.acc", "--format", "json")
     (winner,) = json.loads(best.stdout)
     assert winner["evaluator"] == "acc" and winner["checkpoint"].endswith("step-4.pt")
+    # The checkpoint page: one row per checkpoint and evaluator, the same names and the same best.
+    rows = checkpoints.rows(conn, "run", set())
+    assert {r["evaluator"] for r in rows} == {"loss", "acc"} and len(rows) == 11
+    assert all(name.split(".")[0] == r["evaluator"] for r in rows for name in r["metrics"])
+    assert checkpoints.best(rows)["acc.acc"]["relpath"] == "step-4.pt"
+
+
+def test_trackers_get_the_first_evaluators_metrics_as_named_and_the_others_qualified() -> None:
+    from assayer import deliveries
+
+    spec = watches.WatchSpec("run", "/x", "", evaluators=[watches.Evaluator("loss", "a.py:loss"),
+                                                          watches.Evaluator("mmlu", "b.py:run", "gpu")])
+    base = {"watch": "run", "checkpoint": "/x/step-1.pt", "version": "v", "step": 1, "job_id": "j",
+            "finished_at": "2026-12-02T00:00:00+00:00", "evaluator_ref": "a.py:loss"}
+    first = deliveries.delivery_for(deliveries.Item("run", "mlflow", "j"),
+                                    {**base, "evaluator": "loss", "metrics": {"loss": 0.5}}, spec)  # type: ignore[typeddict-item]
+    other = deliveries.delivery_for(deliveries.Item("run", "mlflow", "k"),
+                                    {**base, "evaluator": "mmlu", "metrics": {"acc": 0.7}}, spec)  # type: ignore[typeddict-item]
+    assert first.metrics == {"loss": 0.5} and other.metrics == {"mmlu.acc": 0.7} and other.evaluator == "mmlu"
 
 
 def test_an_evaluator_added_to_a_running_watch_backfills_unless_opted_out(
