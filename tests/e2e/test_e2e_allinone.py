@@ -68,7 +68,9 @@ def test_all_in_one_container_evaluates_and_stop_lets_the_evaluation_finish() ->
         def ready() -> bool:
             info = status(name)
             queues = [tuple(worker["queues"]) for worker in (info or {}).get("workers", [])]
-            return queues.count(("assayer-eval",)) == 2 and queues.count(("assayer-watch",)) == 1
+            # an eval worker takes new work first, then backfill
+            return (queues.count(("assayer-eval", "assayer-eval-backfill")) == 2
+                    and queues.count(("assayer-watch",)) == 1)
 
         wait_for(ready, 90, "Redis, one watch and two eval workers in the container")
         wait_for(lambda: http_status(f"http://127.0.0.1:{port}/") == 401, 30, "the dashboard (401 without login)")
