@@ -105,6 +105,7 @@ def write_config(settings: Settings, stack: Path, eval_workers: int, watch_worke
     env = {k: v for k, v in os.environ.items() if k not in REDIS_VARS}
     env.update(ASSAYER_HOME=str(settings.home), ASSAYER_RESULTS_DIR=str(settings.results_path),
                ASSAYER_WATCH_QUEUE=settings.watch_queue, ASSAYER_EVAL_QUEUE=settings.eval_queue,
+               ASSAYER_POOLS=",".join(settings.pools),
                ASSAYER_REDIS_URL_FILE=str(stack / "redis.url"), PYTHONUNBUFFERED="1")
     parts = [
         "[unix_http_server]", f"file={_ini(str(stack / 'supervisor.sock'))}", "chmod=0700", "",
@@ -174,10 +175,17 @@ def _wait_ready(settings: Settings, url: str, eval_workers: int, timeout: float 
               help="Port of the bundled Redis (127.0.0.1 only)")
 @click.option("--dashboard/--no-dashboard", default=True, show_default=True)
 @click.option("--foreground", is_flag=True, help="Run supervisord in the foreground (containers)")
+@click.option("--pool", "pool_names", metavar="POOL[,POOL...]",
+              help="Pools the eval workers serve, e.g. gpu,default on a GPU machine [env ASSAYER_POOLS; default: default]")
 @click.pass_obj
-def up(obj: Any, eval_workers: int, watch_workers: int, redis_port: int, dashboard: bool, foreground: bool) -> None:
+def up(obj: Any, eval_workers: int, watch_workers: int, redis_port: int, dashboard: bool, foreground: bool,
+       pool_names: str | None) -> None:
     """Start Redis (unless ASSAYER_REDIS_URL is set), workers and rq-dashboard under supervisor."""
+    from .pools import parse as parse_pools
+
     settings: Settings = obj.settings
+    if pool_names:
+        settings = settings.replace(pools=parse_pools(pool_names))
     stack = settings.home / "stack"
     stack.mkdir(parents=True, exist_ok=True)
     stack.chmod(0o700)

@@ -90,10 +90,18 @@ def test_up_watch_evaluate_down_and_up_again(short_tmp: Path, redis_source: str)
         assert down.returncode == 0 and "assayer is down" in down.stdout
         assert not (short_tmp / "home" / "stack" / "redis.url").exists()
         assert assayer(env, "status").returncode == 3  # nothing left listening
-        up = assayer(env, "up", "--eval-workers", "1", "--redis-port", port)
+        up = assayer(env, "up", "--eval-workers", "1", "--redis-port", port, "--pool", "gpu,default")
         assert up.returncode == 0, up.stderr
         records = json.loads(assayer(env, "results", "--format", "json").stdout)
         assert [r["checkpoint"] for r in records] == [str(ckpts / "step_1.pt")]  # kept in the AOF, not redone
+
+        def eval_queues() -> list[str] | None:
+            workers = json.loads(assayer(env, "status", "--format", "json").stdout or "{}").get("workers", [])
+            return next((w["queues"] for w in workers if "assayer-eval" in w["queues"]), None)
+
+        # --pool: its eval workers serve the gpu pool, then the default one (new work, then backfill)
+        assert wait_for(eval_queues, 30, what="the eval worker") == [
+            "assayer-eval-gpu", "assayer-eval", "assayer-eval-gpu-backfill", "assayer-eval-backfill"]
     finally:
         assayer(env, "down")
 
