@@ -199,6 +199,10 @@ def validate(ref: str, base_dir: str | None = None) -> str:
 
 _VERSIONS: dict[tuple[str, str], tuple[tuple[int, int, int], str]] = {}
 
+UNKNOWN_VERSION = "unknown"
+"""The version of an evaluator whose source this process cannot read (not mounted beside a watch
+worker, say). It matches any version: it never starts a backfill nor replaces a queued job."""
+
 
 def source_file(ref: EvaluatorRef | str) -> str | None:
     """The ``.py`` file that defines the evaluator, found without running it (None when it cannot be found)."""
@@ -224,11 +228,11 @@ def version_of(ref: EvaluatorRef | str) -> str:
     parsed = parse_ref(ref) if isinstance(ref, str) else ref
     path = source_file(parsed)
     if path is None:
-        return "unknown"
+        return UNKNOWN_VERSION
     try:
         st = os.stat(path)
     except OSError:
-        return "unknown"
+        return UNKNOWN_VERSION
     sig = (st.st_ino, st.st_size, st.st_mtime_ns)
     cached = _VERSIONS.get((path, parsed.func))
     if cached is not None and cached[0] == sig:
@@ -237,7 +241,7 @@ def version_of(ref: EvaluatorRef | str) -> str:
         with open(path, "rb") as fh:
             source = fh.read()
     except OSError:
-        return "unknown"
+        return UNKNOWN_VERSION
     version = _declared(source, parsed.func) or "src-" + hashlib.sha256(source).hexdigest()[:12]
     _VERSIONS[(path, parsed.func)] = (sig, version)
     return version

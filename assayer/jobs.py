@@ -23,7 +23,7 @@ from . import defaults, keys, ledger, pools, records, results, watches
 from .dirs import version_of_path
 from .errors import AssayerError, EvaluationFailed
 from .evalhost import EvaluatorPool
-from .evaluator import check_allowed, version_of
+from .evaluator import UNKNOWN_VERSION, check_allowed, version_of
 from .notify import Notifier
 from .scan import Candidate, Scanner, ScanReport
 from .settings import Settings
@@ -286,10 +286,9 @@ def evaluate(
     missing = _missing_reason(checkpoint, version)
     if missing:
         return _missing(rt, rec, f"{missing} before it could be evaluated")
-    if evaluator_version and job is not None:
-        now_version = version_of(evaluator)
-        if now_version != evaluator_version:
-            return _superseded(rt, job, payload, now_version)
+    superseded = _check_version(rt, job, payload, rec)
+    if superseded is not None:
+        return superseded
     context = {"watch": watch, "checkpoint": checkpoint, "step": step, "attempt": rec["attempt"],
                "job_id": job_id, "version": version, "layout": layout}
     outcome = rt.pool.evaluate(evaluator, checkpoint, context, rt.settings.eval_timeout or None, rt.beat)
@@ -316,6 +315,19 @@ def evaluate(
         raise EvaluationFailed(outcome.error or "evaluation failed")
     log.info("evaluated %s in %.2fs: %s", relpath, outcome.duration, outcome.metrics)
     return {"status": "ok", "metrics": outcome.metrics}
+
+
+def _check_version(rt: Runtime, job: Any, payload: dict[str, Any], rec: records.ResultRecord) -> dict[str, Any] | None:
+    """None when the job may run the evaluator as it is now; else what ended it (see :func:`_superseded`)."""
+    queued_for = payload.get("evaluator_version")
+    if not queued_for or job is None:
+        return None
+    now_version = version_of(payload["evaluator"])
+    if queued_for == UNKNOWN_VERSION:  # queued by a process that could not read it: say what ran
+        rec["evaluator_version"] = now_version
+    elif now_version not in (queued_for, UNKNOWN_VERSION):
+        return _superseded(rt, job, payload, now_version)
+    return None
 
 
 def _superseded(rt: Runtime, job: Any, payload: dict[str, Any], now_version: str) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from rq import Queue, Retry
 
 from . import defaults, evaluator, keys, pools
 from .dirs import version_of_path
+from .evaluator import UNKNOWN_VERSION
 from .records import LedgerEntry, Slot
 from .scan import Candidate, parse_step
 from .settings import Settings
@@ -161,7 +162,7 @@ def _plan(spec: WatchSpec, cand: Candidate, entry: LedgerEntry | None, chosen: S
         slot = slots.get(ev.name)
         if slot is not None and slot.ev is None and not force:  # from before versions: taken as the current one
             slots[ev.name], changed = Slot(current[ev.name], slot.job, slot.at), True
-        elif force or slot is None or slot.ev != current[ev.name]:
+        elif force or slot is None or (slot.ev != current[ev.name] and current[ev.name] != UNKNOWN_VERSION):
             job_id = job_id_for(spec.name, cand.relpath, cand.version, salt, ev.name, current[ev.name])
             slots[ev.name], changed = Slot(current[ev.name], job_id, now), True
             jobs.append((ev, job_id))
@@ -179,7 +180,8 @@ def backfill(conn: Any, settings: Settings, spec: WatchSpec, current: dict[str, 
     version; what is already queued or done at the current version is never queued again.
     """
     current = current if current is not None else versions(spec)
-    chosen = [ev.name for ev in spec.evaluators if only is None or ev.name in only]
+    chosen = [ev.name for ev in spec.evaluators if (only is None or ev.name in only)
+              and current[ev.name] != UNKNOWN_VERSION]  # a version this process cannot read starts nothing
     wanted = []
     for relpath, entry in all_entries(conn, spec.name, spec.first).items():
         if entry.is_baseline:

@@ -277,3 +277,23 @@ def test_every_n_evaluates_multiples_and_the_newest_once_no_newer_came(settings:
     assert kept([30], 1210) == [30]  # a newer one came: 25 is skipped for good
     assert kept([], 1300) == []
     assert kept([31], 1400) == [] and kept([], 1431) == [31]
+
+
+def test_an_evaluator_version_the_watch_side_cannot_read_never_requeues_nor_backfills(
+    conn: redis.Redis, settings: Settings, tmp_path: Path
+) -> None:
+    """A watch worker without the evaluators mounted reads no version: that must not re-evaluate anything."""
+    from assayer import ledger
+    from assayer.evaluator import UNKNOWN_VERSION
+
+    ckpts, suite = tmp_path / "ckpts", tmp_path / "suite"
+    spec = add(conn, settings, ckpts, [write_evaluator(suite, "loss", "loss")])
+    (ckpts / "step-1.pt").write_bytes(torch_bytes(1))
+    ready = spec.scanner(settings).scan(time.time() + 60).ready
+    assert len(ledger.enqueue_new(conn, settings, spec, ready)) == 1  # at the readable version
+    blind = {"loss": UNKNOWN_VERSION}
+    assert ledger.enqueue_new(conn, settings, spec, ready, current=blind) == []
+    assert ledger.backfill(conn, settings, spec, current=blind) == []
+    (ckpts / "step-2.pt").write_bytes(torch_bytes(2))
+    fresh = [c for c in spec.scanner(settings).scan(time.time() + 60).ready if c.relpath == "step-2.pt"]
+    assert len(ledger.enqueue_new(conn, settings, spec, fresh, current=blind)) == 1  # a new checkpoint still is
