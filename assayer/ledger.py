@@ -148,6 +148,12 @@ def _enqueue_batch(
                 continue  # another worker touched the ledger: read it again
 
 
+def matches(queued_for: str | None, version: str) -> bool:
+    """Whether a slot queued for ``queued_for`` covers the evaluator at ``version``: the same version, or one
+    side unknown (a slot from before versions, a process that cannot read the evaluator's source)."""
+    return queued_for in (None, UNKNOWN_VERSION, version) or version == UNKNOWN_VERSION
+
+
 def _plan(spec: WatchSpec, cand: Candidate, entry: LedgerEntry | None, chosen: Sequence[Evaluator],
           current: dict[str, str], force: bool, salt: str, now: float,
           ) -> tuple[LedgerEntry, list[tuple[Evaluator, str]]] | None:
@@ -160,12 +166,14 @@ def _plan(spec: WatchSpec, cand: Candidate, entry: LedgerEntry | None, chosen: S
     jobs = []
     for ev in chosen:
         slot = slots.get(ev.name)
-        if slot is not None and slot.ev is None and not force:  # from before versions: taken as the current one
-            slots[ev.name], changed = Slot(current[ev.name], slot.job, slot.at), True
-        elif force or slot is None or (slot.ev != current[ev.name] and current[ev.name] != UNKNOWN_VERSION):
-            job_id = job_id_for(spec.name, cand.relpath, cand.version, salt, ev.name, current[ev.name])
-            slots[ev.name], changed = Slot(current[ev.name], job_id, now), True
-            jobs.append((ev, job_id))
+        version = current[ev.name]
+        if not force and slot is not None and matches(slot.ev, version):
+            if slot.ev in (None, UNKNOWN_VERSION) and version != UNKNOWN_VERSION:
+                slots[ev.name], changed = Slot(version, slot.job, slot.at), True  # learn the version it is at
+            continue
+        job_id = job_id_for(spec.name, cand.relpath, cand.version, salt, ev.name, version)
+        slots[ev.name], changed = Slot(version, job_id, now), True
+        jobs.append((ev, job_id))
     if not changed:
         return None
     first = slots.get(spec.first) or next(iter(slots.values()), None)
@@ -186,7 +194,7 @@ def backfill(conn: Any, settings: Settings, spec: WatchSpec, current: dict[str, 
     for relpath, entry in all_entries(conn, spec.name, spec.first).items():
         if entry.is_baseline:
             continue
-        if all((slot := entry.evals.get(n)) is not None and slot.ev in (None, current[n]) for n in chosen):
+        if all((slot := entry.evals.get(n)) is not None and matches(slot.ev, current[n]) for n in chosen):
             continue
         path = os.path.join(spec.directory, relpath)
         try:
@@ -224,7 +232,7 @@ def unevaluated(conn: Any, spec: WatchSpec, candidates: Sequence[Candidate], cur
         if entry.is_baseline:
             again.append((cand, list(only)))
             continue
-        lost = [n for n in only if (slot := entry.evals.get(n)) is not None and slot.ev in (None, current[n])
+        lost = [n for n in only if (slot := entry.evals.get(n)) is not None and matches(slot.ev, current[n])
                 and slot.job not in handled]
         if lost:
             again.append((cand, lost))
