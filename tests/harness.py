@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
 from assayer.settings import Settings
@@ -65,7 +66,7 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {ports}")
 
 
-def built_once(tmp_path_factory: Any, name: str, build: Callable[[Path], None]) -> Path:
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
     """A directory that ``build`` fills once per test run, shared by every pytest-xdist worker.
 
     For expensive, read-only material (a real training run): the first worker that asks builds it
@@ -222,7 +223,6 @@ class Workers:
         with open(self.logdir / f"{role}-{len(self.procs)}.log", "wb") as log:  # the child keeps its own descriptor
             proc = subprocess.Popen([sys.executable, "-m", "assayer", "worker", role], env=env, stdout=log,
                                     stderr=subprocess.STDOUT, cwd=ROOT)
-        proc.role = role  # type: ignore[attr-defined]
         self.procs.append(proc)
         with redis.Redis.from_url(self.settings.redis_url) as conn:
             wait_for(lambda: conn.exists(f"assayer:health:{role}:{socket.gethostname()}:{proc.pid}") or proc.poll(),
@@ -329,6 +329,13 @@ def results_by_path(conn: redis.Redis, watch: str = "run") -> dict[str, list[dic
     for rec in final_results(conn, watch):
         out.setdefault(rec["relpath"], []).append(rec)
     return out
+
+
+def hash_json(conn: redis.Redis, key: str, field: str) -> Any:
+    """The JSON value of ``field`` in the hash ``key``; fails when the field is not there."""
+    raw = conn.hget(key, field)
+    assert raw is not None, f"no {field!r} in {key}"
+    return json.loads(raw)
 
 
 def attempts(conn: redis.Redis, job_id: str) -> list[dict[str, Any]]:

@@ -12,10 +12,11 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
-from harness import ROOT, Workers, burst, env_for, evaluator_ref, free_port, invoke, run_cli, wait_for
+from harness import ROOT, RedisServer, Workers, burst, env_for, evaluator_ref, free_port, invoke, run_cli, wait_for
 from pictures import assert_plotted
 from writers import torch_bytes
 
@@ -97,7 +98,7 @@ def test_unknown_watch_names_the_existing_ones(conn: redis.Redis, settings: Sett
     assert out.returncode == 2 and "no watch named 'ghost'" in out.stderr and "real" in out.stderr
 
 
-def test_redis_unreachable_or_wrong_password(settings: Settings, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_redis_unreachable_or_wrong_password(settings: Settings, redis_server: RedisServer) -> None:
     env = env_for(settings) | {"ASSAYER_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
     out = run(settings, "watch", "list", env=env)
     assert out.returncode == 3 and "cannot reach Redis" in out.stderr and "assayer up" in out.stderr
@@ -143,7 +144,7 @@ def test_results_as_table_json_csv_and_best(conn: redis.Redis, settings: Setting
     assert from_files == records  # the file copy answers when Redis is lost
 
 
-def test_results_plot(conn: redis.Redis, settings: Settings, tmp_path: Path, drawn: list) -> None:  # type: ignore[type-arg]
+def test_results_plot(conn: redis.Redis, settings: Settings, tmp_path: Path, drawn: list[Any]) -> None:
     run(settings, "watch", "add", str(tmp_path), "-e", evaluator_ref("record"), "--name", "run")
     _seed(settings, conn)
     out = run(settings, "results", "--plot", str(tmp_path / "p.png"), "--best", "accuracy")

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import redis
-from harness import ROOT, evaluator_ref, final_results, wait_for
+from harness import ROOT, RedisServer, evaluator_ref, final_results, wait_for
 from rq.registry import FinishedJobRegistry
 from writers import torch_bytes
 
 
 @pytest.mark.slow
-def test_original_flags_start_workers_and_shutdown_stops_them(conn: redis.Redis, redis_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_original_flags_start_workers_and_shutdown_stops_them(conn: redis.Redis, redis_server: RedisServer,
+                                                             tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ASSAYER_")}
     env.update(ASSAYER_HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT))
     ckpts = tmp_path / "run"

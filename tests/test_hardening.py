@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from pathlib import Path
 
 import pytest
 import redis
-from harness import Workers, add_watch, attempts, final_results, invoke, quiet, wait_for
+from harness import Workers, add_watch, attempts, final_results, hash_json, invoke, quiet, wait_for
 from writers import torch_bytes
 
+from assayer import keys
 from assayer.settings import Settings
 
 
@@ -77,12 +79,16 @@ def test_evaluator_processes_are_recycled_after_max_calls_and_above_max_rss(
     add_watch(conn, settings, memory, "holds_memory", name="memory")
     workers.start("watch")
     workers.start("eval", {"ASSAYER_EVAL_MAX_CALLS": "2", "ASSAYER_EVAL_MAX_RSS": "100", "HOLD_MIB": "45"})
+
+    def results_are(watch: str, count: int) -> bool:
+        return len(final_results(conn, watch)) == count
+
     for i in range(4):
         (calls / f"{i}.pt").write_bytes(torch_bytes(i))
-        wait_for(lambda i=i: len(final_results(conn, "calls")) == i + 1, 20, what=f"calls checkpoint {i}")
+        wait_for(functools.partial(results_are, "calls", i + 1), 20, what=f"calls checkpoint {i}")
     for i in range(3):  # the process itself is about 20 MiB; each checkpoint keeps 45 MiB more
         (memory / f"{i}.pt").write_bytes(torch_bytes(i))
-        wait_for(lambda i=i: len(final_results(conn, "memory")) == i + 1, 20, what=f"memory checkpoint {i}")
+        wait_for(functools.partial(results_are, "memory", i + 1), 20, what=f"memory checkpoint {i}")
     by_pid: dict[object, int] = {}
     for rec in final_results(conn, "calls"):
         by_pid[rec["metrics"]["pid"]] = by_pid.get(rec["metrics"]["pid"], 0) + 1
@@ -211,8 +217,6 @@ def test_workers_run_only_assayers_job_functions(conn: redis.Redis, settings: Se
 def test_evaluators_outside_the_allowed_roots_are_refused_at_add_and_in_the_worker(
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
-    import json
-
     from harness import EVALUATORS, env_for
 
     from assayer import watches
@@ -229,14 +233,14 @@ def test_evaluators_outside_the_allowed_roots_are_refused_at_add_and_in_the_work
     spec = watches.get(conn, "run")
     assert spec is not None
     spec.evaluator = f"{outside}:evaluate"  # rewritten in Redis by someone who can write to it
-    conn.hset("assayer:watches", "run", spec.to_json())
+    conn.hset(keys.WATCHES, "run", spec.to_json())
     workers.start("watch", {"ASSAYER_EVALUATOR_PATHS": str(EVALUATORS.parent)})
     workers.start("eval", {"ASSAYER_EVALUATOR_PATHS": str(EVALUATORS.parent)})
     (ckpts / "a.pt").write_bytes(torch_bytes())
     rec = wait_for(lambda: final_results(conn, "run"), 20, what="a result")[0]
     assert rec["status"] == "failed" and "outside the allowed evaluator roots" in rec["error"]
     assert rec["metrics"] == {} and len(attempts(conn, rec["job_id"])) == 1
-    assert json.loads(conn.hget("assayer:watches", "run"))["evaluator"].endswith("elsewhere.py:evaluate")
+    assert hash_json(conn, keys.WATCHES, "run")["evaluator"].endswith("elsewhere.py:evaluate")
 
 
 def test_links_out_of_the_watched_tree_are_not_followed_unless_asked(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ directly, many times over, where the pipeline tests can only sample it through r
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from harness import add_watch, burst, evaluator_ref, final_results
+from harness import RedisServer, add_watch, burst, evaluator_ref, final_results, hash_json
 from writers import torch_bytes, zip_bytes
 
 from assayer import keys, ledger, watches
@@ -39,7 +38,7 @@ def test_a_version_is_queued_once_however_often_it_is_offered(conn: redis.Redis,
     (job_id,) = ledger.enqueue_new(conn, settings, spec, ready)
     assert ledger.enqueue_new(conn, settings, spec, ready) == []  # offered again: the ledger has it
     assert conn.llen("rq:queue:assayer-eval") == 1 and conn.smembers(keys.pending("run")) == {job_id.encode()}
-    assert json.loads(conn.hget(keys.ledger("run"), "a.pt"))["job"] == job_id
+    assert hash_json(conn, keys.ledger("run"), "a.pt")["job"] == job_id
 
     os.utime(tmp_path / "run" / "a.pt", (1, 1))  # a rewrite in place: a new version
     (new_id,) = ledger.enqueue_new(conn, settings, spec, candidates(spec, settings))
@@ -52,7 +51,7 @@ def test_a_version_is_queued_once_however_often_it_is_offered(conn: redis.Redis,
 
 
 def test_workers_offering_the_same_versions_at_once_queue_each_exactly_once(
-    conn: redis.Redis, settings: Settings, redis_server, tmp_path: Path  # type: ignore[no-untyped-def]
+    conn: redis.Redis, settings: Settings, redis_server: RedisServer, tmp_path: Path
 ) -> None:
     add_watch(conn, settings, tmp_path / "run")
     spec = watches.require(conn, "run")

@@ -16,6 +16,7 @@ from writers import (
     zip_bytes,
 )
 
+from assayer import keys
 from assayer.settings import Settings
 
 
@@ -222,7 +223,7 @@ def test_watches_file_is_loaded_by_watch_workers_and_a_bad_entry_does_not_block_
     )
     workers.start("watch", {"ASSAYER_WATCHES_FILE": str(watches_file)})
     workers.start("eval")
-    assert sorted(n.decode() for n in conn.hkeys("assayer:watches")) == ["good", "later"]
+    assert sorted(keys.text(n) for n in conn.hkeys(keys.WATCHES)) == ["good", "later"]
     (good / "new.pt").write_bytes(torch_bytes(1))
     later.mkdir()  # training creates its output directory after the watch was declared
     (later / "first.pt").write_bytes(torch_bytes(2))
