@@ -38,7 +38,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from assayer import watches  # noqa: E402
+from assayer import keys, watches  # noqa: E402
 from assayer.settings import Settings  # noqa: E402
 from assayer.stack import redis_binary  # noqa: E402
 
@@ -78,7 +78,7 @@ class Stack:
                                 stderr=subprocess.STDOUT)
         self.workers.append(proc)
         host = socket.gethostname()
-        _wait(lambda: self.conn.exists(f"assayer:health:{role}:{host}:{proc.pid}"), 30)
+        _wait(lambda: self.conn.exists(keys.health(role, host, proc.pid)), 30)
         return proc
 
     def close(self) -> None:
@@ -150,7 +150,7 @@ WRITERS = {
 
 def _started(conn: redis.Redis, watch: str) -> dict[str, float]:
     return {json.loads(v)["checkpoint"]: datetime.fromisoformat(json.loads(v)["started_at"]).timestamp()
-            for v in conn.hvals(f"assayer:results:{watch}")}
+            for v in conn.hvals(keys.results(watch))}
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -246,7 +246,7 @@ def bench_idle(tmp: Path, seconds: float, n_watches: int = 100, dirs_per_watch: 
         setup = time.time() - t0
         watcher = stack.start("watch")
         def all_scanned() -> bool:
-            return all(stack.conn.hget(f"assayer:state:run{w:03d}", "last_scan") for w in range(n_watches))
+            return all(stack.conn.hget(keys.watch_state(f"run{w:03d}"), "last_scan") for w in range(n_watches))
         _wait(all_scanned, 120)
         time.sleep(stack.settings.full_scan_interval)  # past the first (cold) full scan of every watch
         w0, r0, t0 = _cpu_seconds(watcher.pid), _cpu_seconds(stack.redis.pid), time.monotonic()
@@ -265,7 +265,7 @@ def bench_idle(tmp: Path, seconds: float, n_watches: int = 100, dirs_per_watch: 
 def _measure_watch_worker(stack: Stack, names: list[str], seconds: float) -> dict[str, Any]:
     """CPU of the watch worker and redis-server over ``seconds``, once every watch had its first full scan."""
     watcher = stack.start("watch")
-    _wait(lambda: all(stack.conn.hget(f"assayer:state:{n}", "last_scan") for n in names), 300)
+    _wait(lambda: all(stack.conn.hget(keys.watch_state(n), "last_scan") for n in names), 300)
     time.sleep(max(stack.settings.full_scan_interval, 12.0))  # past the first (cold) full scan, and quiet
     w0, r0, t0 = _cpu_seconds(watcher.pid), _cpu_seconds(stack.redis.pid), time.monotonic()
     time.sleep(seconds)

@@ -25,7 +25,10 @@ from typing import Any
 
 import pytest
 import redis
+from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 
+from assayer import defaults, keys
+from assayer.rq_internals import queue_key
 from assayer.settings import Settings
 from assayer.stack import redis_binary
 
@@ -225,7 +228,7 @@ class Workers:
                                     stderr=subprocess.STDOUT, cwd=ROOT)
         self.procs.append(proc)
         with redis.Redis.from_url(self.settings.redis_url) as conn:
-            wait_for(lambda: conn.exists(f"assayer:health:{role}:{socket.gethostname()}:{proc.pid}") or proc.poll(),
+            wait_for(lambda: conn.exists(keys.health(role, socket.gethostname(), proc.pid)) or proc.poll(),
                      60, what=f"{role} worker {proc.pid} to report healthy")
         assert proc.poll() is None, f"{role} worker {proc.pid} exited with {proc.returncode}:\n{self.logs()}"
         return proc
@@ -249,7 +252,7 @@ class Workers:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in sorted(self.logdir.glob("*.log")))
 
 
-def completed_scans(conn: redis.Redis, watch: str, since: float, queue: str = "assayer-watch") -> int:
+def completed_scans(conn: redis.Redis, watch: str, since: float, queue: str = defaults.WATCH_QUEUE) -> int:
     """Scan jobs that covered ``watch``, started at or after ``since`` (unix time) and completed.
 
     Read from rq's finished-job registry of the watch queue, which keeps scan jobs for a minute
@@ -279,16 +282,17 @@ def wait_for_scans(conn: redis.Redis, watch: str = "run", count: int = 3, timeou
     def done() -> bool:
         # A quiet watch is scanned every 30 s, or when inotify reports a change: make it due now, as a
         # change notification does (never later than it was, never re-added once removed).
-        conn.zadd("assayer:due", {watch: time.time()}, xx=True, lt=True)
+        conn.zadd(keys.DUE, {watch: time.time()}, xx=True, lt=True)
         return completed_scans(conn, watch, since) >= count
 
     wait_for(done, timeout + after, interval=0.2, what=f"{count} completed scans of watch {watch}")
 
 
-def settled(conn: redis.Redis, watch: str = "run", queue: str = "assayer-eval") -> bool:
+def settled(conn: redis.Redis, watch: str = "run", queue: str = defaults.EVAL_QUEUE) -> bool:
     """No evaluation of ``watch`` is queued, running, waiting for a retry or without its final result."""
-    return (conn.scard(f"assayer:pending:{watch}") == 0 and conn.llen(f"rq:queue:{queue}") == 0
-            and conn.zcard(f"rq:wip:{queue}") == 0 and conn.zcard(f"rq:scheduled:{queue}") == 0)
+    return (conn.scard(keys.pending(watch)) == 0 and conn.llen(queue_key(queue)) == 0
+            and conn.zcard(StartedJobRegistry(queue, connection=conn).key) == 0
+            and conn.zcard(ScheduledJobRegistry(queue, connection=conn).key) == 0)
 
 
 def quiet(conn: redis.Redis, watch: str = "run", scans: int = 3, timeout: float = 30.0, after: float = 0.0) -> None:
@@ -320,7 +324,7 @@ def burst(settings: Settings, conn: redis.Redis, role: str = "eval") -> bool:
 
 
 def final_results(conn: redis.Redis, watch: str) -> list[dict[str, Any]]:
-    return [json.loads(v) for v in conn.hvals(f"assayer:results:{watch}")]
+    return [json.loads(v) for v in conn.hvals(keys.results(watch))]
 
 
 def results_by_path(conn: redis.Redis, watch: str = "run") -> dict[str, list[dict[str, Any]]]:
@@ -339,7 +343,7 @@ def hash_json(conn: redis.Redis, key: str, field: str) -> Any:
 
 
 def attempts(conn: redis.Redis, job_id: str) -> list[dict[str, Any]]:
-    return [json.loads(v) for v in conn.lrange(f"assayer:attempts:{job_id}", 0, -1)]
+    return [json.loads(v) for v in conn.lrange(keys.attempts(job_id), 0, -1)]
 
 
 def evaluator_ref(name: str) -> str:

@@ -81,7 +81,7 @@ def scans_during(conn: redis.Redis, seconds: float) -> int:
     """Scan jobs the watch worker finished in the next ``seconds`` (rq keeps them a minute)."""
     from rq.registry import FinishedJobRegistry
 
-    registry = FinishedJobRegistry("assayer-watch", connection=conn)
+    registry = FinishedJobRegistry(defaults.WATCH_QUEUE, connection=conn)
     before = set(registry.get_job_ids())
     time.sleep(seconds)
     return len(set(registry.get_job_ids()) - before)

@@ -26,6 +26,7 @@ from harness import (
     run_cli,
     wait_for,
 )
+from rq.registry import ScheduledJobRegistry
 from writers import torch_bytes
 
 from assayer import status
@@ -103,7 +104,8 @@ def test_a_failed_attempt_shows_at_once_in_status_results_failed_and_show(
     settings = dataclasses.replace(settings, retry_backoff=(60,))
     queue_existing(settings, conn, ckpts, "always_retry", 1)
     burst(settings, conn)  # the first attempt fails; the retry waits 60 s
-    assert conn.zcard("rq:scheduled:assayer-eval") == 1 and final_results(conn, "run") == []
+    retries = ScheduledJobRegistry(settings.eval_queue, connection=conn).key
+    assert conn.zcard(retries) == 1 and final_results(conn, "run") == []
     (watch,) = status.collect(conn, settings)["watches"]
     assert watch["failing"] == 1 and watch["last_error"] == "a.pt: Retry: GPU busy for a.pt"
     table = invoke(settings, "results", "run").stdout

@@ -24,6 +24,8 @@ from chartlib import (
     volumes_of,
 )
 
+from assayer.rq_internals import queue_key
+
 pytestmark = pytest.mark.chart
 
 CASES = ci_values_files()
@@ -337,8 +339,8 @@ def test_keda_scales_on_the_list_the_eval_workers_pop(helm: str) -> None:
     assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == (0, 8)
     (trigger,) = scaled["spec"]["triggers"]
     assert trigger["type"] == "redis"
-    # rq keeps queue <name> in the Redis list rq:queue:<name>
-    assert trigger["metadata"]["listName"] == "rq:queue:" + r.config()["ASSAYER_EVAL_QUEUE"]
+    # the list rq keeps the queue in (tests/test_rq_internals.py checks queue_key against rq itself)
+    assert trigger["metadata"]["listName"] == queue_key(r.config()["ASSAYER_EVAL_QUEUE"])
     assert trigger["metadata"]["listLength"] == "2"
     assert trigger["metadata"]["address"] == f"{REDIS}.{NAMESPACE}.svc.cluster.local:6379"
     assert trigger["metadata"]["databaseIndex"] == "0"
