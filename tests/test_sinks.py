@@ -23,6 +23,7 @@ import pytest
 from harness import ROOT
 from trackers import (
     MlflowServer,
+    TcpProxy,
     tensorboard_scalars,
     wandb_history,
     wandb_metric_definitions,
@@ -123,13 +124,7 @@ def test_tensorboard_writes_where_the_watch_says(tmp_path: Path) -> None:
 
 # --- MLflow ----------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
-    server.start()  # about 20 s: once for the module
-    yield server
-    server.stop()
-
+# One mlflow server for the whole run (conftest.py): each test below has watches and experiments of its own names.
 
 @pytest.fixture
 def mlflow_env(mlflow_server: MlflowServer, monkeypatch: pytest.MonkeyPatch) -> str:
@@ -211,21 +206,22 @@ def test_mlflow_redelivery_after_a_kill_logs_each_point_once(mlflow_env: str, ml
     assert rows == [(1, 0.5), (2, 0.75)]
 
 
-def test_mlflow_down_is_a_retryable_error_and_the_retry_lands_once(mlflow_env: str, mlflow_server: MlflowServer) -> None:
-    sink = MlflowSink(mlflow_env)
+def test_mlflow_down_is_a_retryable_error_and_the_retry_lands_once(mlflow_env: str, mlflow_proxy: TcpProxy) -> None:
+    url = mlflow_proxy.url  # the server as this test reaches it: down and back, while other tests keep using it
+    sink = MlflowSink(url)
     sink.deliver(result(1, 0.1, watch="down"))
     d = result(2, 0.2, watch="down")
-    mlflow_server.stop()
+    mlflow_proxy.stop()
     try:
         with pytest.raises(SinkUnavailable) as err:
             sink.deliver(d)
-        assert mlflow_server.url in str(err.value)
+        assert url in str(err.value)
         with pytest.raises(SinkUnavailable):
-            MlflowSink(mlflow_env).delivered(d)
+            MlflowSink(url).delivered(d)
     finally:
-        mlflow_server.start()
+        mlflow_proxy.start()
     assert deliver_once(sink, d) is True
-    assert deliver_once(MlflowSink(mlflow_env), d) is False
+    assert deliver_once(MlflowSink(url), d) is False
     assert history(mlflow_env, watch_runs(mlflow_env, "down")[0].info.run_id) == approx_points((1, 0.1), (2, 0.2))
 
 
