@@ -27,9 +27,14 @@ install: $(BIN)/assayer ## venv with Assayer, torch (CPU), the bundled Redis and
 format: install ## ruff's import sorting and autofixes
 	$(BIN)/ruff check --fix assayer tests bench examples
 
-lint: install ## ruff and strict mypy
+lint: install ## ruff and strict mypy (assayer, the tests, the benchmarks)
 	$(BIN)/ruff check assayer tests bench examples
-	$(BIN)/mypy assayer
+	@# one mypy run per program: tests/, tests/e2e, tests/chart and bench each import their helpers as top-level
+	@# modules from their own directory, and two of them have a conftest.py (pyproject.toml, [tool.mypy])
+	$(BIN)/mypy assayer tests --exclude '^tests/(e2e|chart)/'
+	$(BIN)/mypy tests/e2e
+	$(BIN)/mypy tests/chart
+	$(BIN)/mypy bench
 
 test: install ## every test but the Docker end-to-end one (real Redis, real workers; chart tests need helm: make chart)
 	@# -n 4: the tests mostly wait on processes and Redis, so more workers than cores pay (each has its own Redis);

@@ -146,11 +146,15 @@ def run_fork(url: str, checkpoints: list[Path], env: dict[str, str], timeout: fl
     worker_env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "bench"), env.get("PYTHONPATH")]))}
     argv = [sys.executable, "-m", "rq.cli", "worker", "--serializer", "json", "--url", url, "--burst", FORK_QUEUE]
     subprocess.run(argv, env=worker_env, cwd=ROOT, check=True, timeout=timeout, stdout=subprocess.DEVNULL)
-    done = Job.fetch_many([j.id for j in jobs], connection=conn, serializer="json")
-    failed = [j.id for j in done if j is None or j.get_status() != JobStatus.FINISHED]
-    if failed:
-        raise SystemExit(f"fork mode: {len(failed)} job(s) did not finish; see `rq info --url {url}`")
-    starts, ends = sorted(j.started_at for j in done), sorted(j.ended_at for j in done)
+    fetched = Job.fetch_many([j.id for j in jobs], connection=conn, serializer="json")
+    done = [j for j in fetched if j is not None and j.get_status() == JobStatus.FINISHED]
+    if len(done) < len(jobs):
+        raise SystemExit(f"fork mode: {len(jobs) - len(done)} job(s) did not finish; see `rq info --url {url}`")
+    times = [(j.started_at, j.ended_at) for j in done]
+    starts = sorted(start for start, _ in times if start is not None)
+    ends = sorted(end for _, end in times if end is not None)
+    if len(starts) < len(done) or len(ends) < len(done):
+        raise SystemExit(f"fork mode: rq recorded no start or end time for a finished job; see `rq info --url {url}`")
     seconds = span(starts, ends)
     return {
         "checkpoints": len(done),

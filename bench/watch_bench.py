@@ -28,21 +28,24 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from assayer import watches  # noqa: E402
+from assayer import keys, watches  # noqa: E402
 from assayer.settings import Settings  # noqa: E402
 from assayer.stack import redis_binary  # noqa: E402
 
 NOOP = f"{ROOT / 'bench' / 'evaluators.py'}:noop"
 OUT = ROOT / "bench" / "out"
 TICKS = os.sysconf("SC_CLK_TCK")
+T = TypeVar("T")
 
 
 class Stack:
@@ -75,7 +78,7 @@ class Stack:
                                 stderr=subprocess.STDOUT)
         self.workers.append(proc)
         host = socket.gethostname()
-        _wait(lambda: self.conn.exists(f"assayer:health:{role}:{host}:{proc.pid}"), 30)
+        _wait(lambda: self.conn.exists(keys.health(role, host, proc.pid)), 30)
         return proc
 
     def close(self) -> None:
@@ -94,7 +97,7 @@ def _ping(conn: redis.Redis) -> bool:
         return False
 
 
-def _wait(cond, timeout: float):  # type: ignore[no-untyped-def]
+def _wait(cond: Callable[[], T], timeout: float) -> T:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = cond()
@@ -147,7 +150,7 @@ WRITERS = {
 
 def _started(conn: redis.Redis, watch: str) -> dict[str, float]:
     return {json.loads(v)["checkpoint"]: datetime.fromisoformat(json.loads(v)["started_at"]).timestamp()
-            for v in conn.hvals(f"assayer:results:{watch}")}
+            for v in conn.hvals(keys.results(watch))}
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -156,7 +159,7 @@ def _summary(values: list[float]) -> dict[str, float]:
             "max": values[-1]}
 
 
-def bench_latency(tmp: Path, per_kind: int) -> dict:
+def bench_latency(tmp: Path, per_kind: int) -> dict[str, Any]:
     stack = Stack(tmp)
     try:
         root = tmp / "ckpts"
@@ -178,8 +181,8 @@ def bench_latency(tmp: Path, per_kind: int) -> dict:
         _wait(lambda: len(_started(stack.conn, "latency")) >= len(completed), 60)
         started = _started(stack.conn, "latency")
         by_kind: dict[str, list[float]] = {}
-        for path, (kind, done_at) in completed.items():
-            by_kind.setdefault(kind, []).append(started[path] - done_at)
+        for written_path, (kind, done_at) in completed.items():
+            by_kind.setdefault(kind, []).append(started[written_path] - done_at)
         result = {kind: _summary(v) for kind, v in by_kind.items()}
         result["all"] = _summary([x for v in by_kind.values() for x in v])
         return result
@@ -187,7 +190,7 @@ def bench_latency(tmp: Path, per_kind: int) -> dict:
         stack.close()
 
 
-def bench_many(tmp: Path, n_watches: int = 100) -> dict:
+def bench_many(tmp: Path, n_watches: int = 100) -> dict[str, Any]:
     stack = Stack(tmp)
     try:
         dirs = []
@@ -224,7 +227,8 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def bench_idle(tmp: Path, seconds: float, n_watches: int = 100, dirs_per_watch: int = 10, files_per_dir: int = 100) -> dict:
+def bench_idle(tmp: Path, seconds: float, n_watches: int = 100, dirs_per_watch: int = 10,
+               files_per_dir: int = 100) -> dict[str, Any]:
     stack = Stack(tmp)
     try:
         old = time.time() - 3600
@@ -242,7 +246,7 @@ def bench_idle(tmp: Path, seconds: float, n_watches: int = 100, dirs_per_watch: 
         setup = time.time() - t0
         watcher = stack.start("watch")
         def all_scanned() -> bool:
-            return all(stack.conn.hget(f"assayer:state:run{w:03d}", "last_scan") for w in range(n_watches))
+            return all(stack.conn.hget(keys.watch_state(f"run{w:03d}"), "last_scan") for w in range(n_watches))
         _wait(all_scanned, 120)
         time.sleep(stack.settings.full_scan_interval)  # past the first (cold) full scan of every watch
         w0, r0, t0 = _cpu_seconds(watcher.pid), _cpu_seconds(stack.redis.pid), time.monotonic()
@@ -258,10 +262,10 @@ def bench_idle(tmp: Path, seconds: float, n_watches: int = 100, dirs_per_watch: 
         stack.close()
 
 
-def _measure_watch_worker(stack: Stack, names: list[str], seconds: float) -> dict:
+def _measure_watch_worker(stack: Stack, names: list[str], seconds: float) -> dict[str, Any]:
     """CPU of the watch worker and redis-server over ``seconds``, once every watch had its first full scan."""
     watcher = stack.start("watch")
-    _wait(lambda: all(stack.conn.hget(f"assayer:state:{n}", "last_scan") for n in names), 300)
+    _wait(lambda: all(stack.conn.hget(keys.watch_state(n), "last_scan") for n in names), 300)
     time.sleep(max(stack.settings.full_scan_interval, 12.0))  # past the first (cold) full scan, and quiet
     w0, r0, t0 = _cpu_seconds(watcher.pid), _cpu_seconds(stack.redis.pid), time.monotonic()
     time.sleep(seconds)
@@ -271,7 +275,7 @@ def _measure_watch_worker(stack: Stack, names: list[str], seconds: float) -> dic
             "redis_cpu_percent": round(100 * (r1 - r0) / elapsed, 2)}
 
 
-def bench_idle300(tmp: Path, seconds: float, n_watches: int = 300, files: int = 10) -> dict:
+def bench_idle300(tmp: Path, seconds: float, n_watches: int = 300, files: int = 10) -> dict[str, Any]:
     """300 quiet watches of 10 checkpoints each: change notification (the default), polling only, and as before
     (quiet watches polled at the full poll interval)."""
     old = time.time() - 3600
@@ -284,8 +288,8 @@ def bench_idle300(tmp: Path, seconds: float, n_watches: int = 300, files: int = 
             p.write_bytes(b"\x80\x04checkpoint")
             os.utime(p, (old, old))
         names.append(f"run{w:03d}")
-    out: dict = {"watches": n_watches, "files": n_watches * files}
-    phases = (("inotify", {}), ("polling", {"ASSAYER_INOTIFY": "false"}),
+    out: dict[str, Any] = {"watches": n_watches, "files": n_watches * files}
+    phases: tuple[tuple[str, dict[str, str]], ...] = (("inotify", {}), ("polling", {"ASSAYER_INOTIFY": "false"}),
               ("every_poll_interval", {"ASSAYER_INOTIFY": "false", "ASSAYER_IDLE_POLL_INTERVAL": "0.5"}))
     for label, env in phases:
         (tmp / label).mkdir()
@@ -299,7 +303,7 @@ def bench_idle300(tmp: Path, seconds: float, n_watches: int = 300, files: int = 
     return out
 
 
-def bench_fresh(tmp: Path, seconds: float, n_files: int = 20_000, per_dir: int = 100) -> dict:
+def bench_fresh(tmp: Path, seconds: float, n_files: int = 20_000, per_dir: int = 100) -> dict[str, Any]:
     """20,000 checkpoints written a minute ago (inside the hot window), already handed over, one watch."""
     recent = time.time() - 60
     run = tmp / "run"
@@ -322,7 +326,7 @@ HF_MEMBERS = ("config.json", "generation_config.json", "model.safetensors", "opt
               "special_tokens_map.json", "vocab.json")
 
 
-def bench_dirs(tmp: Path, seconds: float, n_dirs: int = 1000) -> dict:
+def bench_dirs(tmp: Path, seconds: float, n_dirs: int = 1000) -> dict[str, Any]:
     """One run of 1,000 Hugging Face checkpoint directories of 12 files each, all an hour old."""
     weights, state = _safetensors_bytes(0), _torch_bytes(0)
     old = time.time() - 3600
@@ -378,7 +382,7 @@ DIR_WRITERS = {"dcp (.metadata written last)": ("dcp", "step-{n}", _dcp_marker),
                "deepspeed (latest written)": ("ds", "global_step{n}", _deepspeed_latest)}
 
 
-def bench_dirlatency(tmp: Path, per_kind: int) -> dict:
+def bench_dirlatency(tmp: Path, per_kind: int) -> dict[str, Any]:
     stack = Stack(tmp)
     try:
         for sub, _, _ in DIR_WRITERS.values():

@@ -1,19 +1,22 @@
 """Fixtures: a real redis-server per test session, settings for fast tests, real worker processes.
 
 Under pytest-xdist each worker process is its own session: its own redis-server (on a free port,
-in its own basetemp), and every test its own tmp_path and ASSAYER_HOME. Nothing is shared.
+in its own basetemp), and every test its own tmp_path and ASSAYER_HOME. Shared by the workers,
+because they are expensive to make and read-only to the tests: the ``mlflow server`` (each test
+its own experiments and runs in it) and what :func:`harness.built_once` builds.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from harness import RedisServer, Workers
+from trackers import MlflowServer, TcpProxy, shared_mlflow_server
 
 from assayer.settings import Settings
 
@@ -23,6 +26,22 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """The run's one ``mlflow server`` (:func:`trackers.shared_mlflow_server`): a test never stops it (see mlflow_proxy)."""
+    with shared_mlflow_server(tmp_path_factory) as server:
+        yield server
+
+
+@pytest.fixture
+def mlflow_proxy(mlflow_server: MlflowServer) -> Iterator[TcpProxy]:
+    """The MLflow server behind a port of this test's own, which the test may take down and bring back."""
+    proxy = TcpProxy(mlflow_server.port)
+    proxy.start()
+    yield proxy
+    proxy.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -84,10 +103,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise as collected
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    outcome = yield
-    rep = outcome.get_result()
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport,
+                                                                                             pytest.TestReport]:
+    rep = yield
     setattr(item, "rep_" + rep.when, rep)
+    return rep
 
 

@@ -8,6 +8,10 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # not imported at run time: a worker loads this file by its path
+    from assayer.evaluator import EvalContext
 
 CALLS = 0
 LOADED_AT = time.time()  # set once per import: a warm worker keeps it
@@ -30,7 +34,7 @@ def record(path: str) -> dict[str, object]:
     return {"size": size, "calls": CALLS, "pid": os.getpid(), "loaded_at": LOADED_AT}
 
 
-def with_context(path: str, ctx) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def with_context(path: str, ctx: EvalContext) -> dict[str, object]:
     return {"watch": ctx.watch, "step": ctx.step, "attempt": ctx.attempt, "same_path": ctx.checkpoint == path}
 
 
@@ -69,7 +73,7 @@ def crash(path: str) -> dict[str, object]:
     os._exit(3)
 
 
-def inspect_dir(path: str, ctx) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def inspect_dir(path: str, ctx: EvalContext) -> dict[str, object]:
     """Opens every safetensors and torch file of a checkpoint (file or directory) and reports what it saw."""
     import torch
     from safetensors import safe_open
@@ -139,14 +143,14 @@ def holds_memory(path: str) -> dict[str, object]:
     return {"pid": os.getpid()}
 
 
-def scored(path: str, ctx) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def scored(path: str, ctx: EvalContext) -> dict[str, object]:
     """Metrics that depend on the checkpoint's size; the step comes from the evaluator (ctx.step)."""
     size = os.path.getsize(path)
     ctx.step = size % 1000
     return {"val_mse": size / 1000.0, "odd": -size / 1000.0, "accuracy": 1000.0 / size}
 
 
-scored.directions = {"odd": "min"}  # type: ignore[attr-defined]
+scored.directions = {"odd": "min"}  # type: ignore[attr-defined]  # the evaluator API: a function attribute
 
 
 def reports_step(path: str) -> dict[str, object]:
@@ -159,7 +163,7 @@ def always_retry(path: str) -> dict[str, object]:
     raise Retry(f"GPU busy for {os.path.basename(path)}")
 
 
-def curve(path: str, ctx) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def curve(path: str, ctx: EvalContext) -> dict[str, object]:
     """Loss falls and accuracy rises with the step; a checkpoint named bad-* raises."""
     if os.path.basename(path).startswith("bad-"):
         raise ValueError(f"cannot load {os.path.basename(path)}: truncated tensor data")

@@ -23,8 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
+from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 
+from assayer import defaults, keys
+from assayer.rq_internals import queue_key
 from assayer.settings import Settings
 from assayer.stack import redis_binary
 
@@ -65,7 +69,7 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {ports}")
 
 
-def built_once(tmp_path_factory: Any, name: str, build: Callable[[Path], None]) -> Path:
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
     """A directory that ``build`` fills once per test run, shared by every pytest-xdist worker.
 
     For expensive, read-only material (a real training run): the first worker that asks builds it
@@ -222,10 +226,9 @@ class Workers:
         with open(self.logdir / f"{role}-{len(self.procs)}.log", "wb") as log:  # the child keeps its own descriptor
             proc = subprocess.Popen([sys.executable, "-m", "assayer", "worker", role], env=env, stdout=log,
                                     stderr=subprocess.STDOUT, cwd=ROOT)
-        proc.role = role  # type: ignore[attr-defined]
         self.procs.append(proc)
         with redis.Redis.from_url(self.settings.redis_url) as conn:
-            wait_for(lambda: conn.exists(f"assayer:health:{role}:{socket.gethostname()}:{proc.pid}") or proc.poll(),
+            wait_for(lambda: conn.exists(keys.health(role, socket.gethostname(), proc.pid)) or proc.poll(),
                      60, what=f"{role} worker {proc.pid} to report healthy")
         assert proc.poll() is None, f"{role} worker {proc.pid} exited with {proc.returncode}:\n{self.logs()}"
         return proc
@@ -249,7 +252,7 @@ class Workers:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in sorted(self.logdir.glob("*.log")))
 
 
-def completed_scans(conn: redis.Redis, watch: str, since: float, queue: str = "assayer-watch") -> int:
+def completed_scans(conn: redis.Redis, watch: str, since: float, queue: str = defaults.WATCH_QUEUE) -> int:
     """Scan jobs that covered ``watch``, started at or after ``since`` (unix time) and completed.
 
     Read from rq's finished-job registry of the watch queue, which keeps scan jobs for a minute
@@ -279,18 +282,18 @@ def wait_for_scans(conn: redis.Redis, watch: str = "run", count: int = 3, timeou
     def done() -> bool:
         # A quiet watch is scanned every 30 s, or when inotify reports a change: make it due now, as a
         # change notification does (never later than it was, never re-added once removed).
-        conn.zadd("assayer:due", {watch: time.time()}, xx=True, lt=True)
+        conn.zadd(keys.DUE, {watch: time.time()}, xx=True, lt=True)
         return completed_scans(conn, watch, since) >= count
 
     wait_for(done, timeout + after, interval=0.2, what=f"{count} completed scans of watch {watch}")
 
 
-def settled(conn: redis.Redis, watch: str = "run", queue: str = "assayer-eval") -> bool:
+def settled(conn: redis.Redis, watch: str = "run", queue: str = defaults.EVAL_QUEUE) -> bool:
     """No evaluation of ``watch`` is queued, running, waiting for a retry or without its final result
     (in ``queue`` or its backfill queue)."""
-    return conn.scard(f"assayer:pending:{watch}") == 0 and all(
-        conn.llen(f"rq:queue:{q}") == 0 and conn.zcard(f"rq:wip:{q}") == 0 and conn.zcard(f"rq:scheduled:{q}") == 0
-        for q in (queue, queue + "-backfill"))
+    return conn.scard(keys.pending(watch)) == 0 and all(
+        conn.llen(queue_key(q)) == 0 and conn.zcard(StartedJobRegistry(q, connection=conn).key) == 0
+        and conn.zcard(ScheduledJobRegistry(q, connection=conn).key) == 0 for q in (queue, queue + "-backfill"))
 
 
 def quiet(conn: redis.Redis, watch: str = "run", scans: int = 3, timeout: float = 30.0, after: float = 0.0) -> None:
@@ -322,7 +325,7 @@ def burst(settings: Settings, conn: redis.Redis, role: str = "eval") -> bool:
 
 
 def final_results(conn: redis.Redis, watch: str) -> list[dict[str, Any]]:
-    return [json.loads(v) for v in conn.hvals(f"assayer:results:{watch}")]
+    return [json.loads(v) for v in conn.hvals(keys.results(watch))]
 
 
 def results_by_path(conn: redis.Redis, watch: str = "run") -> dict[str, list[dict[str, Any]]]:
@@ -333,8 +336,15 @@ def results_by_path(conn: redis.Redis, watch: str = "run") -> dict[str, list[dic
     return out
 
 
+def hash_json(conn: redis.Redis, key: str, field: str) -> Any:
+    """The JSON value of ``field`` in the hash ``key``; fails when the field is not there."""
+    raw = conn.hget(key, field)
+    assert raw is not None, f"no {field!r} in {key}"
+    return json.loads(raw)
+
+
 def attempts(conn: redis.Redis, job_id: str) -> list[dict[str, Any]]:
-    return [json.loads(v) for v in conn.lrange(f"assayer:attempts:{job_id}", 0, -1)]
+    return [json.loads(v) for v in conn.lrange(keys.attempts(job_id), 0, -1)]
 
 
 def evaluator_ref(name: str) -> str:

@@ -41,8 +41,8 @@ def assert_plotted(png: Path, ax: Any, watch: str, points: list[tuple[float, flo
     for x, y in points:
         assert has_colour_near(image, ax, x, y, colour), f"no {watch} marker at {(x, y)}"
     for (x0, y0), (x1, y1) in itertools.pairwise(points):
-        mid = ax.transData.inverted().transform((ax.transData.transform((x0, y0)) + ax.transData.transform((x1, y1))) / 2)
-        assert has_colour_near(image, ax, *mid, colour), f"no {watch} line between {(x0, y0)} and {(x1, y1)}"
+        mx, my = ax.transData.inverted().transform((ax.transData.transform((x0, y0)) + ax.transData.transform((x1, y1))) / 2)
+        assert has_colour_near(image, ax, mx, my, colour), f"no {watch} line between {(x0, y0)} and {(x1, y1)}"
     assert has_colour_near(image, ax, *best, colour), f"no {watch} star at {best}"
     black = (0.0, 0.0, 0.0)
     assert has_colour_near(image, ax, *best, black, radius=9), f"the star at {best} has no black edge"

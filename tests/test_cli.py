@@ -12,15 +12,17 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
-from harness import ROOT, Workers, burst, env_for, evaluator_ref, free_port, invoke, run_cli, wait_for
+from harness import ROOT, RedisServer, Workers, burst, env_for, evaluator_ref, free_port, invoke, run_cli, wait_for
 from pictures import assert_plotted
 from writers import torch_bytes
 
-from assayer import results
+from assayer import keys, results
 from assayer.errors import ConfigError
+from assayer.rq_internals import queue_key
 from assayer.settings import Settings
 
 run = invoke
@@ -35,10 +37,10 @@ def test_watch_add_list_pause_resume_remove(conn: redis.Redis, settings: Setting
     listed = json.loads(run(settings, "watch", "list", "--format", "json").stdout)
     assert [w["name"] for w in listed] == ["r1"] and listed[0]["directory"] == str(tmp_path)
     assert run(settings, "watch", "pause", "r1").returncode == 0
-    assert conn.zscore("assayer:due", "r1") is None
+    assert conn.zscore(keys.DUE, "r1") is None
     assert "(paused)" in run(settings, "watch", "list").stdout
     assert run(settings, "watch", "resume", "r1").returncode == 0
-    assert conn.zscore("assayer:due", "r1") is not None
+    assert conn.zscore(keys.DUE, "r1") is not None
     assert run(settings, "watch", "remove", "r1").returncode == 0
     assert run(settings, "watch", "list").stdout.strip() == "no watches"
 
@@ -47,7 +49,7 @@ def test_missing_directory_is_allowed_with_a_warning(conn: redis.Redis, settings
     out = run(settings, "watch", "add", str(tmp_path / "later"), "--evaluator", evaluator_ref("record"))
     assert out.returncode == 0
     assert "does not exist yet" in out.stderr
-    assert conn.hexists("assayer:watches", "later")
+    assert conn.hexists(keys.WATCHES, "later")
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -80,7 +82,7 @@ def test_bad_specs_are_refused_clearly_and_leave_nothing(
     out = run(settings, *argv)
     assert out.returncode == 2, out.stdout + out.stderr
     assert message in out.stderr and "fix:" in out.stderr
-    assert conn.hlen("assayer:watches") == 0 and not conn.keys("assayer:ledger:*")
+    assert conn.hlen(keys.WATCHES) == 0 and not conn.keys(keys.ledger("*"))
 
 
 def test_a_second_watch_with_the_same_name_elsewhere_is_refused(conn: redis.Redis, settings: Settings, tmp_path: Path) -> None:
@@ -97,7 +99,7 @@ def test_unknown_watch_names_the_existing_ones(conn: redis.Redis, settings: Sett
     assert out.returncode == 2 and "no watch named 'ghost'" in out.stderr and "real" in out.stderr
 
 
-def test_redis_unreachable_or_wrong_password(settings: Settings, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_redis_unreachable_or_wrong_password(settings: Settings, redis_server: RedisServer) -> None:
     env = env_for(settings) | {"ASSAYER_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
     out = run(settings, "watch", "list", env=env)
     assert out.returncode == 3 and "cannot reach Redis" in out.stderr and "assayer up" in out.stderr
@@ -143,7 +145,7 @@ def test_results_as_table_json_csv_and_best(conn: redis.Redis, settings: Setting
     assert from_files == records  # the file copy answers when Redis is lost
 
 
-def test_results_plot(conn: redis.Redis, settings: Settings, tmp_path: Path, drawn: list) -> None:  # type: ignore[type-arg]
+def test_results_plot(conn: redis.Redis, settings: Settings, tmp_path: Path, drawn: list[Any]) -> None:
     run(settings, "watch", "add", str(tmp_path), "-e", evaluator_ref("record"), "--name", "run")
     _seed(settings, conn)
     out = run(settings, "results", "--plot", str(tmp_path / "p.png"), "--best", "accuracy")
@@ -159,7 +161,7 @@ def test_status_shows_watches_lag_queues_workers_and_errors(
 ) -> None:
     run(settings, "watch", "add", str(tmp_path / "absent"), "-e", evaluator_ref("record"), "--name", "run")
     workers.start("watch")
-    wait_for(lambda: conn.hget("assayer:state:run", "error"), 10, what="the scan to note the missing directory")
+    wait_for(lambda: conn.hget(keys.watch_state("run"), "error"), 10, what="the scan to note the missing directory")
     info = json.loads(run(settings, "status", "--format", "json").stdout)
     assert info["watches"][0]["name"] == "run" and "does not exist" in info["watches"][0]["error"]
     assert [q["name"] for q in info["queues"]] == ["assayer-watch", "assayer-eval", "assayer-eval-backfill"]
@@ -173,12 +175,12 @@ def test_status_shows_watches_lag_queues_workers_and_errors(
 def test_evaluate_existing_on_request(conn: redis.Redis, settings: Settings, tmp_path: Path) -> None:
     (tmp_path / "old.pt").write_bytes(torch_bytes())
     run(settings, "watch", "add", str(tmp_path), "-e", evaluator_ref("record"), "--name", "run")
-    assert conn.llen("rq:queue:assayer-eval") == 0  # existing: baseline only
+    assert conn.llen(queue_key(settings.eval_queue)) == 0  # existing: baseline only
     out = run(settings, "evaluate", "--watch", "run")
     assert out.returncode == 0 and "queued 1" in out.stdout
     assert "queued 0" in run(settings, "evaluate", "--watch", "run").stdout  # already queued: not twice
     burst(settings, conn)
-    assert conn.hlen("assayer:results:run") == 1
+    assert conn.hlen(keys.results("run")) == 1
     assert "queued 0" in run(settings, "evaluate", "--watch", "run").stdout  # already evaluated
     assert "queued 1" in run(settings, "evaluate", "--watch", "run", "--force").stdout
     bad = run(settings, "evaluate", str(tmp_path / "other.pt"), "--watch", "run")

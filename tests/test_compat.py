@@ -9,13 +9,16 @@ from pathlib import Path
 
 import pytest
 import redis
-from harness import ROOT, evaluator_ref, final_results, wait_for
+from harness import ROOT, RedisServer, evaluator_ref, final_results, wait_for
 from rq.registry import FinishedJobRegistry
 from writers import torch_bytes
 
+from assayer import defaults
+
 
 @pytest.mark.slow
-def test_original_flags_start_workers_and_shutdown_stops_them(conn: redis.Redis, redis_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_original_flags_start_workers_and_shutdown_stops_them(conn: redis.Redis, redis_server: RedisServer,
+                                                             tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ASSAYER_")}
     env.update(ASSAYER_HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT))
     ckpts = tmp_path / "run"
@@ -39,7 +42,7 @@ def test_original_flags_start_workers_and_shutdown_stops_them(conn: redis.Redis,
         ids = sorted(r["job_id"] for r in final_results(conn, "run"))
         wait_for(lambda: sorted(FinishedJobRegistry("evaluation", connection=conn).get_job_ids()) == ids, 10,
                  what="both jobs finished in the queue named evaluation")
-        assert FinishedJobRegistry("assayer-eval", connection=conn).get_job_ids() == []
+        assert FinishedJobRegistry(defaults.EVAL_QUEUE, connection=conn).get_job_ids() == []
         stop = subprocess.run([sys.executable, "-m", "assayer.shutdown", "--redis_host", "127.0.0.1",
                                "--redis_port", str(redis_server.port), "--watch_queue_name", "watch",
                                "--eval_queue_name", "evaluation"], env=env, cwd=ROOT, capture_output=True, text=True)

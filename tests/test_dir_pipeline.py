@@ -93,7 +93,7 @@ def test_rewritten_directory_is_evaluated_again_and_a_deleted_one_ends_missing(
 
 
 def test_deepspeed_tag_is_evaluated_after_latest_and_existing_directories_on_request(
-    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path, capsys
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = tmp_path / "ds"
     save_dcp(run / "old" / "step-1")  # already there (an hour ago) when the watch is added: baseline
@@ -115,7 +115,7 @@ def test_deepspeed_tag_is_evaluated_after_latest_and_existing_directories_on_req
 
 
 def test_watch_add_takes_layout_and_ready_markers_and_refuses_bad_ones(
-    conn: redis.Redis, settings: Settings, tmp_path: Path, capsys
+    conn: redis.Redis, settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import pytest
 
@@ -135,7 +135,7 @@ def test_watch_add_takes_layout_and_ready_markers_and_refuses_bad_ones(
 
 @pytest.mark.slow
 def test_the_hugging_face_example_evaluates_trainer_checkpoints_and_results_pick_the_best(
-    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path, capsys
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from harness import ROOT
 

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import redis
 from harness import RedisServer, Workers, add_watch, attempts, final_results, invoke, quiet, wait_for
+from rq.registry import FailedJobRegistry, ScheduledJobRegistry
 from writers import torch_bytes, zip_bytes
 
-from assayer import watches
+from assayer import keys, watches
+from assayer.rq_internals import queue_key
 from assayer.settings import Settings
 
 
@@ -81,7 +83,7 @@ def test_a_lost_scan_job_does_not_end_the_watch(
 ) -> None:
     ckpts = tmp_path / "ckpts"
     add_watch(conn, settings, ckpts, "record")
-    conn.zadd("assayer:due", {"run": time.time() + 3})  # as if a worker claimed it and died mid-scan
+    conn.zadd(keys.DUE, {"run": time.time() + 3})  # as if a worker claimed it and died mid-scan
     workers.start("watch")
     workers.start("eval")
     (ckpts / "a.pt").write_bytes(torch_bytes())
@@ -107,12 +109,12 @@ def test_redis_restart_with_aof_loses_nothing_and_doubles_nothing(tmp_path: Path
         w.start("eval", env)
         for i in range(10):
             (ckpts / f"a{i}.pt").write_bytes(zip_bytes(i))
-        wait_for(lambda: conn.hlen("assayer:results:run") >= 3, 30, what="some results before the restart")
+        wait_for(lambda: conn.hlen(keys.results("run")) >= 3, 30, what="some results before the restart")
         server.restart()  # queued, running and finished work all in flight
         for i in range(10):
             (ckpts / f"b{i}.pt").write_bytes(zip_bytes(100 + i))
         conn = redis.Redis.from_url(server.url)
-        wait_for(lambda: conn.hlen("assayer:results:run") >= 20, 90, interval=0.3, what="20 results after restart")
+        wait_for(lambda: conn.hlen(keys.results("run")) >= 20, 90, interval=0.3, what="20 results after restart")
         quiet(conn)
         recs = final_results(conn, "run")
         assert len(recs) == 20 and len({r["relpath"] for r in recs}) == 20
@@ -137,13 +139,13 @@ def test_shutdown_mid_eval_finishes_the_eval_keeps_the_queue_and_resumes(
     ev = workers.start("eval", env)
     for i in range(3):
         (ckpts / f"{i}.pt").write_bytes(torch_bytes(i))
-    wait_for(lambda: markers(marker) and conn.llen("rq:queue:assayer-eval") == 2, 20, what="one running, two queued")
+    wait_for(lambda: markers(marker) and conn.llen(queue_key(settings.eval_queue)) == 2, 20, what="one running, two queued")
     out = invoke(settings, "shutdown")
     assert out.returncode == 0, out.stderr
     assert ev.wait(30) == 0 and watch.wait(30) == 0  # exit 0: supervisor and compose leave them stopped
     assert len(final_results(conn, "run")) == 1  # the running one finished
     assert final_results(conn, "run")[0]["status"] == "ok"
-    assert conn.llen("rq:queue:assayer-eval") == 2  # the queued ones stayed queued
+    assert conn.llen(queue_key(settings.eval_queue)) == 2  # the queued ones stayed queued
     workers.start("eval", env)
     wait_for(lambda: len(final_results(conn, "run")) == 3, 30, what="the queued ones after restart")
     assert len(markers(marker)) == 3  # every checkpoint evaluated exactly once
@@ -154,10 +156,10 @@ def test_shutdown_purge_empties_the_queues(conn: redis.Redis, settings: Settings
     add_watch(conn, settings, ckpts, "record")
     workers.start("watch")
     (ckpts / "a.pt").write_bytes(torch_bytes())
-    wait_for(lambda: conn.llen("rq:queue:assayer-eval") == 1, 20, what="a queued job")
+    wait_for(lambda: conn.llen(queue_key(settings.eval_queue)) == 1, 20, what="a queued job")
     out = invoke(settings, "shutdown", "--purge")
     assert out.returncode == 0 and "emptied" in out.stdout
-    assert conn.llen("rq:queue:assayer-eval") == 0
+    assert conn.llen(queue_key(settings.eval_queue)) == 0
 
 
 def test_evaluator_that_raises_fails_at_once_with_traceback_and_is_not_retried(
@@ -173,8 +175,9 @@ def test_evaluator_that_raises_fails_at_once_with_traceback_and_is_not_retried(
     assert "RuntimeError: cannot evaluate a.pt" in rec["error"] and "raise assayer.Retry" in rec["error"]
     assert ", in boom" in rec["traceback"]  # the user's own frame, to debug from
     assert [a["status"] for a in attempts(conn, rec["job_id"])] == ["failed"]
-    wait_for(lambda: conn.zcard("rq:failed:assayer-eval") == 1, 5, what="rq-dashboard to show it as failed")
-    assert conn.zcard("rq:scheduled:assayer-eval") == 0  # and no retry is waiting
+    failed = FailedJobRegistry(settings.eval_queue, connection=conn).key
+    wait_for(lambda: conn.zcard(failed) == 1, 5, what="rq-dashboard to show it as failed")
+    assert conn.zcard(ScheduledJobRegistry(settings.eval_queue, connection=conn).key) == 0  # and no retry is waiting
 
 
 def test_transient_failure_succeeds_on_retry(

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from pathlib import Path
 
 import pytest
 import redis
-from harness import Workers, add_watch, attempts, final_results, invoke, quiet, wait_for
+from harness import Workers, add_watch, attempts, final_results, hash_json, invoke, quiet, wait_for
+from rq.registry import FailedJobRegistry, ScheduledJobRegistry
 from writers import torch_bytes
 
+from assayer import keys
+from assayer.rq_internals import queue_key
 from assayer.settings import Settings
 
 
@@ -77,12 +81,16 @@ def test_evaluator_processes_are_recycled_after_max_calls_and_above_max_rss(
     add_watch(conn, settings, memory, "holds_memory", name="memory")
     workers.start("watch")
     workers.start("eval", {"ASSAYER_EVAL_MAX_CALLS": "2", "ASSAYER_EVAL_MAX_RSS": "100", "HOLD_MIB": "45"})
+
+    def results_are(watch: str, count: int) -> bool:
+        return len(final_results(conn, watch)) == count
+
     for i in range(4):
         (calls / f"{i}.pt").write_bytes(torch_bytes(i))
-        wait_for(lambda i=i: len(final_results(conn, "calls")) == i + 1, 20, what=f"calls checkpoint {i}")
+        wait_for(functools.partial(results_are, "calls", i + 1), 20, what=f"calls checkpoint {i}")
     for i in range(3):  # the process itself is about 20 MiB; each checkpoint keeps 45 MiB more
         (memory / f"{i}.pt").write_bytes(torch_bytes(i))
-        wait_for(lambda i=i: len(final_results(conn, "memory")) == i + 1, 20, what=f"memory checkpoint {i}")
+        wait_for(functools.partial(results_are, "memory", i + 1), 20, what=f"memory checkpoint {i}")
     by_pid: dict[object, int] = {}
     for rec in final_results(conn, "calls"):
         by_pid[rec["metrics"]["pid"]] = by_pid.get(rec["metrics"]["pid"], 0) + 1
@@ -149,7 +157,7 @@ def test_a_worker_killed_with_9_leaves_status_within_the_lease(
     doomed = workers.start("watch", {"ASSAYER_INOTIFY": "false"})
     workers.start("eval")  # the survivor that sweeps
     wait_for(lambda: any(w["state"] == "busy" for w in status.collect(conn, settings)["workers"]
-                         if w["queues"] == ["assayer-watch"]) or conn.hget("assayer:state:run", "last_scan"), 20,
+                         if w["queues"] == ["assayer-watch"]) or conn.hget(keys.watch_state("run"), "last_scan"), 20,
              what="the first scan to start")
     workers.kill9(doomed)
     started = time.monotonic()
@@ -200,10 +208,10 @@ def test_workers_run_only_assayers_job_functions(conn: redis.Redis, settings: Se
     proof = tmp_path / "pwned"
     workers.start("eval")
     workers.start("watch")
-    for name in ("assayer-eval", "assayer-watch"):  # anyone who can write to Redis can enqueue this
+    for name in (settings.eval_queue, settings.watch_queue):  # anyone who can write to Redis can enqueue this
         Queue(name, connection=conn, serializer="json").enqueue("os.system", f"touch {proof}")
-    wait_for(lambda: conn.zcard("rq:failed:assayer-eval") == 1 and conn.zcard("rq:failed:assayer-watch") == 1, 15,
-             what="both jobs failed unrun")
+    failed = [FailedJobRegistry(name, connection=conn).key for name in (settings.eval_queue, settings.watch_queue)]
+    wait_for(lambda: [conn.zcard(key) for key in failed] == [1, 1], 15, what="both jobs failed unrun")
     assert not proof.exists()  # os.system would have touched it before its job could end
     assert "refused: eval workers run only assayer.jobs.evaluate" in workers.logs()
 
@@ -211,8 +219,6 @@ def test_workers_run_only_assayers_job_functions(conn: redis.Redis, settings: Se
 def test_evaluators_outside_the_allowed_roots_are_refused_at_add_and_in_the_worker(
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
-    import json
-
     from harness import EVALUATORS, env_for
 
     from assayer import watches
@@ -230,14 +236,14 @@ def test_evaluators_outside_the_allowed_roots_are_refused_at_add_and_in_the_work
     assert spec is not None
     spec.evaluators = [watches.Evaluator("evaluate", f"{outside}:evaluate")]  # rewritten in Redis by someone who can
     spec.evaluator = spec.evaluators[0].ref
-    conn.hset("assayer:watches", "run", spec.to_json())
+    conn.hset(keys.WATCHES, "run", spec.to_json())
     workers.start("watch", {"ASSAYER_EVALUATOR_PATHS": str(EVALUATORS.parent)})
     workers.start("eval", {"ASSAYER_EVALUATOR_PATHS": str(EVALUATORS.parent)})
     (ckpts / "a.pt").write_bytes(torch_bytes())
     rec = wait_for(lambda: final_results(conn, "run"), 20, what="a result")[0]
     assert rec["status"] == "failed" and "outside the allowed evaluator roots" in rec["error"]
     assert rec["metrics"] == {} and len(attempts(conn, rec["job_id"])) == 1
-    assert json.loads(conn.hget("assayer:watches", "run"))["evaluator"].endswith("elsewhere.py:evaluate")
+    assert hash_json(conn, keys.WATCHES, "run")["evaluator"].endswith("elsewhere.py:evaluate")
 
 
 def test_links_out_of_the_watched_tree_are_not_followed_unless_asked(tmp_path: Path) -> None:
@@ -310,7 +316,7 @@ def test_redis_that_lost_its_data_is_detected_and_restore_evaluates_exactly_what
     bystander = workers.start("eval", {"ASSAYER_EVAL_QUEUE": "elsewhere"})  # mirrors, never takes c's job
     wait_for(lambda: mirrored.exists() and "c.pt" in json.loads(mirrored.read_text()), 20,
              what="the ledger mirrored with c.pt")
-    assert conn.llen("rq:queue:assayer-eval") == 1
+    assert conn.llen(queue_key(settings.eval_queue)) == 1
     conn.flushall()  # Redis lost everything: no AOF
     (ckpts / "d.pt").write_bytes(torch_bytes(4))  # written while Redis knows nothing
     lost = wait_for(lambda: status.collect(conn, settings)["data_lost"], 20, what="status to say Redis lost data")
@@ -353,13 +359,14 @@ def test_kill_9_and_a_redis_restart_lose_no_pending_retry_and_no_backlogged_resu
         for name in ("a.pt", "b.pt"):
             (ckpts / name).write_bytes(torch_bytes(len(name) + ord(name[0])))
         # Both retries scheduled: rq is done with both jobs, so the kill lands on an idle worker.
-        wait_for(lambda: conn.hlen("assayer:failing:run") == 2 and conn.llen("assayer:copy-backlog:run") == 2
-                 and conn.zcard("rq:scheduled:assayer-eval") == 2, 20,
+        scheduled = ScheduledJobRegistry(settings.eval_queue, connection=conn).key
+        wait_for(lambda: conn.hlen(keys.failing("run")) == 2 and conn.llen(keys.copy_backlog("run")) == 2
+                 and conn.zcard(scheduled) == 2, 20,
                  what="two attempts failing, two lines backlogged, two retries scheduled")
         w.kill9(first)
         server.restart()  # AOF: the failing attempts, the backlog, the scheduled retries and the epoch come back
         conn = redis.Redis.from_url(server.url)
-        assert conn.hlen("assayer:failing:run") == 2 and conn.llen("assayer:copy-backlog:run") == 2
+        assert conn.hlen(keys.failing("run")) == 2 and conn.llen(keys.copy_backlog("run")) == 2
         copy.unlink()  # writable again
         w.start("eval", {"FLAKY_DIR": str(tmp_path)})
         wait_for(lambda: len(final_results(conn, "run")) == 2, 40, what="both retried to a final result")
@@ -370,7 +377,7 @@ def test_kill_9_and_a_redis_restart_lose_no_pending_retry_and_no_backlogged_resu
         assert sorted(got) == ["a.pt", "b.pt"] and all(len(v) == 1 and v[0]["attempt"] == 2 for v in got.values())
         lines = [json.loads(line) for line in copy.read_text().splitlines()]
         assert sorted((r["relpath"], r["attempt"]) for r in lines) == [("a.pt", 1), ("a.pt", 2), ("b.pt", 1), ("b.pt", 2)]
-        assert conn.hlen("assayer:failing:run") == 0 and not conn.exists("assayer:copy-backlog:run")
+        assert conn.hlen(keys.failing("run")) == 0 and not conn.exists(keys.copy_backlog("run"))
         assert status.collect(conn, settings)["data_lost"] is None  # the epoch survived: no false alarm
     except BaseException:
         print(w.logs())

@@ -10,6 +10,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import built_once
@@ -278,8 +279,17 @@ def test_a_handed_over_cold_directory_costs_one_stat(tmp_path: Path, monkeypatch
     assert len(hand_over(scanner)) == 20
     calls: list[str] = []
     real_stat, real_scandir = os.stat, os.scandir
-    monkeypatch.setattr(os, "stat", lambda p, *a, **k: calls.append(p) or real_stat(p, *a, **k))
-    monkeypatch.setattr(os, "scandir", lambda p: calls.append(f"list {p}") or real_scandir(p))
+
+    def counted_stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        calls.append(path)
+        return real_stat(path, *args, **kwargs)
+
+    def counted_scandir(path: Any) -> Any:
+        calls.append(f"list {path}")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "stat", counted_stat)
+    monkeypatch.setattr(os, "scandir", counted_scandir)
     scanner.scan(time.time())
     assert len(calls) == 21  # the root and each checkpoint directory, nothing listed or read
 

@@ -6,7 +6,6 @@ directly, many times over, where the pipeline tests can only sample it through r
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -15,12 +14,13 @@ from pathlib import Path
 
 import pytest
 import redis
-from harness import add_watch, burst, evaluator_ref, final_results
+from harness import RedisServer, add_watch, burst, evaluator_ref, final_results, hash_json
 from writers import torch_bytes, zip_bytes
 
 from assayer import keys, ledger, watches
 from assayer.errors import ConfigError, EvaluatorError
 from assayer.evaluator import EvaluatorRef, parse_ref
+from assayer.rq_internals import queue_key
 from assayer.scan import Candidate
 from assayer.settings import Settings
 from assayer.watches import WatchSpec
@@ -38,21 +38,21 @@ def test_a_version_is_queued_once_however_often_it_is_offered(conn: redis.Redis,
     ready = candidates(spec, settings)
     (job_id,) = ledger.enqueue_new(conn, settings, spec, ready)
     assert ledger.enqueue_new(conn, settings, spec, ready) == []  # offered again: the ledger has it
-    assert conn.llen("rq:queue:assayer-eval") == 1 and conn.smembers(keys.pending("run")) == {job_id.encode()}
-    assert json.loads(conn.hget(keys.ledger("run"), "a.pt"))["job"] == job_id
+    assert conn.llen(queue_key(settings.eval_queue)) == 1 and conn.smembers(keys.pending("run")) == {job_id.encode()}
+    assert hash_json(conn, keys.ledger("run"), "a.pt")["job"] == job_id
 
     os.utime(tmp_path / "run" / "a.pt", (1, 1))  # a rewrite in place: a new version
     (new_id,) = ledger.enqueue_new(conn, settings, spec, candidates(spec, settings))
     assert new_id != job_id
     (forced,) = ledger.enqueue_new(conn, settings, spec, candidates(spec, settings), force=True)  # `evaluate PATH`
-    assert forced not in (job_id, new_id) and conn.llen("rq:queue:assayer-eval") == 3
+    assert forced not in (job_id, new_id) and conn.llen(queue_key(settings.eval_queue)) == 3
     burst(settings, conn)
     assert sorted(r["job_id"] for r in final_results(conn, "run")) == sorted([job_id, new_id, forced])
     assert conn.scard(keys.pending("run")) == 0
 
 
 def test_workers_offering_the_same_versions_at_once_queue_each_exactly_once(
-    conn: redis.Redis, settings: Settings, redis_server, tmp_path: Path  # type: ignore[no-untyped-def]
+    conn: redis.Redis, settings: Settings, redis_server: RedisServer, tmp_path: Path
 ) -> None:
     add_watch(conn, settings, tmp_path / "run")
     spec = watches.require(conn, "run")
@@ -75,7 +75,7 @@ def test_workers_offering_the_same_versions_at_once_queue_each_exactly_once(
         t.join(30)
     ids = [job for batch in queued for job in batch]
     assert len(queued) == 8 and len(ids) == len(set(ids)) == 60
-    assert conn.llen("rq:queue:assayer-eval") == 60 and conn.hlen(keys.ledger("run")) == 60
+    assert conn.llen(queue_key(settings.eval_queue)) == 60 and conn.hlen(keys.ledger("run")) == 60
 
 
 def test_existing_checkpoints_are_the_baseline_unless_eval_existing(
@@ -99,7 +99,7 @@ def test_a_removed_watch_queues_nothing(conn: redis.Redis, settings: Settings, t
     (tmp_path / "run" / "a.pt").write_bytes(torch_bytes())
     ready = candidates(spec, settings)
     watches.remove(conn, "run")  # between the scan and its enqueue
-    assert ledger.enqueue_new(conn, settings, spec, ready) == [] and conn.llen("rq:queue:assayer-eval") == 0
+    assert ledger.enqueue_new(conn, settings, spec, ready) == [] and conn.llen(queue_key(settings.eval_queue)) == 0
 
 
 @pytest.mark.parametrize(("ref", "expected"), [

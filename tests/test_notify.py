@@ -7,11 +7,13 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import add_watch, final_results, wait_for
+import redis
+from harness import Workers, add_watch, final_results, wait_for
 from writers import save_dcp
 
 from assayer import defaults
 from assayer.notify import Notifier, network_filesystem
+from assayer.settings import Settings
 
 
 def test_a_change_in_a_watched_directory_wakes_its_watches_and_only_theirs(tmp_path: Path) -> None:
@@ -64,7 +66,7 @@ def test_network_mounts_are_recognised_from_mountinfo(tmp_path: Path) -> None:
     assert network_filesystem("/home/user", str(mountinfo)) is None
 
 
-def test_a_network_watch_is_never_covered(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_network_watch_is_never_covered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import assayer.notify as notify
 
     monkeypatch.setattr(notify, "network_filesystem", lambda path: "nfs4")
@@ -75,11 +77,11 @@ def test_a_network_watch_is_never_covered(tmp_path: Path, monkeypatch) -> None: 
         notifier.close()
 
 
-def scans_during(conn, seconds: float) -> int:  # type: ignore[no-untyped-def]
+def scans_during(conn: redis.Redis, seconds: float) -> int:
     """Scan jobs the watch worker finished in the next ``seconds`` (rq keeps them a minute)."""
     from rq.registry import FinishedJobRegistry
 
-    registry = FinishedJobRegistry("assayer-watch", connection=conn)
+    registry = FinishedJobRegistry(defaults.WATCH_QUEUE, connection=conn)
     before = set(registry.get_job_ids())
     time.sleep(seconds)
     return len(set(registry.get_job_ids()) - before)
@@ -87,7 +89,7 @@ def scans_during(conn, seconds: float) -> int:  # type: ignore[no-untyped-def]
 
 @pytest.mark.slow
 def test_a_quiet_watch_is_polled_rarely_yet_a_new_checkpoint_wakes_it_at_once(
-    conn, settings, workers, tmp_path: Path  # type: ignore[no-untyped-def]
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
     add_watch(conn, settings, run)
@@ -103,7 +105,7 @@ def test_a_quiet_watch_is_polled_rarely_yet_a_new_checkpoint_wakes_it_at_once(
 
 @pytest.mark.slow
 def test_without_notification_a_quiet_watch_keeps_the_idle_poll_interval(
-    conn, settings, workers, tmp_path: Path  # type: ignore[no-untyped-def]
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
     add_watch(conn, settings, run)

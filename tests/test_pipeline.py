@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import redis
 from harness import Workers, add_watch, attempts, evaluator_ref, final_results, quiet, results_by_path, settled, wait_for
+from rq.registry import ScheduledJobRegistry
 from writers import (
     safetensors_bytes,
     torch_bytes,
@@ -16,6 +17,8 @@ from writers import (
     zip_bytes,
 )
 
+from assayer import keys
+from assayer.rq_internals import queue_key
 from assayer.settings import Settings
 
 
@@ -73,14 +76,14 @@ def test_queued_job_whose_file_vanished_ends_missing(
     add_watch(conn, settings, ckpts)
     workers.start("watch")
     (ckpts / "gone.pt").write_bytes(torch_bytes())
-    wait_for(lambda: conn.llen("rq:queue:assayer-eval") == 1, 10, what="job queued")
+    wait_for(lambda: conn.llen(queue_key(settings.eval_queue)) == 1, 10, what="job queued")
     (ckpts / "gone.pt").unlink()
     workers.start("eval")
     rec = wait_for(lambda: final_results(conn, "run"), 10, what="a result")[0]
     assert rec["status"] == "missing" and "deleted" in rec["error"]
     wait_for(lambda: settled(conn), 10, what="the job to leave rq's registries")
     assert len(attempts(conn, rec["job_id"])) == 1  # no retry loop
-    assert conn.zcard("rq:scheduled:assayer-eval") == 0
+    assert conn.zcard(ScheduledJobRegistry(settings.eval_queue, connection=conn).key) == 0
 
 
 def test_existing_checkpoints_only_with_eval_existing(
@@ -164,7 +167,7 @@ def test_two_watch_workers_never_enqueue_a_checkpoint_twice(
         recs = final_results(conn, f"w{i}")
         assert len(recs) == 100 and len({r["relpath"] for r in recs}) == 100
         assert all(len(attempts(conn, r["job_id"])) == 1 for r in recs)
-    assert sum(conn.hlen(f"assayer:ledger:w{i}") for i in range(5)) == 500
+    assert sum(conn.hlen(keys.ledger(f"w{i}")) for i in range(5)) == 500
 
 
 @pytest.mark.slow
@@ -180,7 +183,7 @@ def test_burst_of_1000_checkpoints_gives_exactly_1000_results(
     for i in range(1000):
         (ckpts / f"part{i % 10}").mkdir(exist_ok=True)
         (ckpts / f"part{i % 10}" / f"step_{i}.pt").write_bytes(zip_bytes(i))
-    wait_for(lambda: conn.hlen("assayer:results:run") >= 1000, 180, interval=0.5, what="1000 results")
+    wait_for(lambda: conn.hlen(keys.results("run")) >= 1000, 180, interval=0.5, what="1000 results")
     quiet(conn)
     recs = final_results(conn, "run")
     assert len(recs) == 1000 and len({r["relpath"] for r in recs}) == 1000
@@ -222,7 +225,7 @@ def test_watches_file_is_loaded_by_watch_workers_and_a_bad_entry_does_not_block_
     )
     workers.start("watch", {"ASSAYER_WATCHES_FILE": str(watches_file)})
     workers.start("eval")
-    assert sorted(n.decode() for n in conn.hkeys("assayer:watches")) == ["good", "later"]
+    assert sorted(keys.text(n) for n in conn.hkeys(keys.WATCHES)) == ["good", "later"]
     (good / "new.pt").write_bytes(torch_bytes(1))
     later.mkdir()  # training creates its output directory after the watch was declared
     (later / "first.pt").write_bytes(torch_bytes(2))

@@ -9,22 +9,23 @@ import pytest
 from pictures import assert_plotted
 
 from assayer import plot
+from assayer.records import ResultRecord
 
 
-def rec(watch: str, step: int | None, status: str = "ok", finished: str = "", **metrics: Any) -> dict[str, Any]:
+def rec(watch: str, step: int | None, status: str = "ok", finished: str = "", **metrics: Any) -> ResultRecord:
     name = f"step={step}.pt" if step is not None else "last.ckpt"
     return {
         "watch": watch,
         "checkpoint": f"/runs/{watch}/{name}",
         "status": status,
-        "metrics": metrics if status == "ok" else None,
+        "metrics": metrics if status == "ok" else {},  # as a failed attempt is recorded (records.new_attempt)
         "step": step,
         "finished_at": finished,
     }
 
 
 @pytest.fixture
-def records() -> list[dict[str, Any]]:
+def records() -> list[ResultRecord]:
     return [
         rec("digits", 30, loss=0.5, accuracy=0.85),
         rec("digits", 10, loss=1.2, accuracy=0.60),
@@ -39,7 +40,7 @@ def legend(ax: Any) -> list[str]:
     return [text.get_text() for text in ax.get_legend().get_texts()]
 
 
-def test_png_with_one_line_per_watch_and_best_annotated(records, drawn, tmp_path: Path) -> None:
+def test_png_with_one_line_per_watch_and_best_annotated(records: list[ResultRecord], drawn: list[Any], tmp_path: Path) -> None:
     out = plot.plot_results(records, tmp_path / "plots" / "metrics.png", metric="accuracy")
 
     assert out == tmp_path / "plots" / "metrics.png"
@@ -57,7 +58,8 @@ def test_png_with_one_line_per_watch_and_best_annotated(records, drawn, tmp_path
     assert_plotted(out, ax, "mnist", [(100, 0.70), (200, 0.88)], best=(200, 0.88))
 
 
-def test_default_metric_is_first_numeric_and_loss_is_minimised(records, drawn, tmp_path: Path) -> None:
+def test_default_metric_is_first_numeric_and_loss_is_minimised(records: list[ResultRecord], drawn: list[Any],
+                                                                tmp_path: Path) -> None:
     records.insert(0, rec("digits", 5, note="text only"))
     plot.plot_results(records, tmp_path / "m.png")
 
@@ -66,7 +68,7 @@ def test_default_metric_is_first_numeric_and_loss_is_minimised(records, drawn, t
     assert legend(ax) == ["digits: best loss 0.3 at step=20.pt", "mnist: best loss 0.4 at step=200.pt"]
 
 
-def test_best_can_use_another_metric_and_direction(records, drawn, tmp_path: Path) -> None:
+def test_best_can_use_another_metric_and_direction(records: list[ResultRecord], drawn: list[Any], tmp_path: Path) -> None:
     plot.plot_results(records, tmp_path / "m.png", metric="loss", best=("accuracy", "min"))
 
     (ax,) = drawn[0].axes
@@ -74,7 +76,7 @@ def test_best_can_use_another_metric_and_direction(records, drawn, tmp_path: Pat
     assert legend(ax) == ["digits: best accuracy 0.6 at step=10.pt", "mnist: best accuracy 0.7 at step=100.pt"]
 
 
-def test_best_points_per_watch(records) -> None:
+def test_best_points_per_watch(records: list[ResultRecord]) -> None:
     points = plot.series(records, "loss")
     best = plot.best_points(points, "loss", "min")
     assert {w: r["checkpoint"] for w, (_, r) in best.items()} == {
@@ -95,13 +97,13 @@ def test_without_steps_x_is_finish_order() -> None:
     assert [(x, r["metrics"]["accuracy"]) for x, r in points["run"]] == [(1.0, 0.5), (2.0, 0.7), (3.0, 0.9)]
 
 
-def test_stepless_records_left_out_where_the_watch_has_steps(records) -> None:
+def test_stepless_records_left_out_where_the_watch_has_steps(records: list[ResultRecord]) -> None:
     records.append(rec("digits", None, finished="2026-01-01T00:00:09", loss=0.3, accuracy=0.93))
     points = plot.series(records, "accuracy")
     assert [x for x, _ in points["digits"]] == [10.0, 20.0, 30.0]
 
 
-def test_missing_metric_names_the_metric_and_what_exists(records, tmp_path: Path) -> None:
+def test_missing_metric_names_the_metric_and_what_exists(records: list[ResultRecord], tmp_path: Path) -> None:
     out = tmp_path / "m.png"
     with pytest.raises(ValueError, match=r"'bleu'.*numeric metrics: loss, accuracy"):
         plot.plot_results(records, out, metric="bleu")

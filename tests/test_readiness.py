@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ def state(path: Path) -> Format:
 
 
 @pytest.mark.parametrize("make", [torch_bytes, zip_bytes], ids=["torch-zip", "plain-zip"])
-def test_zip_is_complete_only_once_its_central_directory_is_written(tmp_path: Path, make) -> None:
+def test_zip_is_complete_only_once_its_central_directory_is_written(tmp_path: Path, make: Callable[[int], bytes]) -> None:
     data = make(1)
     path = tmp_path / "model.pt"
     cuts = sorted({1, 4, 8, len(data) // 3, len(data) // 2, len(data) - 23, len(data) - 22, len(data) - 1})

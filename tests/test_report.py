@@ -7,13 +7,11 @@ TensorBoard is read back with its own EventAccumulator, MLflow through a real ``
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import redis
 from harness import Workers, add_watch, run_cli, wait_for
-from trackers import MlflowServer, tensorboard_scalars, wandb_history
+from trackers import MlflowServer, TcpProxy, tensorboard_scalars, wandb_history
 from writers import torch_bytes, write_atomically
 
 from assayer import keys
@@ -36,14 +34,6 @@ def _status(settings: Settings) -> dict[str, dict[str, object]]:
 def _save(ckpts: Path, steps: list[int]) -> None:
     for step in steps:  # sizes differ by step: the metric "size" tells them apart
         write_atomically(ckpts / f"model-step{step}.pt", torch_bytes(step, size=1000 + step))
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
-    server.start()
-    yield server
-    server.stop()
 
 
 def _mlflow_points(url: str, watch: str = "run", key: str = "eval/size") -> list[tuple[int, float]]:
@@ -71,52 +61,52 @@ def test_results_reach_tensorboard_at_their_steps_once_each_even_out_of_order(
     assert _status(settings)["tensorboard"] == {"delivered": 3, "pending": 0, "failing": 0, "last_error": None}
 
 
-@pytest.mark.xdist_group("report-mlflow")  # one mlflow server (20-50 s to start) for both tests
+# The run's one mlflow server (conftest.py) is shared with tests/test_sinks.py: the watches here have names of their own.
+
 def test_a_tracker_down_during_evaluation_gets_each_result_once_when_it_is_back(
-        conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path, mlflow_server: MlflowServer) -> None:
-    ckpts = tmp_path / "ckpts"
-    add_watch(conn, settings, ckpts, report=Report("mlflow"))
-    env = FAST | {"MLFLOW_TRACKING_URI": mlflow_server.url}
+        conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path, mlflow_proxy: TcpProxy) -> None:
+    ckpts, name = tmp_path / "ckpts", "tracker-down"
+    add_watch(conn, settings, ckpts, name=name, report=Report("mlflow"))
+    env = FAST | {"MLFLOW_TRACKING_URI": mlflow_proxy.url}  # MLflow as the workers reach it: down, then back
     workers.start("eval")
     workers.start("watch", env)
-    mlflow_server.stop()
+    mlflow_proxy.stop()
     try:
         _save(ckpts, [20, 10])
-        wait_for(lambda: conn.hlen(keys.results("run")) == 2, 60, what="both evaluations, the tracker down")
-        assert all(json.loads(v)["status"] == "ok" for v in conn.hvals(keys.results("run")))  # never failed by it
+        wait_for(lambda: conn.hlen(keys.results(name)) == 2, 60, what="both evaluations, the tracker down")
+        assert all(json.loads(v)["status"] == "ok" for v in conn.hvals(keys.results(name)))  # never failed by it
         failing = wait_for(lambda: (s := _status(settings)["mlflow"])["failing"] and s, 60,
                            what="status to show the failing deliveries")
         assert failing["pending"] == 2 and failing["delivered"] == 0
         assert "mlflow" in str(failing["last_error"]).lower() or "connect" in str(failing["last_error"]).lower()
     finally:
-        mlflow_server.start()
-    wait_for(lambda: _delivered(conn) == 2, 90, interval=0.5, what="both deliveries once MLflow is back")
-    metrics = {r["step"]: r["metrics"]["size"] for r in map(json.loads, conn.hvals(keys.results("run")))}
-    assert _mlflow_points(mlflow_server.url) == [(10, metrics[10]), (20, metrics[20])]
+        mlflow_proxy.start()
+    wait_for(lambda: _delivered(conn, name) == 2, 90, interval=0.5, what="both deliveries once MLflow is back")
+    metrics = {r["step"]: r["metrics"]["size"] for r in map(json.loads, conn.hvals(keys.results(name)))}
+    assert _mlflow_points(mlflow_proxy.url, name) == [(10, metrics[10]), (20, metrics[20])]
     assert _status(settings)["mlflow"] == {"delivered": 2, "pending": 0, "failing": 0, "last_error": None}
 
 
-@pytest.mark.xdist_group("report-mlflow")
 def test_kill_9_of_the_watch_worker_mid_delivery_loses_no_point_and_doubles_none(
         conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path, mlflow_server: MlflowServer) -> None:
-    ckpts = tmp_path / "ckpts"
-    add_watch(conn, settings, ckpts, name="killed")  # its own MLflow run; no tracker yet: the results are backfilled below
+    ckpts, name = tmp_path / "ckpts", "killed-mid-delivery"
+    add_watch(conn, settings, ckpts, name=name)  # its own MLflow run; no tracker yet: backfilled below
     steps = list(range(1, 25))
     workers.start("eval")
     watch = workers.start("watch", FAST)
     _save(ckpts, steps)
-    wait_for(lambda: conn.hlen(keys.results("killed")) == len(steps), 120, what="every evaluation")
+    wait_for(lambda: conn.hlen(keys.results(name)) == len(steps), 120, what="every evaluation")
     env = FAST | {"MLFLOW_TRACKING_URI": mlflow_server.url}
     workers.kill9(watch)
-    out = run_cli(settings, "report", "--watch", "killed", "--to", "mlflow")
+    out = run_cli(settings, "report", "--watch", name, "--to", "mlflow")
     assert out.returncode == 0 and f"queued {len(steps)} " in out.stdout, out.stdout + out.stderr
     watch = workers.start("watch", env)
-    wait_for(lambda: 0 < _delivered(conn, "killed") < len(steps) - 4, 60, interval=0.01, what="some deliveries made")
+    wait_for(lambda: 0 < _delivered(conn, name) < len(steps) - 4, 60, interval=0.01, what="some deliveries made")
     workers.kill9(watch)  # mid-batch: some done, one maybe written but not recorded, the rest claimed
     workers.start("watch", env)
-    wait_for(lambda: _delivered(conn, "killed") == len(steps), 90, interval=0.5, what="every delivery after the restart")
-    assert [s for s, _ in _mlflow_points(mlflow_server.url, "killed")] == steps  # each step exactly once
-    again = run_cli(settings, "report", "--watch", "killed", "--to", "mlflow")
+    wait_for(lambda: _delivered(conn, name) == len(steps), 90, interval=0.5, what="every delivery after the restart")
+    assert [s for s, _ in _mlflow_points(mlflow_server.url, name)] == steps  # each step exactly once
+    again = run_cli(settings, "report", "--watch", name, "--to", "mlflow")
     assert "queued 0 " in again.stdout, again.stdout
 
 

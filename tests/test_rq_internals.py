@@ -20,7 +20,7 @@ from rq.job import Job, JobStatus
 from rq.registry import ScheduledJobRegistry
 from rq.serializers import JSONSerializer
 
-from assayer import defaults, rq_internals
+from assayer import defaults, keys, rq_internals
 
 
 def _queue(conn: redis.Redis, name: str = "q") -> Queue:
@@ -113,7 +113,7 @@ def test_cleanup_intermediate_retries_a_job_a_dead_worker_took_but_never_started
     conn.set(queue.intermediate_queue.get_first_seen_key(job.id), time.time() - 120)  # stranded over a minute
     rq_internals.cleanup_intermediate(dead, queue)
     assert queue.intermediate_queue.get_job_ids() == []
-    assert [j.decode() for j in conn.lrange(queue.key, 0, -1)] == [job.id]  # its retry, queued again
+    assert [keys.text(j) for j in conn.lrange(queue.key, 0, -1)] == [job.id]  # its retry, queued again
 
 
 def test_enqueue_due_moves_only_jobs_whose_backoff_ended(conn: redis.Redis) -> None:
@@ -137,13 +137,17 @@ def test_a_worker_of_several_queues_dequeues_in_order_through_the_intermediate_l
     late = backfill.enqueue("assayer.jobs.evaluate", job_id="late")
     first = new.enqueue("assayer.jobs.evaluate", job_id="first")
     queues = [new, backfill]
-    job, queue = rq_internals.SafeQueue.dequeue_any(queues, None, connection=conn, serializer=JSONSerializer)
+    taken = rq_internals.SafeQueue.dequeue_any(queues, None, connection=conn, serializer=JSONSerializer)
+    assert taken is not None
+    job, queue = taken
     assert (job.id, queue.name) == (first.id, "new")  # new work before backfill, whatever was queued first
     assert new.intermediate_queue.get_job_ids() == ["first"]  # a crash now: rq's cleanup finds it there
     worker = rq_internals.StoppableWorker(queues, connection=conn, serializer=JSONSerializer)
     worker.prepare_job_execution(job)
     assert new.intermediate_queue.get_job_ids() == []  # started: in the started registry instead
-    job, queue = rq_internals.SafeQueue.dequeue_any(queues, None, connection=conn, serializer=JSONSerializer)
+    taken = rq_internals.SafeQueue.dequeue_any(queues, None, connection=conn, serializer=JSONSerializer)
+    assert taken is not None
+    job, queue = taken
     assert (job.id, queue.name) == (late.id, "new-backfill") and backfill.intermediate_queue.get_job_ids() == ["late"]
     assert rq_internals.SafeQueue.dequeue_any(queues, None, connection=conn, serializer=JSONSerializer) is None
     started = time.monotonic()

@@ -8,11 +8,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from writers import torch_bytes, write_atomically
 
 import assayer.scan as scan_module
+from assayer.readiness import Format, check_format
 from assayer.scan import Scanner, parse_epoch, parse_step
 
 
@@ -108,12 +110,10 @@ def test_symlink_loops_and_links_to_directories(tmp_path: Path) -> None:
 def test_a_file_vanishing_mid_scan_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "gone.pt").write_bytes(torch_bytes())
     (tmp_path / "kept.pt").write_bytes(torch_bytes())
-    real = scan_module.check_format
-
-    def delete_then_check(path: str, size: int):  # type: ignore[no-untyped-def]
+    def delete_then_check(path: str, size: int) -> Format:
         if path.endswith("gone.pt"):
             os.unlink(path)  # deleted between stat and read, as a cleanup script would
-        return real(path, size)
+        return check_format(path, size)
 
     monkeypatch.setattr(scan_module, "check_format", delete_then_check)
     report = Scanner(str(tmp_path), settle=0).scan(time.time())
@@ -172,7 +172,12 @@ def test_incremental_scans_stat_only_changed_directories(tmp_path: Path, monkeyp
     assert len(settle_all(scanner)) == 400
     calls = []
     real_stat = os.stat
-    monkeypatch.setattr(scan_module.os, "stat", lambda p, *a, **k: calls.append(p) or real_stat(p, *a, **k))
+
+    def counted_stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        calls.append(path)
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", counted_stat)  # the os module the scanner uses
     scanner.scan(time.time())
     assert len(calls) == 21  # the root and 20 directories; no file (all cold and handed over)
     (tmp_path / "d7" / "new.pt").write_bytes(b"y" * 10)

@@ -23,6 +23,7 @@ import pytest
 from harness import ROOT
 from trackers import (
     MlflowServer,
+    TcpProxy,
     tensorboard_scalars,
     wandb_history,
     wandb_metric_definitions,
@@ -43,6 +44,11 @@ from assayer.sinks import (
 )
 
 CLOCK = itertools.count(1_800_000_000)
+
+
+def approx_points(*points: tuple[int, float]) -> list[tuple[int, object]]:
+    """Expected ``(step, value)`` points: steps exact, values by pytest.approx (TensorBoard keeps float32)."""
+    return [(step, pytest.approx(value)) for step, value in points]
 
 
 def result(step: int | None, acc: float, watch: str = "run", **options: Any) -> Delivery:
@@ -85,8 +91,7 @@ def test_tensorboard_keeps_out_of_order_steps_and_the_checkpoint_text(tmp_path: 
     for step, acc in ((30, 0.3), (10, 0.1), (20, 0.2)):  # a late evaluation of an earlier checkpoint
         sink.deliver(result(step, acc))
     logdir = tmp_path / "tensorboard" / "run"
-    assert tensorboard_scalars(logdir, "eval/acc") == [(10, pytest.approx(0.1)), (20, pytest.approx(0.2)),
-                                                       (30, pytest.approx(0.3))]
+    assert tensorboard_scalars(logdir, "eval/acc") == approx_points((10, 0.1), (20, 0.2), (30, 0.3))
     assert [s for s, _ in tensorboard_scalars(logdir, "eval/loss")] == [10, 20, 30]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -106,27 +111,20 @@ def test_tensorboard_redelivery_after_a_kill_keeps_one_point_per_step(tmp_path: 
     retry.deliver(first)  # a blind redelivery replaces the file
     assert deliver_once(retry, first) is False
     assert deliver_once(retry, second) is True
-    assert tensorboard_scalars(tmp_path / "tensorboard" / "run", "eval/acc") == [(5, pytest.approx(0.5)),
-                                                                                  (10, pytest.approx(0.6))]
+    assert tensorboard_scalars(tmp_path / "tensorboard" / "run", "eval/acc") == approx_points((5, 0.5), (10, 0.6))
     assert not list((tmp_path / "tensorboard" / "run").glob(".*tmp"))
 
 
 def test_tensorboard_writes_where_the_watch_says(tmp_path: Path) -> None:
     TensorBoardSink(None).deliver(result(7, 0.7, tensorboard_dir=str(tmp_path / "runs" / "train")))
-    assert tensorboard_scalars(tmp_path / "runs" / "train", "eval/acc") == [(7, pytest.approx(0.7))]
+    assert tensorboard_scalars(tmp_path / "runs" / "train", "eval/acc") == approx_points((7, 0.7))
     with pytest.raises(ConfigError):
         TensorBoardSink(None).deliver(result(8, 0.8))
 
 
 # --- MLflow ----------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
-    server.start()  # about 20 s: once for the module
-    yield server
-    server.stop()
-
+# One mlflow server for the whole run (conftest.py): each test below has watches and experiments of its own names.
 
 @pytest.fixture
 def mlflow_env(mlflow_server: MlflowServer, monkeypatch: pytest.MonkeyPatch) -> str:
@@ -158,8 +156,8 @@ def test_mlflow_logs_into_the_training_run_it_is_given(mlflow_env: str) -> None:
     sink.deliver(d)
     sink.deliver(Delivery.from_dict({**result(20, 0.2, mlflow_run_id=train).to_dict(), "metrics": {"acc@1": 0.9}}))
 
-    assert history(mlflow_env, train) == [(40, pytest.approx(0.4))]
-    assert history(mlflow_env, train, "eval/acc_1") == [(20, pytest.approx(0.9))]
+    assert history(mlflow_env, train) == approx_points((40, 0.4))
+    assert history(mlflow_env, train, "eval/acc_1") == approx_points((20, 0.9))
     tags = client.get_run(train).data.tags
     marker = json.loads(tags[f"assayer.result.step-40.{d.digest}"])
     assert (marker["path"], marker["version"], marker["step"]) == ("/ckpt/into-run/checkpoint-40", "v40", 40)
@@ -175,8 +173,7 @@ def test_mlflow_makes_one_run_per_watch_across_sinks_and_keeps_out_of_order_step
 
     runs = watch_runs(mlflow_env, "per-watch")
     assert len(runs) == 1 and runs[0].info.run_name == "per-watch"
-    assert history(mlflow_env, runs[0].info.run_id) == [(100, pytest.approx(0.1)), (200, pytest.approx(0.2)),
-                                                        (300, pytest.approx(0.3))]
+    assert history(mlflow_env, runs[0].info.run_id) == approx_points((100, 0.1), (200, 0.2), (300, 0.3))
 
 
 def test_mlflow_workers_making_the_watch_run_at_the_same_moment_end_with_one(mlflow_env: str) -> None:
@@ -209,23 +206,23 @@ def test_mlflow_redelivery_after_a_kill_logs_each_point_once(mlflow_env: str, ml
     assert rows == [(1, 0.5), (2, 0.75)]
 
 
-def test_mlflow_down_is_a_retryable_error_and_the_retry_lands_once(mlflow_env: str, mlflow_server: MlflowServer) -> None:
-    sink = MlflowSink(mlflow_env)
+def test_mlflow_down_is_a_retryable_error_and_the_retry_lands_once(mlflow_env: str, mlflow_proxy: TcpProxy) -> None:
+    url = mlflow_proxy.url  # the server as this test reaches it: down and back, while other tests keep using it
+    sink = MlflowSink(url)
     sink.deliver(result(1, 0.1, watch="down"))
     d = result(2, 0.2, watch="down")
-    mlflow_server.stop()
+    mlflow_proxy.stop()
     try:
         with pytest.raises(SinkUnavailable) as err:
             sink.deliver(d)
-        assert mlflow_server.url in str(err.value)
+        assert url in str(err.value)
         with pytest.raises(SinkUnavailable):
-            MlflowSink(mlflow_env).delivered(d)
+            MlflowSink(url).delivered(d)
     finally:
-        mlflow_server.start()
+        mlflow_proxy.start()
     assert deliver_once(sink, d) is True
-    assert deliver_once(MlflowSink(mlflow_env), d) is False
-    assert history(mlflow_env, watch_runs(mlflow_env, "down")[0].info.run_id) == [(1, pytest.approx(0.1)),
-                                                                                  (2, pytest.approx(0.2))]
+    assert deliver_once(MlflowSink(url), d) is False
+    assert history(mlflow_env, watch_runs(mlflow_env, "down")[0].info.run_id) == approx_points((1, 0.1), (2, 0.2))
 
 
 # --- W&B (offline) ---------------------------------------------------------------------------------
@@ -309,7 +306,7 @@ def test_wandb_sinks_in_one_process_share_the_open_run(wandb_sink: WandbSink, wa
 
 def test_a_result_without_a_step_goes_to_each_tools_default_step(wandb_sink: WandbSink, tmp_path: Path) -> None:
     TensorBoardSink(tmp_path).deliver(result(None, 0.4, watch="nostep"))
-    assert tensorboard_scalars(tmp_path / "tensorboard" / "nostep", "eval/acc") == [(0, pytest.approx(0.4))]
+    assert tensorboard_scalars(tmp_path / "tensorboard" / "nostep", "eval/acc") == approx_points((0, 0.4))
     wandb_sink.deliver(result(500, 0.5, watch="nostep"))
     wandb_sink.deliver(result(None, 0.4, watch="nostep"))
     wandb_sink.close()

@@ -20,6 +20,8 @@ import redis
 from harness import ROOT, RedisServer, evaluator_ref, free_port, wait_for
 from writers import torch_bytes
 
+from assayer import keys
+
 # Every character supervisor's config or a shell could mangle: its %(name)s expansion, quotes it
 # strips, the comma between variables, ' ;' and ' #' comments, backslashes, $, spaces at both ends.
 ODD = """ d%x %25 %(ENV_HOME)s "dq" 's' a,b=c \\n $HOME ;x #y """
@@ -134,7 +136,7 @@ def test_up_takes_passwords_and_paths_with_any_character(short_tmp: Path, redis_
         assert dashboard_status(port, ODD) == 200  # the exact bytes, and the dashboard reached Redis
         if server is not None:
             client = redis.Redis(port=server.port, password=redis_password)
-            assert len(client.keys("assayer:health:eval:*")) == 2 and client.keys("assayer:health:watch:*")
+            assert len(client.keys(keys.health_pattern("eval"))) == 2 and client.keys(keys.health_pattern("watch"))
     finally:
         assayer(env, "down")
         if server is not None:

@@ -23,6 +23,7 @@ from writers import zip_bytes
 
 from assayer import evaluator, jobs, keys, ledger, records, results, watches
 from assayer.errors import ConfigError, WatchError
+from assayer.rq_internals import queue_key
 from assayer.scan import Candidate
 from assayer.settings import Settings
 from assayer.watches import Evaluator, Suite, WatchSpec
@@ -76,7 +77,7 @@ def ready(spec: WatchSpec, settings: Settings) -> list[Candidate]:
 
 def queued(conn: redis.Redis, queue: str) -> list[dict[str, Any]]:
     """The keyword arguments of each job waiting in ``queue``."""
-    ids = [raw.decode() for raw in conn.lrange(f"rq:queue:{queue}", 0, -1)]
+    ids = [keys.text(raw) for raw in conn.lrange(queue_key(queue), 0, -1)]
     return [Job.fetch(i, connection=conn, serializer=JSONSerializer).kwargs for i in ids]
 
 

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -25,6 +26,7 @@ from harness import (
     run_cli,
     wait_for,
 )
+from rq.registry import ScheduledJobRegistry
 from writers import torch_bytes
 
 from assayer import status
@@ -102,7 +104,8 @@ def test_a_failed_attempt_shows_at_once_in_status_results_failed_and_show(
     settings = dataclasses.replace(settings, retry_backoff=(60,))
     queue_existing(settings, conn, ckpts, "always_retry", 1)
     burst(settings, conn)  # the first attempt fails; the retry waits 60 s
-    assert conn.zcard("rq:scheduled:assayer-eval-backfill") == 1 and final_results(conn, "run") == []  # `evaluate`: backfill
+    retries = ScheduledJobRegistry(f"{settings.eval_queue}-backfill", connection=conn).key  # `evaluate`: backfill
+    assert conn.zcard(retries) == 1 and final_results(conn, "run") == []
     (watch,) = status.collect(conn, settings)["watches"]
     assert watch["failing"] == 1 and watch["last_error"] == "a.pt: Retry: GPU busy for a.pt"
     table = invoke(settings, "results", "run").stdout
@@ -148,7 +151,8 @@ def test_commands_print_their_answer_without_log_lines_and_status_refreshes_in_p
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     assert proc.stdout is not None and proc.stderr is not None
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
+    status_out = proc.stdout
+    reader = threading.Thread(target=lambda: lines.extend(status_out), daemon=True)
     reader.start()
     try:
         wait_for(lambda: sum("watches:" in line for line in list(lines)) >= 3, 30, what="three refreshes of status")
@@ -174,9 +178,9 @@ def test_watch_add_reaches_redis_before_it_imports_the_evaluator(settings: Setti
 
 
 def test_the_original_command_line_names_its_own_flags_in_hints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from assayer import watch
+    from assayer.compat import watch_main  # what python -m assayer.watch runs
 
-    code = watch.main(["--directory", str(tmp_path), "--evaluator", evaluator_ref("record"), "--polling_interval", "-1",
+    code = watch_main(["--directory", str(tmp_path), "--evaluator", evaluator_ref("record"), "--polling_interval", "-1",
                        "--num_eval_workers", "0", "--num_watch_workers", "0"])
     err = capsys.readouterr().err
     assert code == 2 and "--polling_interval" in err and "--poll-interval" not in err
@@ -231,7 +235,7 @@ def test_status_shows_what_a_busy_worker_evaluates_and_the_oldest_queued_checkpo
     wait_for(marker.exists, 20, what="the evaluation to start")
     (queued / "b.pt").write_bytes(torch_bytes(1))  # waits behind the slow one (one eval worker)
 
-    def evaluating_and_queued() -> dict | None:  # type: ignore[type-arg]
+    def evaluating_and_queued() -> dict[str, Any] | None:
         info = status.collect(conn, settings)
         evaluating = any(w["doing"] for w in info["workers"] if "assayer-eval" in w["queues"])
         queued_since = next(w for w in info["watches"] if w["name"] == "queued")["oldest_pending_age"]
@@ -246,15 +250,16 @@ def test_status_shows_what_a_busy_worker_evaluates_and_the_oldest_queued_checkpo
 
 def test_tables_show_paths_relative_to_the_watch_versions_of_rewritten_files_and_a_bounded_error() -> None:
     from assayer import results
+    from assayer.records import ResultRecord
 
-    base = {"watch": "run", "metrics": {}, "job_id": "j", "duration": 0.1, "worker": "w", "step": None}
-    recs = [
-        dict(base, job_id="1", checkpoint="/data/runs/exp1/last.ckpt", relpath="exp1/last.ckpt", status="ok",
-             checkpoint_time="2026-12-02T10:00:01+00:00", finished_at="1"),
-        dict(base, job_id="2", checkpoint="/data/runs/exp1/last.ckpt", relpath="exp1/last.ckpt", status="ok",
-             checkpoint_time="2026-12-02T11:30:45+00:00", finished_at="2"),
-        dict(base, job_id="3", checkpoint="/data/runs/exp1/step_5.pt", relpath="exp1/step_5.pt", status="failed",
-             error="ValueError: " + "x" * 500 + " THE-END", finished_at="3"),
+    base: ResultRecord = {"watch": "run", "metrics": {}, "job_id": "j", "duration": 0.1, "worker": "w", "step": None}
+    recs: list[ResultRecord] = [
+        {**base, "job_id": "1", "checkpoint": "/data/runs/exp1/last.ckpt", "relpath": "exp1/last.ckpt", "status": "ok",
+         "checkpoint_time": "2026-12-02T10:00:01+00:00", "finished_at": "1"},
+        {**base, "job_id": "2", "checkpoint": "/data/runs/exp1/last.ckpt", "relpath": "exp1/last.ckpt", "status": "ok",
+         "checkpoint_time": "2026-12-02T11:30:45+00:00", "finished_at": "2"},
+        {**base, "job_id": "3", "checkpoint": "/data/runs/exp1/step_5.pt", "relpath": "exp1/step_5.pt", "status": "failed",
+         "error": "ValueError: " + "x" * 500 + " THE-END", "finished_at": "3"},
     ]
     table = results.to_table(recs)
     assert "exp1/last.ckpt @10:00:01" in table and "exp1/last.ckpt @11:30:45" in table

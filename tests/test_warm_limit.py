@@ -8,11 +8,11 @@ one child for every checkpoint. When the worker stops, no evaluator process outl
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import redis
 from harness import Workers, final_results, wait_for
@@ -22,7 +22,6 @@ from assayer import ledger, watches
 from assayer.settings import Settings
 
 EVALUATORS = '''
-import os
 
 CALLS = 0
 
@@ -70,17 +69,36 @@ def evaluate_in_turn(conn: redis.Redis, settings: Settings, workers: Workers, tm
     return ran, worker
 
 
+def _stat(pid: int) -> tuple[str, int] | None:
+    """A process's state letter and parent pid, from /proc (None once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
 def evaluator_children(worker: subprocess.Popen[bytes]) -> set[int]:
-    """The worker's evaluator processes now (zombies included: a child not reaped shows up here)."""
-    return {p.pid for p in psutil.Process(worker.pid).children(recursive=True)}
+    """The worker's evaluator processes now, and theirs (zombies included: a child not reaped shows up here)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (found := _stat(int(entry))) is not None:
+            parents[int(entry)] = found[1]
+    out: set[int] = set()
+    todo = [worker.pid]
+    while todo:
+        pid = todo.pop()
+        kids = {child for child, parent in parents.items() if parent == pid}
+        out |= kids
+        todo += list(kids)
+    return out
 
 
 def gone(pid: int) -> bool:
     """No such process, not even a zombie waiting to be reaped."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_DEAD
-    except psutil.NoSuchProcess:
-        return True
+    found = _stat(pid)
+    return found is None or found[0] == "X"
 
 
 @pytest.mark.slow

@@ -8,6 +8,10 @@ import threading
 import time
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import GPT2LMHeadModel
 
 
 def torch_bytes(seed: int = 0, size: int = 2000) -> bytes:
@@ -62,7 +66,7 @@ def write_atomically(path: Path, data: bytes) -> None:
 # -- the real writers of directory checkpoints ---------------------------------------------------
 
 
-def tiny_gpt2():  # type: ignore[no-untyped-def]
+def tiny_gpt2() -> GPT2LMHeadModel:
     """A GPT-2 small enough to train on a CPU in seconds, built from a config (no hub download)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -75,7 +79,7 @@ def train_hf(output_dir: Path, max_steps: int = 12, save_steps: int = 4, save_to
     import torch
     from transformers import Trainer, TrainingArguments
 
-    class Tokens(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    class Tokens(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
         def __len__(self) -> int:
             return 64
 
@@ -103,11 +107,11 @@ def save_dcp(directory: Path, seed: int = 0) -> None:
     import warnings
 
     import torch
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict_saver import save  # torch.distributed.checkpoint.save
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.save({"w": torch.arange(1000, dtype=torch.float32) + seed}, checkpoint_id=str(directory))
+        save({"w": torch.arange(1000, dtype=torch.float32) + seed}, checkpoint_id=str(directory))
 
 
 def train_lightning(root: Path, max_steps: int = 6, every_n_train_steps: int = 2) -> Path:
@@ -116,15 +120,15 @@ def train_lightning(root: Path, max_steps: int = 6, every_n_train_steps: int = 2
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    class Tiny(L.LightningModule):  # type: ignore[misc]
+    class Tiny(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             self.layer = torch.nn.Linear(4, 1)
 
-        def training_step(self, batch, _):  # type: ignore[no-untyped-def]
+        def training_step(self, batch: list[torch.Tensor], _: int) -> torch.Tensor:
             return torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1])
 
-        def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randn(32, 1))

@@ -110,18 +110,21 @@ class Rendered:
         return [d for d in self.docs if d["kind"] in WORKLOAD_KINDS]
 
     def config(self) -> dict[str, str]:
-        return self.get("ConfigMap", f"{FULLNAME}-config")["data"]
+        data: dict[str, str] = self.get("ConfigMap", f"{FULLNAME}-config")["data"]
+        return data
 
     def secret_value(self, name: str, key: str) -> str:
         return base64.b64decode(self.get("Secret", name)["data"][key]).decode()
 
 
 def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
-    return obj["spec"] if obj["kind"] == "Pod" else obj["spec"]["template"]["spec"]
+    spec: dict[str, Any] = obj["spec"] if obj["kind"] == "Pod" else obj["spec"]["template"]["spec"]
+    return spec
 
 
 def pod_labels(obj: dict[str, Any]) -> dict[str, str]:
-    return obj["metadata"]["labels"] if obj["kind"] == "Pod" else obj["spec"]["template"]["metadata"]["labels"]
+    labels: dict[str, str] = obj["metadata"]["labels"] if obj["kind"] == "Pod" else obj["spec"]["template"]["metadata"]["labels"]
+    return labels
 
 
 def containers(obj: dict[str, Any]) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from chartlib import (
     KEDA_API,
     MONITORING_API,
     NAMESPACE,
+    Rendered,
     containers,
     env_of,
     pod_labels,
@@ -47,7 +48,7 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
-def exporter_objects(r: Any) -> list[str]:
+def exporter_objects(r: Rendered) -> list[str]:
     return [n for n in r.names() if "exporter" in n]
 
 
@@ -163,7 +164,7 @@ def test_component_values_reach_the_pod(helm: str) -> None:
 
 
 def test_the_exporter_rolls_when_the_settings_change(helm: str) -> None:
-    def checksum(r: Any) -> str:
+    def checksum(r: Rendered) -> str:
         return str(r.get("Deployment", EXPORTER)["spec"]["template"]["metadata"]["annotations"]["checksum/config"])
 
     assert checksum(render(helm)) != checksum(render(helm, {"config": {"evalQueue": "other"}}))
@@ -244,7 +245,7 @@ def test_the_keda_trigger_is_unchanged(helm: str) -> None:
 # ---------------------------------------------------------------- NetworkPolicy
 
 
-def exporter_sources(r: Any) -> list[dict[str, Any]]:
+def exporter_sources(r: Rendered) -> list[dict[str, Any]]:
     """The peers the exporter's NetworkPolicy admits, on its metrics port only."""
     policy = r.get("NetworkPolicy", EXPORTER)
     spec = policy["spec"]

@@ -11,6 +11,7 @@ from chartlib import (
     CI_VALUES_DIR,
     FULLNAME,
     NAMESPACE,
+    Rendered,
     case_name,
     ci_values_files,
     containers,
@@ -22,6 +23,8 @@ from chartlib import (
     render_notes,
     volumes_of,
 )
+
+from assayer.rq_internals import queue_key
 
 pytestmark = pytest.mark.chart
 
@@ -290,8 +293,9 @@ def test_service_links_cannot_shadow_assayer_settings(helm: str) -> None:
 
 
 def test_checksums_roll_pods_when_config_changes(helm: str) -> None:
-    def annotations(r: Any, name: str) -> dict[str, str]:
-        return r.get("Deployment", name)["spec"]["template"]["metadata"]["annotations"]
+    def annotations(r: Rendered, name: str) -> dict[str, str]:
+        found: dict[str, str] = r.get("Deployment", name)["spec"]["template"]["metadata"]["annotations"]
+        return found
 
     base = render(helm)
     queue = render(helm, {"config": {"evalQueue": "other"}})
@@ -340,8 +344,8 @@ def test_keda_scales_on_the_lists_the_eval_workers_pop(helm: str) -> None:
     queue = r.config()["ASSAYER_EVAL_QUEUE"]
     triggers = scaled["spec"]["triggers"]
     assert [(t["name"], t["metadata"]["listName"]) for t in triggers] == [
-        ("queue", f"rq:queue:{queue}"),
-        ("backfill", f"rq:queue:{queue}-backfill"),
+        ("queue", queue_key(queue)),
+        ("backfill", queue_key(f"{queue}-backfill")),
     ]
     assert env_of(container(r.get("Deployment", EVAL)))["ASSAYER_POOLS"]["value"] == "default"
     for trigger in triggers:
@@ -393,8 +397,9 @@ def test_keda_reaches_an_external_redis_as_the_workers_do(helm: str) -> None:
 
 
 def test_keda_operator_may_reach_redis_only_when_keda_is_on(helm: str) -> None:
-    def peers(r: Any) -> list[dict[str, Any]]:
-        return r.get("NetworkPolicy", REDIS)["spec"]["ingress"][0]["from"]
+    def peers(r: Rendered) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = r.get("NetworkPolicy", REDIS)["spec"]["ingress"][0]["from"]
+        return found
 
     assert len(peers(render(helm))) == 1
     keda_peers = peers(render(helm, files=case("keda")))
@@ -616,7 +621,7 @@ def test_dashboard_ingress_and_existing_secret(helm: str) -> None:
     assert "get secret assayer-dashboard-auth -o jsonpath='{.data.pw}'" in notes
 
 
-def dashboard_sources(r: Any) -> list[dict[str, Any]]:
+def dashboard_sources(r: Rendered) -> list[dict[str, Any]]:
     """The peers the dashboard's NetworkPolicy admits, on its http port only."""
     spec = r.get("NetworkPolicy", DASHBOARD)["spec"]
     assert spec["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "dashboard"

@@ -47,7 +47,7 @@ CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
 
 def min_kube_version() -> str:
     """The oldest Kubernetes release the chart supports, from Chart.yaml's kubeVersion (">=1.27.0-0")."""
-    kube = yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"]
+    kube: str = yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"]
     return kube.removeprefix(">=").split("-")[0]
 
 

@@ -21,12 +21,14 @@ SCHEMA_FILE = CHART / "values.schema.json"
 
 @pytest.fixture(scope="module")
 def values() -> dict[str, Any]:
-    return yaml.safe_load(VALUES_FILE.read_text())
+    loaded: dict[str, Any] = yaml.safe_load(VALUES_FILE.read_text())
+    return loaded
 
 
 @pytest.fixture(scope="module")
 def schema() -> dict[str, Any]:
-    return json.loads(SCHEMA_FILE.read_text())
+    loaded: dict[str, Any] = json.loads(SCHEMA_FILE.read_text())
+    return loaded
 
 
 def value_paths(values: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
@@ -141,7 +143,7 @@ def test_schema_is_valid_and_accepts_the_defaults_and_every_case(values: dict[st
 
 
 def _merge(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    out = json.loads(json.dumps(base))
+    out: dict[str, Any] = json.loads(json.dumps(base))  # a deep copy
     for k, v in new.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = _merge(out[k], v)

@@ -95,7 +95,7 @@ def test_every_skipped_check_has_a_reason() -> None:
     skips = [(i, m.group(1)) for i, line in enumerate(lines) if (m := re.match(r"\s*-\s*(CKV\w+)\s*$", line))]
     assert skips, "no skip-check entries parsed"
     for i, check in skips:
-        reason = []
+        reason: list[str] = []
         j = i - 1
         while j >= 0 and lines[j].strip().startswith("#"):
             reason.insert(0, lines[j])

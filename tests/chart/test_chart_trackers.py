@@ -10,7 +10,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from chartlib import CHART, CI_VALUES_DIR, FULLNAME, containers, env_of, mounts_of, render, render_error, volumes_of
+from chartlib import CHART, CI_VALUES_DIR, FULLNAME, Rendered, containers, env_of, mounts_of, render, render_error, volumes_of
 
 pytestmark = pytest.mark.chart
 
@@ -52,7 +52,7 @@ def container(obj: dict[str, Any]) -> dict[str, Any]:
     return only
 
 
-def watch_env(r: Any) -> dict[str, dict[str, Any]]:
+def watch_env(r: Rendered) -> dict[str, dict[str, Any]]:
     return env_of(container(r.get("Deployment", WATCH)))
 
 
