@@ -167,7 +167,7 @@ def _memory_by_kind(conn: redis.Redis, sample: int = 200) -> dict[str, dict[str,
     for key in conn.scan_iter(count=1000):
         kind = next((label for label, prefix in KEY_KINDS if key.decode().startswith(prefix)), "other")
         found.setdefault(kind, []).append(key)
-    out = {}
+    out: dict[str, dict[str, float]] = {}
     for label in [k for k, _ in KEY_KINDS] + ["other"]:
         names = found.get(label, [])
         if not names:
@@ -228,7 +228,7 @@ def bench(tmp: Path, n: int, n_workers: int, cold: int) -> dict[str, Any]:
 
 def _cold(stack: Stack, root: Path, spec: watches.WatchSpec, n: int, count: int) -> dict[str, Any]:
     """``count`` new checkpoints x 3 evaluators, one eval worker, keeping 2 and then 3 evaluators warm."""
-    out = {}
+    out: dict[str, dict[str, float]] = {}
     done = 3 * n
     for warm, offset in ((2, 0), (3, count)):
         cands = _candidates(root, range(n + 1 + offset, n + 1 + offset + count))
