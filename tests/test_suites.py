@@ -15,6 +15,7 @@ from harness import Workers, final_results, invoke, wait_for
 from writers import torch_bytes
 
 from assayer import checkpoints, keys, pools, watches
+from assayer.rq_internals import queue_key
 from assayer.settings import Settings
 
 EVALUATOR = '''
@@ -62,7 +63,7 @@ def finals_by(conn: redis.Redis) -> Counter[tuple[str, str, str]]:
 
 def settled(conn: redis.Redis, settings: Settings) -> bool:
     queues = pools.all_queues(conn, settings)
-    return conn.scard(keys.pending("run")) == 0 and all(conn.llen(f"rq:queue:{q}") == 0 for q in queues)
+    return conn.scard(keys.pending("run")) == 0 and all(conn.llen(queue_key(q)) == 0 for q in queues)
 
 
 def test_two_evaluators_then_one_edited_runs_exactly_the_missing_evaluations(
@@ -178,11 +179,11 @@ def test_with_30_backfill_jobs_queued_a_new_checkpoint_is_evaluated_next(
     out = invoke(settings, "evaluate", "--watch", "run")  # the 30 already there: backfill work
     assert "queued 30 evaluation(s)" in out.stdout, out.stdout + out.stderr
     backfill_queue = pools.queue(settings, pools.DEFAULT, backfill=True)
-    assert conn.llen(f"rq:queue:{backfill_queue}") == 30
+    assert conn.llen(queue_key(backfill_queue)) == 30
     env = {"SUITE_LOG": str(log), "SUITE_MARKER": str(marker)}
     workers.start("watch", env)
     (ckpts / "step-100.pt").write_bytes(torch_bytes(100))
-    wait_for(lambda: conn.llen(f"rq:queue:{pools.queue(settings, pools.DEFAULT)}") == 1, 20,
+    wait_for(lambda: conn.llen(queue_key(pools.queue(settings, pools.DEFAULT))) == 1, 20,
              what="the new checkpoint queued as new work")
     workers.start("eval", env)
     wait_for(lambda: len(finals_by(conn)) == 31, 90, what="all 31 evaluated")
@@ -204,7 +205,7 @@ def test_a_gpu_pool_evaluator_never_runs_on_a_default_pool_worker(
     for i in range(3):
         (ckpts / f"step-{i + 1}.pt").write_bytes(torch_bytes(i))
     wait_for(lambda: len(finals_by(conn)) == 3, 30, what="loss on the default-pool worker")
-    gpu_queue = f"rq:queue:{pools.queue(settings, 'gpu')}"
+    gpu_queue = queue_key(pools.queue(settings, "gpu"))
     wait_for(lambda: conn.llen(gpu_queue) == 3, 10, what="mmlu's jobs waiting in the gpu queue")
     time.sleep(2)  # the default worker had every chance to take them
     assert conn.llen(gpu_queue) == 3 and {e for (e, _, _) in finals_by(conn)} == {"loss"}

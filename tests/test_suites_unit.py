@@ -300,8 +300,8 @@ def test_two_evaluators_queue_two_jobs_per_checkpoint_each_in_its_pools_queue_on
     assert {n: s.ev for n, s in entry.items()} == current
 
     assert ledger.enqueue_new(conn, settings, spec, ready(spec, settings)) == []  # offered again: the ledger has it
-    assert conn.llen("rq:queue:assayer-eval") == conn.llen("rq:queue:assayer-eval-gpu") == 3
-    assert conn.llen("rq:queue:assayer-eval-backfill") == conn.llen("rq:queue:assayer-eval-gpu-backfill") == 0
+    assert conn.llen(queue_key("assayer-eval")) == conn.llen(queue_key("assayer-eval-gpu")) == 3
+    assert conn.llen(queue_key("assayer-eval-backfill")) == conn.llen(queue_key("assayer-eval-gpu-backfill")) == 0
 
 
 def test_a_changed_evaluator_queues_only_its_own_jobs_again(
@@ -313,7 +313,7 @@ def test_a_changed_evaluator_queues_only_its_own_jobs_again(
     before = slots(conn, spec, "step_100.pt")
     edit(str(tmp_path / "evals" / "acc.py"))
     again = ledger.enqueue_new(conn, settings, spec, ready(spec, settings))
-    assert len(again) == 2 and conn.llen("rq:queue:assayer-eval") == 2 and conn.llen("rq:queue:assayer-eval-gpu") == 4
+    assert len(again) == 2 and conn.llen(queue_key("assayer-eval")) == 2 and conn.llen(queue_key("assayer-eval-gpu")) == 4
     after = slots(conn, spec, "step_100.pt")
     assert after["loss"] == before["loss"]  # untouched: same job, same version
     assert after["acc"].ev == evaluator.version_of(spec.evaluators[1].ref) != before["acc"].ev
@@ -337,7 +337,7 @@ def test_backfill_queues_what_evaluated_checkpoints_lack_on_the_backfill_queues_
     jobs_ = queued(conn, "assayer-eval-gpu-backfill")
     assert sorted(j["relpath"] for j in jobs_) == ["step_100.pt", "step_200.pt", "step_300.pt", "step_400.pt"]
     assert {j["evaluator_name"] for j in jobs_} == {"acc"}
-    assert conn.llen("rq:queue:assayer-eval-gpu") == 0 and conn.llen("rq:queue:assayer-eval") == 4  # new work: as was
+    assert conn.llen(queue_key("assayer-eval-gpu")) == 0 and conn.llen(queue_key("assayer-eval")) == 4  # new work: as was
     assert jobs_[0]["relpath"] == "step_400.pt"  # order newest (the default): the newest is taken first
     assert ledger.backfill(conn, settings, spec) == []  # queued once
     assert ledger.enqueue_new(conn, settings, spec, ready(spec, settings)) == []  # a scan finds nothing to add
@@ -392,7 +392,7 @@ def test_legacy_ledger_entries_belong_to_the_first_evaluator_and_are_not_evaluat
         legacy(conn, spec, cand, f"ev-old{i}")
     assert ledger.enqueue_new(conn, settings, spec, cands) == []  # after the upgrade: nothing evaluated again
     assert ledger.backfill(conn, settings, spec) == []
-    assert conn.llen("rq:queue:assayer-eval") == 0
+    assert conn.llen(queue_key("assayer-eval")) == 0
     assert slots(conn, spec, cands[0].relpath)["loss"].job == "ev-old0"
 
     watches.register(conn, settings, suite_spec(tmp_path))  # then a second evaluator: only it runs
@@ -445,7 +445,7 @@ def test_a_watch_worker_backfills_once_per_change_of_evaluators_unless_the_watch
     watches.register(conn, settings, grown)
     spec = watches.require(conn, "run")
     assert jobs._backfill(jobs.Runtime(settings, conn), spec, ledger.versions(spec)) == []
-    assert conn.llen("rq:queue:assayer-eval-backfill") == 0
+    assert conn.llen(queue_key("assayer-eval-backfill")) == 0
 
     grown.backfill = True
     watches.register(conn, settings, grown)
@@ -455,7 +455,7 @@ def test_a_watch_worker_backfills_once_per_change_of_evaluators_unless_the_watch
     assert jobs._backfill(rt, spec, ledger.versions(spec)) == []  # once per change
     edit(str(tmp_path / "evals" / "loss.py"))
     assert len(jobs._backfill(rt, spec, ledger.versions(spec))) == 2  # a new version of loss
-    assert conn.llen("rq:queue:assayer-eval-backfill") == 4
+    assert conn.llen(queue_key("assayer-eval-backfill")) == 4
 
 
 # -- results ---------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from chartlib import (
     volumes_of,
 )
 
+from assayer.rq_internals import queue_key
+
 pytestmark = pytest.mark.chart
 
 POOLS_CASE = (CI_VALUES_DIR / "pools-values.yaml",)
@@ -177,8 +179,8 @@ def test_each_pool_scales_on_its_own_queue_and_backfill_queue(helm: str) -> None
     assert scaled["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": GPU}
     assert (scaled["minReplicaCount"], scaled["maxReplicaCount"]) == (0, 2)
     assert [(t["name"], t["metadata"]["listName"]) for t in scaled["triggers"]] == [
-        ("queue", "rq:queue:assayer-eval-gpu"),
-        ("backfill", "rq:queue:assayer-eval-gpu-backfill"),
+        ("queue", queue_key("assayer-eval-gpu")),
+        ("backfill", queue_key("assayer-eval-gpu-backfill")),
     ]
     (auth,) = r.of_kind("TriggerAuthentication")  # one, shared by every pool's ScaledObject
     assert {t["authenticationRef"]["name"] for t in scaled["triggers"]} == {auth["metadata"]["name"]}
@@ -197,7 +199,7 @@ def test_pool_queues_follow_the_eval_queue_setting(helm: str) -> None:
     r = render(helm, {"config": {"evalQueue": "lm"}, "evalPools": {"a100-80g": {"keda": {"enabled": True}}}})
     assert r.config()["ASSAYER_EVAL_QUEUE"] == "lm"
     triggers = r.get("ScaledObject", f"{FULLNAME}-eval-a100-80g")["spec"]["triggers"]
-    assert [t["metadata"]["listName"] for t in triggers] == ["rq:queue:lm-a100-80g", "rq:queue:lm-a100-80g-backfill"]
+    assert [t["metadata"]["listName"] for t in triggers] == [queue_key("lm-a100-80g"), queue_key("lm-a100-80g-backfill")]
 
 
 def test_keda_operator_reaches_redis_when_only_a_pool_uses_keda(helm: str) -> None:
