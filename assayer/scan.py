@@ -11,6 +11,14 @@ inside as a folder, its files are never checkpoints on their own, and it is hand
 layout's rule holds and its members stayed unchanged for the layout's quiet time. A handed-over,
 cold directory checkpoint costs one stat per scan, like a folder.
 
+A handed-over directory that loses members while the rest stay unchanged is being deleted (a
+trainer's rotation: ``shutil.rmtree`` unlinks one file at a time, and may pause longer than the
+quiet time between two). What is left is never a new version, even when its layout would call it
+complete, nor a folder of loose checkpoints once its marker is gone: it stays handed over until it
+vanishes. A member changed or added is a new version, as always. This needs the handed-over
+member set, so a scanner that starts cold in the middle of such a deletion cannot tell (the ledger
+then sees a new version).
+
 The cache only saves work: what was already evaluated is decided by the ledger in Redis, so a
 cold scanner (a restarted or different worker) is just slower, never wrong.
 """
@@ -23,12 +31,13 @@ import os
 import re
 import stat
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from . import defaults
 from .dirs import LocalDir, dir_version, file_version, walk
 from .filters import compile_filter
-from .layouts import Layout, Resolver, dir_step
+from .layouts import Layout, Member, Resolver, dir_step
 from .readiness import Format, check_format, settled_at
 
 log = logging.getLogger("assayer.scan")
@@ -134,6 +143,11 @@ class _DirCheckpoint:
     first_seen: float
     done: bool = False
     formats: dict[str, tuple[str, Format]] = field(default_factory=dict)
+    members: frozenset[tuple[str, str]] = frozenset()  # (member, its version): what was handed over once done
+
+    def deleting(self, members: Mapping[str, Member]) -> bool:
+        """Whether ``members`` is this handed-over version losing files: a strict subset, every rest unchanged."""
+        return self.done and frozenset((rel, m.version) for rel, m in members.items()) < self.members
 
 
 @dataclass
@@ -270,6 +284,11 @@ class Scanner:
         fresh = self._list(rel, path, mtime_ns, report)
         if fresh is None:
             return None
+        if cached is not None and cached.layout is not None and fresh.layout is not cached.layout \
+                and self._being_deleted(rel, path):
+            # Its marker (or the name its layout knew it by) was deleted first: the rest is not a new
+            # checkpoint, nor a folder of loose ones.
+            fresh.layout, fresh.excluded, fresh.files = cached.layout, cached.excluded, set()
         if cached is None or cached.mtime_ns != mtime_ns or cached.layout is not fresh.layout:
             report.changed = True
         if cached is not None:
@@ -310,6 +329,15 @@ class Scanner:
         excluded = layout is not None and self.filter_dirs and not (
             self.pattern.search(path + os.sep) or any(self.pattern.search(os.path.join(path, n)) for n in names))
         return _Dir(path, mtime_ns, files, subdirs, layout=layout, excluded=excluded)
+
+    def _being_deleted(self, rel: str, path: str) -> bool:
+        state = self._ckpts.get(rel)
+        if state is None or not state.done:
+            return False
+        try:
+            return state.deleting(walk(path))
+        except OSError:  # gone, unreadable or too large: judged as usual
+            return False
 
     def _link_allowed(self, path: str) -> bool:
         if self.follow_symlinks:
@@ -352,10 +380,13 @@ class Scanner:
             report.errors.append(f"{folder.path}: {exc.strerror or exc}")
             return
         version = dir_version(members)
+        if state is not None and state.deleting(members):
+            return  # being deleted: what is left is not a new version (it is forgotten once the directory is gone)
         if state is None or state.version != version or state.layout is not folder.layout:
             newest = max((m.mtime for m in members.values()), default=0.0)
             formats = state.formats if state is not None else {}
-            state = self._ckpts[rel] = _DirCheckpoint(folder.layout, version, newest, now, formats=formats)
+            state = self._ckpts[rel] = _DirCheckpoint(folder.layout, version, newest, now, formats=formats,
+                                                      members=frozenset((r, m.version) for r, m in members.items()))
             report.changed = True
         if state.done:
             return

@@ -1,0 +1,128 @@
+"""Races between Assayer and the world around it: a rotation deleting a checkpoint, a kill -9 between two
+writes, a Redis restart under pending deliveries. Each test reproduces the window itself, not a timing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from harness import Workers, add_watch, built_once, quiet, results_by_path, wait_for
+from writers import torch_bytes, train_hf
+
+from assayer.scan import Candidate, Scanner, ScanReport
+from assayer.settings import Settings
+
+# -- a checkpoint directory being deleted (the trainer's rotation) -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real Trainer run test_layouts builds (the same name and arguments: built once per test run)."""
+    return built_once(tmp_path_factory, "hf", lambda root: train_hf(root / "out", max_steps=12, save_steps=4,
+                                                                    save_total_limit=2)) / "out"
+
+
+def scan_later(scanner: Scanner, seconds: float = 3600) -> ScanReport:
+    """Scan as if long after the last change (past every quiet and settle time)."""
+    return scanner.scan(time.time() + seconds)
+
+
+def found(report: ScanReport) -> dict[str, Candidate]:
+    return {c.relpath: c for c in report.ready}
+
+
+def hand_over(scanner: Scanner) -> dict[str, Candidate]:
+    ready = found(scan_later(scanner))
+    for c in ready.values():
+        scanner.mark_done(c.relpath, c.version)
+    return ready
+
+
+KEPT_LAST = ("model.safetensors", "trainer_state.json")
+"""What a Trainer checkpoint needs to be complete: an rmtree that reaches these last leaves a complete
+checkpoint behind at every step before them (os.scandir's order, which rmtree follows, is the
+directory's own)."""
+
+
+def deletion_order(directory: Path) -> list[str]:
+    return sorted(os.listdir(directory), key=lambda n: (n in KEPT_LAST, n))
+
+
+def test_a_trainer_checkpoint_deleted_one_file_at_a_time_is_never_handed_over_again(hf_run: Path,
+                                                                                   tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(hf_run / "checkpoint-8", run / "checkpoint-8")
+    scanner = Scanner(str(run))
+    assert list(hand_over(scanner)) == ["checkpoint-8"]
+    for name in deletion_order(run / "checkpoint-8"):
+        (run / "checkpoint-8" / name).unlink()  # rmtree, pausing longer than the quiet time between unlinks
+        report = scan_later(scanner)
+        assert report.ready == [], f"with {name} deleted, what is left was handed over as a new version"
+        assert report.pending == [] and report.errors == []
+    (run / "checkpoint-8").rmdir()
+    assert scan_later(scanner).files == 0  # gone: forgotten
+
+
+def test_a_marker_deleted_first_does_not_turn_the_rest_into_loose_checkpoints(tmp_path: Path) -> None:
+    snap = tmp_path / "exp" / "snap"
+    snap.mkdir(parents=True)
+    (snap / "weights.pt").write_bytes(torch_bytes(1))
+    (snap / "COMMITTED").touch()
+    scanner = Scanner(str(tmp_path))
+    assert [c.layout for c in hand_over(scanner).values()] == ["marker"]
+    (snap / "COMMITTED").unlink()  # without its marker, a plain folder holding a .pt file
+    assert scan_later(scanner).ready == []
+    (snap / "weights.pt").unlink()
+    snap.rmdir()
+    assert scan_later(scanner).files == 0
+
+
+@pytest.mark.parametrize("change", ["a member rewritten", "a member added", "saved again under the same name"])
+def test_a_checkpoint_changed_while_it_loses_files_is_a_new_version(hf_run: Path, tmp_path: Path, change: str) -> None:
+    ckpt = tmp_path / "run" / "checkpoint-8"
+    shutil.copytree(hf_run / "checkpoint-8", ckpt)
+    scanner = Scanner(str(tmp_path / "run"))
+    first = hand_over(scanner)["checkpoint-8"]
+    (ckpt / "optimizer.pt").unlink()
+    assert scan_later(scanner).ready == []
+    if change == "a member rewritten":
+        (ckpt / "trainer_state.json").write_text((ckpt / "trainer_state.json").read_text() + "\n")
+    elif change == "a member added":
+        (ckpt / "adapter_config.json").write_text("{}")
+    else:  # the rest deleted, the directory kept, and the same step saved into it again
+        for name in os.listdir(ckpt):
+            (ckpt / name).unlink()
+        assert scan_later(scanner).ready == []
+        for name in os.listdir(hf_run / "checkpoint-8"):
+            shutil.copy(hf_run / "checkpoint-8" / name, ckpt / name)
+    scanner.force_full()  # a rewrite in place leaves the directory's mtime alone: full scans catch it
+    second = found(scan_later(scanner)).get("checkpoint-8")
+    assert second is not None and second.version != first.version
+
+
+@pytest.mark.slow
+def test_a_rotation_pausing_between_unlinks_queues_nothing_twice(
+    conn: redis.Redis, settings: Settings, workers: Workers, hf_run: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    add_watch(conn, settings, run, fn="inspect_dir")
+    workers.start("watch")
+    workers.start("eval")
+    shutil.copytree(hf_run / "checkpoint-8", run / "tmp-checkpoint-8")
+    os.rename(run / "tmp-checkpoint-8", run / "checkpoint-8")  # as Trainer saves: renamed into place
+    wait_for(lambda: results_by_path(conn).get("checkpoint-8"), 30, what="checkpoint-8 evaluated")
+    quiet(conn)
+    pause = 2 * settings.settle  # longer than the quiet time and the settle time: every scan sees each step
+    for name in deletion_order(run / "checkpoint-8"):
+        (run / "checkpoint-8" / name).unlink()
+        time.sleep(pause)
+    (run / "checkpoint-8").rmdir()
+    quiet(conn, after=settings.settle)
+    got = results_by_path(conn)
+    assert len(got["checkpoint-8"]) == 1, [(r["status"], r["version"], r.get("error")) for r in got["checkpoint-8"]]
+    assert got["checkpoint-8"][0]["status"] == "ok"
+    assert conn.llen("rq:queue:assayer-eval") == 0 and conn.scard("assayer:pending:run") == 0
