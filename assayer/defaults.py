@@ -180,3 +180,6 @@ EXPORTER_PORT = 9182
 NEWEST_AFTER = 60.0
 """``--every N``: seconds a checkpoint whose step is no multiple of N must stay the newest before it is
 evaluated anyway (the run's last checkpoint); ``ASSAYER_NEWEST_AFTER``."""
+
+COPY_BATCH = 100
+"""Result lines one round trip takes from a watch's copy backlog to append to its results file."""

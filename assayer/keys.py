@@ -67,12 +67,12 @@ COPY_ERRORS = P + "copy-errors"
 
 
 def copy_backlog(watch: str) -> str:
-    """List: result lines not yet appended to the watch's results file (the directory was full or unwritable)."""
+    """List: result lines not yet appended to the watch's results file (each line waits here until it is)."""
     return f"{P}copy-backlog:{watch}"
 
 
 def copy_lock(watch: str) -> str:
-    """String with TTL: the eval worker writing a watch's copy backlog to its file."""
+    """String with TTL: unused since the results file's own lock serializes the copy (kept for older workers)."""
     return f"{P}copy-backlog:{watch}:lock"
 
 
@@ -99,3 +99,8 @@ def health_pattern(role: str) -> str:
 def host_health(role: str, host: str) -> str:
     """String with TTL: some live worker of ``role`` on ``host`` (what ``assayer health`` reads)."""
     return f"{P}health-host:{role}:{host}"
+
+
+COPY_PENDING = P + "copy-pending"
+"""Set: watches whose copy backlog may hold lines: added with each line, removed once it is empty, so the
+lines of a process killed before it appended them are found (see :mod:`assayer.results`)."""

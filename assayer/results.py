@@ -4,14 +4,34 @@ The file copy lets results survive the loss of Redis (``assayer results --source
 Exactly one *final* record exists per eval job: it is written with HSETNX, so a stale worker
 that finishes after its job was taken over cannot add a second one.
 
-Redis is the record; the file is a copy. A full or unwritable results directory never fails an
-evaluation: the lines that could not be written wait in a backlog in Redis, ``assayer status``
-shows why, and the copy catches up (in order) once the directory is writable again; ``assayer
-results --export`` rebuilds the files from Redis at any time.
+Redis is the record; the file is a copy, and the copy holds every line exactly once:
+
+* **Never lost.** A line enters the watch's copy backlog (:func:`assayer.keys.copy_backlog`) in the
+  same Redis step that stores its record, and the watch enters :data:`assayer.keys.COPY_PENDING`
+  with it. It leaves the backlog only after it was appended and fsync'ed. A process killed between
+  the two steps leaves the line in the backlog, and eval workers drain every watch in that set
+  every few seconds (:func:`catch_up_all`). A full or unwritable results directory never fails an
+  evaluation either: the lines wait, ``assayer status`` shows why, and the copy catches up in
+  order once the directory is writable again.
+* **Never twice.** The backlog is drained under the watch's copy lock (``flock`` of a lock file beside
+  the results file, :func:`lock_path`; the kernel drops it with a killed holder, so nobody waits on
+  a dead one). A drainer killed after its append and before its trim leaves the file *ending* with
+  the lines still at the head of the backlog; the next drainer, under the same lock, sees that and
+  appends only the rest. The append is idempotent rather than the readers tolerant: the file holds
+  each attempt once, so every reader (:func:`load_files`, ``assayer restore``, anyone counting lines
+  or attempts) can take it as it is. Each line is one attempt's record (its job, attempt and times),
+  so an identical line is the same record. A trim takes effect only while the backlog still starts
+  with the line appended first, and a line torn by a crash or a full disk is cut off before the next
+  append (readers skip such a line anyway).
+* **Cheap.** Storing an attempt costs three round trips (the Redis step, taking the batch, trimming
+  it) where it cost two (the Redis step, a look at the backlog); the fsync was always there.
+
+``assayer results --export`` rebuilds the files from Redis at any time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import fcntl
 import io
@@ -19,9 +39,9 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from . import defaults, keys
 from .directions import Direction, direction
@@ -35,83 +55,133 @@ if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('RPUSH', KEYS[4], ARGV[2])
   redis.call('SREM', KEYS[2], ARGV[1])
   redis.call('HDEL', KEYS[3], ARGV[1])
-  for i = 4, #ARGV do
+  redis.call('RPUSH', KEYS[6], ARGV[2])
+  redis.call('SADD', KEYS[7], ARGV[4])
+  for i = 5, #ARGV do
     redis.call('ZADD', KEYS[5], 'NX', tonumber(ARGV[3]), ARGV[i])
   end
   return 1
 end
 return 0
 """
-"""The final record, its attempt, the job's leaving the pending and failing sets, and its deliveries to
-trackers falling due, in one step: no reader ever sees a final result without its attempt, and no
-final result exists without its deliveries (:mod:`assayer.deliveries`)."""
+"""The final record, its attempt, the job's leaving the pending and failing sets, its line waiting for the
+results file, and its deliveries to trackers falling due, in one step: no reader ever sees a final result
+without its attempt, and no final result exists without its file line and its deliveries
+(:mod:`assayer.deliveries`)."""
+
+_RECORD_ATTEMPT = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  return 0
+end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+if ARGV[3] == 'failed' then
+  redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+end
+redis.call('RPUSH', KEYS[4], ARGV[2])
+redis.call('SADD', KEYS[5], ARGV[4])
+return 1
+"""
+"""An attempt that is not final, its failing mark (shown at once in status and results, until a final result)
+and its file line, in one step; never after its job's final result (a worker killed after storing that one is
+found lost by the sweep, and what it did was done)."""
+
+_TAKE = """
+local first, count = ARGV[2], tonumber(ARGV[3])
+if count > 0 and redis.call('LINDEX', KEYS[1], 0) == first then
+  redis.call('LTRIM', KEYS[1], count, -1)
+end
+local lines = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[4]) - 1)
+if #lines == 0 then
+  redis.call('SREM', KEYS[2], ARGV[1])
+  redis.call('HDEL', KEYS[3], ARGV[1])
+end
+return lines
+"""
+"""Trim the ``count`` lines just appended (only if the backlog still starts with the first of them), and take
+the next batch; an empty backlog leaves the pending set and clears the watch's copy error, in the same step."""
 
 
 def record(conn: Any, results_dir: Path, rec: ResultRecord, report_to: Sequence[str] = ()) -> bool:
-    """Store one attempt. Returns False when ``rec`` is final but its job already had a final result.
+    """Store one attempt. Returns False when its job already had a final result (a late attempt, final or not).
 
     A final ``ok`` result falls due for delivery to each tracker in ``report_to`` in the same step.
+    Its line reaches the results file now, or later from the backlog; this never raises for the file.
     """
     line = dump(rec)
+    watch = rec["watch"]
     stored = True
     if rec.get("final"):
         sinks = report_to if rec.get("status") == "ok" else ()
-        due = [f"{rec['watch']}|{sink}|{rec['job_id']}" for sink in sinks]  # deliveries.Item.member
-        stored = bool(conn.eval(_RECORD_FINAL, 5, keys.results(rec["watch"]), keys.pending(rec["watch"]),
-                                keys.failing(rec["watch"]), keys.attempts(rec["job_id"]), keys.DELIVER_DUE,
-                                rec["job_id"], line, time.time(), *due))
+        due = [f"{watch}|{sink}|{rec['job_id']}" for sink in sinks]  # deliveries.Item.member
+        stored = bool(conn.eval(_RECORD_FINAL, 7, keys.results(watch), keys.pending(watch),
+                                keys.failing(watch), keys.attempts(rec["job_id"]), keys.DELIVER_DUE,
+                                keys.copy_backlog(watch), keys.COPY_PENDING,
+                                rec["job_id"], line, time.time(), watch, *due))
         if not stored:
             log.warning("job %s already has a final result; discarding this late attempt", rec["job_id"])
             return False
     else:
-        with conn.pipeline() as pipe:  # MULTI: the attempt and the failing mark land together
-            pipe.rpush(keys.attempts(rec["job_id"]), line)
-            if rec.get("status") == "failed":  # shown at once in status and results, until a final result
-                pipe.hset(keys.failing(rec["watch"]), rec["job_id"], line)
-            pipe.execute()
-    copy(conn, results_dir, rec["watch"], line)
+        stored = bool(conn.eval(_RECORD_ATTEMPT, 5, keys.results(watch), keys.attempts(rec["job_id"]),
+                                keys.failing(watch), keys.copy_backlog(watch), keys.COPY_PENDING,
+                                rec["job_id"], line, str(rec.get("status")), watch))
+        if not stored:  # e.g. "the worker was lost" for a job whose worker was killed after storing its result
+            log.warning("job %s already has a final result; discarding attempt %s", rec["job_id"], rec.get("attempt"))
+            return False
+    catch_up(conn, results_dir, watch)
     return stored
 
 
-def copy(conn: Any, results_dir: Path, watch: str, line: str | None = None) -> bool:
-    """Append ``line`` (and any backlog before it) to the watch's file; never raise. True when caught up."""
-    if line is not None:
-        if not conn.exists(keys.copy_backlog(watch)):
-            try:
-                _append(results_dir, watch, [line])
-                return True
-            except OSError as exc:
-                _fell_behind(conn, results_dir, watch, exc)
-        conn.rpush(keys.copy_backlog(watch), line)
-    return catch_up(conn, results_dir, watch)
-
-
 def catch_up(conn: Any, results_dir: Path, watch: str) -> bool:
-    """Write a watch's backlog to its file, oldest first; True once nothing is left."""
-    backlog = keys.copy_backlog(watch)
-    lock = keys.copy_lock(watch)
-    if not conn.set(lock, "1", nx=True, px=int(defaults.COPY_LOCK_TTL * 1000)):
-        return False  # another worker is catching up this watch
+    """Append a watch's backlog to its file, oldest first, each line once; True once nothing is left.
+
+    Never raises for the file: a failure is noted for ``assayer status`` and the lines wait.
+    """
     try:
-        while True:
-            lines = [raw.decode() for raw in conn.lrange(backlog, 0, 99)]
-            if not lines:
-                conn.hdel(keys.COPY_ERRORS, watch)
-                return True
-            try:
-                _append(results_dir, watch, lines)
-            except OSError as exc:
-                _fell_behind(conn, results_dir, watch, exc)
-                return False
-            conn.ltrim(backlog, len(lines), -1)
-    finally:
-        conn.delete(lock)
+        with _locked(results_dir, watch):
+            _drain(conn, results_dir, watch, [])
+        return True
+    except OSError as exc:
+        _fell_behind(conn, results_dir, watch, exc)
+        return False
 
 
 def catch_up_all(conn: Any, results_dir: Path) -> None:
-    """Try every watch whose copy is behind (eval workers call this every few seconds)."""
-    for raw in conn.hkeys(keys.COPY_ERRORS):
-        catch_up(conn, results_dir, raw.decode())
+    """Drain every watch whose copy may be behind (eval workers call this every few seconds): lines a killed
+    process left in the backlog, and lines that wait for a full or unwritable directory."""
+    names = {keys.text(raw) for raw in conn.smembers(keys.COPY_PENDING)}
+    for name in sorted(names | {keys.text(raw) for raw in conn.hkeys(keys.COPY_ERRORS)}):
+        catch_up(conn, results_dir, name)
+
+
+def lock_path(results_dir: Path, watch: str) -> Path:
+    """The file whose ``flock`` serializes every write of a watch's results file (that one may be replaced)."""
+    return results_dir / f".{watch}.jsonl.lock"
+
+
+@contextlib.contextmanager
+def _locked(results_dir: Path, watch: str) -> Iterator[None]:
+    """Hold the watch's copy lock. Several eval workers (on several hosts, over NFS) share the directory; the
+    kernel drops the lock of a killed holder, so nobody waits on a dead one."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_path(results_dir, watch), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _drain(conn: Any, results_dir: Path, watch: str, written: list[str]) -> None:
+    """Under the lock: trim ``written`` (lines now in the file) and append the rest of the backlog, batch by batch."""
+    backlog = keys.copy_backlog(watch)
+    lines = [] if written else [keys.text(raw) for raw in conn.lrange(backlog, 0, defaults.COPY_BATCH - 1)]
+    with open(results_dir / f"{watch}.jsonl", "a+b") as fh:
+        while True:
+            if lines:  # appended before the trim: a drainer killed in between leaves them at the file's end
+                _append(fh, [line.encode() for line in lines])
+                written = lines
+            lines = [keys.text(raw) for raw in conn.eval(
+                _TAKE, 3, backlog, keys.COPY_PENDING, keys.COPY_ERRORS,
+                watch, written[0] if written else "", len(written), defaults.COPY_BATCH)]
+            if not lines:
+                return
 
 
 def _fell_behind(conn: Any, results_dir: Path, watch: str, exc: OSError) -> None:
@@ -122,30 +192,67 @@ def _fell_behind(conn: Any, results_dir: Path, watch: str, exc: OSError) -> None
         conn.hset(keys.COPY_ERRORS, watch, why)
 
 
-def _append(results_dir: Path, watch: str, lines: list[str]) -> None:
-    results_dir.mkdir(parents=True, exist_ok=True)
-    with open(results_dir / f"{watch}.jsonl", "a", encoding="utf-8") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)  # several eval workers may share the directory
-        fh.write("".join(line + "\n" for line in lines))
+def _append(fh: IO[bytes], lines: list[bytes]) -> None:
+    """Append the lines the file does not already end with (a drainer killed before its trim wrote them)."""
+    size = _cut_torn_line(fh)
+    window = sum(len(line) + 1 for line in lines) + 1  # the lines and the newline before them
+    start = max(0, size - window)
+    fh.seek(start)
+    tail = fh.read(size - start).split(b"\n")[:-1]
+    if start > 0:
+        tail = tail[1:]  # the window's first piece may be part of a line
+    done = next((n for n in range(min(len(tail), len(lines)), 0, -1) if tail[-n:] == lines[:n]), 0)
+    if done < len(lines):
+        fh.write(b"".join(line + b"\n" for line in lines[done:]))
         fh.flush()
         os.fsync(fh.fileno())
 
 
+def _cut_torn_line(fh: IO[bytes]) -> int:
+    """Cut a last line without its newline (a writer killed mid-write, a full disk); return the file's size."""
+    size = os.fstat(fh.fileno()).st_size
+    if size == 0:
+        return 0
+    fh.seek(size - 1)
+    if fh.read(1) == b"\n":
+        return size
+    end = size
+    while end > 0:  # back to the last newline, a chunk at a time (a traceback's line can be long)
+        start = max(0, end - 65536)
+        fh.seek(start)
+        newline = fh.read(end - start).rfind(b"\n")
+        end = start if newline < 0 else start + newline + 1
+        if newline >= 0:
+            break
+    fh.truncate(end)
+    log.warning("%s: cut a torn last line (%d bytes) before appending", fh.name, size - end)
+    return end
+
+
 def export(conn: Any, results_dir: Path, watch: str) -> int:
-    """Rebuild a watch's results file from Redis (every attempt of every job it has); return the line count."""
-    job_ids = {raw.decode() for raw in conn.hkeys(keys.results(watch))} | {
-        raw.decode() for raw in conn.smembers(keys.pending(watch))}
-    lines = []
-    for job_id in job_ids:
-        lines += [raw.decode() for raw in conn.lrange(keys.attempts(job_id), 0, -1)]
-    lines.sort(key=lambda line: json.loads(line).get("finished_at") or "")
-    results_dir.mkdir(parents=True, exist_ok=True)
-    target = results_dir / f"{watch}.jsonl"
-    tmp = target.with_name(f".{target.name}.export")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, target)
-    conn.delete(keys.copy_backlog(watch))
-    conn.hdel(keys.COPY_ERRORS, watch)
+    """Rebuild a watch's results file from Redis (every attempt of every job it has); return the line count.
+
+    Under the copy lock: the backlog's lines go last, in their order, so an export cut short before it
+    trimmed them leaves a file that ends with them, which the next drain recognises.
+    """
+    with _locked(results_dir, watch):
+        job_ids = {raw.decode() for raw in conn.hkeys(keys.results(watch))} | {
+            raw.decode() for raw in conn.smembers(keys.pending(watch))}
+        lines = []
+        for job_id in job_ids:
+            lines += [raw.decode() for raw in conn.lrange(keys.attempts(job_id), 0, -1)]
+        waiting = [keys.text(raw) for raw in conn.lrange(keys.copy_backlog(watch), 0, -1)]
+        queued = set(waiting)
+        lines = sorted((line for line in lines if line not in queued),
+                       key=lambda line: json.loads(line).get("finished_at") or "") + waiting
+        target = results_dir / f"{watch}.jsonl"
+        tmp = target.with_name(f".{target.name}.export")
+        with open(tmp, "wb") as fh:
+            fh.write(b"".join(line.encode() + b"\n" for line in lines))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+        _drain(conn, results_dir, watch, waiting)  # trims what the file now has, appends what came since
     return len(lines)
 
 

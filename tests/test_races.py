@@ -3,16 +3,21 @@ writes, a Redis restart under pending deliveries. Each test reproduces the windo
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
-from harness import Workers, add_watch, built_once, quiet, results_by_path, wait_for
+from harness import Workers, add_watch, built_once, final_results, quiet, results_by_path, wait_for
 from writers import torch_bytes, train_hf
 
+from assayer import keys, records, results
 from assayer.scan import Candidate, Scanner, ScanReport
 from assayer.settings import Settings
 
@@ -126,3 +131,101 @@ def test_a_rotation_pausing_between_unlinks_queues_nothing_twice(
     assert len(got["checkpoint-8"]) == 1, [(r["status"], r["version"], r.get("error")) for r in got["checkpoint-8"]]
     assert got["checkpoint-8"][0]["status"] == "ok"
     assert conn.llen("rq:queue:assayer-eval") == 0 and conn.scard("assayer:pending:run") == 0
+
+
+# -- a kill -9 between storing a result in Redis and copying it to the results file ------------------------------
+
+
+@contextlib.contextmanager
+def copy_locked(settings: Settings, watch: str = "run") -> Iterator[None]:
+    """Hold the results file's locks, as a slow writer would: the copy lock, and the results file itself (which
+    a version without the copy lock locked). A worker storing a result then waits right after its Redis step."""
+    settings.results_path.mkdir(parents=True, exist_ok=True)
+    with open(results.lock_path(settings.results_path, watch), "a") as lock, \
+            open(settings.results_path / f"{watch}.jsonl", "a") as copy:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        fcntl.flock(copy, fcntl.LOCK_EX)
+        yield
+
+
+def file_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def stored_attempts(conn: redis.Redis, watch: str = "run") -> list[str]:
+    """Every attempt line Redis holds for the watch's jobs: what its results file must hold, each once."""
+    return [raw.decode() for job in conn.hkeys(keys.results(watch)) for raw in conn.lrange(keys.attempts(job.decode()), 0, -1)]
+
+
+def assert_copy_is_exact(conn: redis.Redis, copy: Path) -> None:
+    lines = file_lines(copy)
+    assert sorted(lines) == sorted(stored_attempts(conn)), "the results file differs from Redis's attempts"
+    finals = [json.loads(line) for line in lines if json.loads(line)["final"]]
+    assert sorted(r["job_id"] for r in finals) == sorted(r["job_id"] for r in final_results(conn, "run"))
+    assert not conn.exists(keys.copy_backlog("run")) and not conn.sismember(keys.COPY_PENDING, "run")
+    assert conn.hlen(keys.failing("run")) == 0  # no phantom "worker lost" attempt after the final result
+
+
+@pytest.mark.slow
+def test_an_eval_worker_killed_after_storing_a_result_and_before_copying_it_loses_no_line(
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    ckpts, copy = tmp_path / "ckpts", settings.results_path / "run.jsonl"
+    add_watch(conn, settings, ckpts)
+    workers.start("watch")
+    doomed = workers.start("eval")
+    with copy_locked(settings):
+        (ckpts / "a.pt").write_bytes(torch_bytes(1))
+        wait_for(lambda: final_results(conn, "run"), 20, what="a.pt's result stored in Redis")
+        workers.kill9(doomed)  # waiting for the lock: after its Redis step, before its append
+        assert file_lines(copy) == []
+    workers.start("eval")  # finds the line the killed worker left, and the job it left running
+    wait_for(lambda: any(json.loads(line)["final"] for line in file_lines(copy)), 20,
+             what="the final result's line in the results file")
+    quiet(conn)  # the lost job re-run too (it finds its final result and stores nothing)
+    assert [json.loads(line)["relpath"] for line in file_lines(copy)] == ["a.pt"]
+    assert_copy_is_exact(conn, copy)
+
+
+@pytest.mark.slow
+def test_an_eval_worker_killed_after_copying_a_line_and_before_trimming_it_doubles_no_line(
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    ckpts, copy = tmp_path / "ckpts", settings.results_path / "run.jsonl"
+    add_watch(conn, settings, ckpts)
+    workers.start("watch")
+    doomed = workers.start("eval")
+    (ckpts / "a.pt").write_bytes(torch_bytes(1))
+    wait_for(lambda: len(file_lines(copy)) == 1, 20, what="a.pt evaluated and copied")
+    with copy_locked(settings):
+        (ckpts / "b.pt").write_bytes(torch_bytes(2))
+        wait_for(lambda: len(final_results(conn, "run")) == 2, 20, what="b.pt's result stored in Redis")
+        conn.client_pause(30_000, all=False)  # from now on writes wait (reads go on): the worker's trim will
+    try:  # the lock released: the worker reads the backlog, appends b's line, and waits to trim it
+        wait_for(lambda: len(file_lines(copy)) == 2, 20, what="b.pt's line appended")
+        workers.kill9(doomed)
+    finally:
+        conn.client_unpause()
+    assert conn.llen(keys.copy_backlog("run")) == 1  # in the file and still in the backlog
+    workers.start("eval")
+    wait_for(lambda: not conn.exists(keys.copy_backlog("run")), 20, what="the backlog drained")
+    quiet(conn)
+    assert [json.loads(line)["relpath"] for line in file_lines(copy)] == ["a.pt", "b.pt"]
+    assert_copy_is_exact(conn, copy)
+
+
+def test_a_line_torn_by_a_crash_is_cut_not_glued_to_the_next_one(conn: redis.Redis, tmp_path: Path) -> None:
+    def attempt(n: int) -> records.ResultRecord:
+        rec = records.new_attempt(f"job-{n}", {"watch": "run", "checkpoint": f"/c/{n}.pt", "relpath": f"{n}.pt",
+                                               "version": "v1"}, 1, "w", records.utcnow())
+        return records.finish(rec, "ok", True, metrics={"n": n})
+
+    assert results.record(conn, tmp_path, attempt(1))
+    copy = tmp_path / "run.jsonl"
+    whole = copy.read_bytes()
+    with open(copy, "ab") as fh:
+        fh.write(records.dump(attempt(2)).encode()[:40])  # a writer killed mid-line (or a disk that filled up)
+    third = attempt(3)
+    assert results.record(conn, tmp_path, third)
+    assert copy.read_bytes() == whole + records.dump(third).encode() + b"\n"
+    assert [r["job_id"] for r in results.load_files(tmp_path, "run")] == ["job-1", "job-3"]
