@@ -8,18 +8,21 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
-from harness import Workers, add_watch, built_once, final_results, quiet, results_by_path, wait_for
-from writers import torch_bytes, train_hf
+from harness import RedisServer, Workers, add_watch, built_once, final_results, quiet, results_by_path, run_cli, wait_for
+from trackers import tensorboard_scalars
+from writers import torch_bytes, train_hf, write_atomically
 
 from assayer import keys, records, results
 from assayer.scan import Candidate, Scanner, ScanReport
 from assayer.settings import Settings
+from assayer.watches import Report
 
 # -- a checkpoint directory being deleted (the trainer's rotation) -----------------------------------------------
 
@@ -229,3 +232,62 @@ def test_a_line_torn_by_a_crash_is_cut_not_glued_to_the_next_one(conn: redis.Red
     assert results.record(conn, tmp_path, third)
     assert copy.read_bytes() == whole + records.dump(third).encode() + b"\n"
     assert [r["job_id"] for r in results.load_files(tmp_path, "run")] == ["job-1", "job-3"]
+
+
+# -- Redis killed and restarted while deliveries to trackers are pending ---------------------------------------
+
+
+def crash_and_restart(server: RedisServer) -> None:
+    """kill -9 the redis-server and start it again on its data directory (AOF, fsync always: nothing acknowledged
+    is lost, but every client's connection breaks wherever it was)."""
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(10)
+    server.start()
+    with redis.Redis(port=server.port) as client:  # it answers INFO while it loads; other commands get LOADING
+        wait_for(lambda: client.info("persistence")["loading"] == 0, 20, what="Redis to load its AOF")
+
+
+@pytest.mark.slow
+def test_redis_killed_and_restarted_while_deliveries_are_pending_delivers_each_result_once(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis")
+    settings = Settings(redis_url=server.url, home=tmp_path / "home", poll_interval=0.2, settle=0.5,
+                        lease_ttl=4, heartbeat_interval=1.0, reap_interval=0.5)
+    conn = redis.Redis.from_url(server.url)
+    (tmp_path / "logs").mkdir()
+    w = Workers(settings, tmp_path / "logs")
+    steps = list(range(1, 9))
+    board = settings.results_path / "tensorboard" / "run"
+    try:
+        ckpts = tmp_path / "ckpts"
+        add_watch(conn, settings, ckpts, report=Report("tensorboard"))
+        board.parent.mkdir(parents=True)
+        board.write_text("in the way")  # TensorBoard's directory cannot be made: every delivery fails, and waits
+        w.start("eval")
+        w.start("watch", {"ASSAYER_DELIVERY_LEASE": "3"})
+        for step in steps:
+            write_atomically(ckpts / f"model-step{step}.pt", torch_bytes(step, size=1000 + step))
+        wait_for(lambda: conn.hlen(keys.delivery_errors("run")) == len(steps), 60, interval=0.2,
+                 what="every result evaluated and its delivery failed once")
+        board.unlink()  # the tracker is back: the deliveries go as their backoff ends
+        crash_and_restart(server)
+        assert conn.hlen(keys.delivered("run")) < len(steps)  # pending across the first restart
+        wait_for(lambda: conn.hlen(keys.delivered("run")) > 0, 60, interval=0.01, what="a first delivery")
+        crash_and_restart(server)  # again, as the deliveries are being made
+        wait_for(lambda: conn.hlen(keys.delivered("run")) == len(steps), 90, interval=0.2,
+                 what="every delivery after the restarts")
+        points = tensorboard_scalars(board, "eval/size")
+        sizes = {r["step"]: r["metrics"]["size"] for r in final_results(conn, "run")}
+        assert points == [(step, sizes[step]) for step in steps]  # each result once, at its step
+        assert conn.zcard(keys.DELIVER_DUE) == 0 and conn.hlen(keys.delivery_errors("run")) == 0
+        assert len(results_by_path(conn)) == len(steps) and all(len(v) == 1 for v in results_by_path(conn).values())
+        out = run_cli(settings, "status", "--format", "json")
+        assert json.loads(out.stdout)["watches"][0]["report_to"]["tensorboard"] == {
+            "delivered": len(steps), "pending": 0, "failing": 0, "last_error": None}
+        assert all(p.poll() is None for p in w.procs), "a worker did not survive the Redis restarts"
+    except BaseException:
+        print(w.logs())
+        raise
+    finally:
+        w.stop_all()
+        server.stop()
