@@ -72,7 +72,7 @@ def copy_backlog(watch: str) -> str:
 
 
 def copy_lock(watch: str) -> str:
-    """String with TTL: unused since the results file's own lock serializes the copy (kept for older workers)."""
+    """String with TTL: what workers took before the copy lock file (:func:`assayer.results.lock_path`); unused."""
     return f"{P}copy-backlog:{watch}:lock"
 
 
