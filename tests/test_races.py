@@ -15,7 +15,18 @@ from pathlib import Path
 
 import pytest
 import redis
-from harness import RedisServer, Workers, add_watch, built_once, final_results, quiet, results_by_path, run_cli, wait_for
+from harness import (
+    RedisServer,
+    Workers,
+    add_watch,
+    built_once,
+    final_results,
+    quiet,
+    results_by_path,
+    run_cli,
+    settled,
+    wait_for,
+)
 from trackers import tensorboard_scalars
 from writers import torch_bytes, train_hf, write_atomically
 
@@ -133,7 +144,7 @@ def test_a_rotation_pausing_between_unlinks_queues_nothing_twice(
     got = results_by_path(conn)
     assert len(got["checkpoint-8"]) == 1, [(r["status"], r["version"], r.get("error")) for r in got["checkpoint-8"]]
     assert got["checkpoint-8"][0]["status"] == "ok"
-    assert conn.llen("rq:queue:assayer-eval") == 0 and conn.scard("assayer:pending:run") == 0
+    assert settled(conn)
 
 
 # -- a kill -9 between storing a result in Redis and copying it to the results file ------------------------------
@@ -157,7 +168,8 @@ def file_lines(path: Path) -> list[str]:
 
 def stored_attempts(conn: redis.Redis, watch: str = "run") -> list[str]:
     """Every attempt line Redis holds for the watch's jobs: what its results file must hold, each once."""
-    return [raw.decode() for job in conn.hkeys(keys.results(watch)) for raw in conn.lrange(keys.attempts(job.decode()), 0, -1)]
+    return [keys.text(raw) for job in conn.hkeys(keys.results(watch))
+            for raw in conn.lrange(keys.attempts(keys.text(job)), 0, -1)]
 
 
 def assert_copy_is_exact(conn: redis.Redis, copy: Path) -> None:
