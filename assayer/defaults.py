@@ -136,9 +136,6 @@ ENQUEUE_BATCH = 200
 STATE_REFRESH = 5.0
 """Seconds between two writes of an unchanged watch state (``assayer status`` shows its age)."""
 
-COPY_LOCK_TTL = 30.0
-"""Seconds one eval worker may hold a watch's results-copy catch-up before another may take over."""
-
 STACK_READY_TIMEOUT = 60.0
 """Seconds ``assayer up`` waits for the stack's workers to report."""
 

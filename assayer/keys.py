@@ -71,10 +71,6 @@ def copy_backlog(watch: str) -> str:
     return f"{P}copy-backlog:{watch}"
 
 
-def copy_lock(watch: str) -> str:
-    """String with TTL: what workers took before the copy lock file (:func:`assayer.results.lock_path`); unused."""
-    return f"{P}copy-backlog:{watch}:lock"
-
 
 def failing(watch: str) -> str:
     """Hash: eval job id -> its last failed attempt, while the job waits for a retry (no final result yet)."""

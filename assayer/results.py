@@ -336,13 +336,15 @@ def qualify(records: list[ResultRecord], evaluators: dict[str, list[str]] | None
     ``--best``, the plot, the table and the checkpoint page use, so one rule
     (:func:`assayer.directions.direction`) sees each evaluator's metric apart.
     """
-    names: dict[str, set[str]] = {w: set(n) for w, n in (evaluators or {}).items()}
+    given = evaluators or {}
+    names: dict[str, set[str]] = {w: set(n) for w, n in given.items()}
     for rec in records:
-        names.setdefault(rec["watch"], set()).add(evaluator_name(rec))
+        if evaluator_name(rec):  # a record without one (hand-made, or very old) is the watch's first evaluator's
+            names.setdefault(rec["watch"], set()).add(evaluator_name(rec))
     out = []
     for rec in records:
-        if len(names[rec["watch"]]) > 1:
-            ev = evaluator_name(rec)
+        if len(names.get(rec["watch"], ())) > 1:
+            ev = evaluator_name(rec) or (given.get(rec["watch"]) or ["?"])[0]
             rec = rec.copy()
             rec["metrics"] = {f"{ev}.{k}": v for k, v in (rec.get("metrics") or {}).items()}
             rec["directions"] = {f"{ev}.{k}": v for k, v in (rec.get("directions") or {}).items()}

@@ -22,6 +22,7 @@ from assayer import ledger, watches
 from assayer.settings import Settings
 
 EVALUATORS = '''
+import os
 
 CALLS = 0
 
