@@ -199,7 +199,11 @@ class Reporter:
 
     def sink(self, name: str) -> Sink:
         if name not in self.sinks:
-            self.sinks[name] = self.make_sink(name, self.results_dir)
+            sink = self.make_sink(name, self.results_dir)
+            if hasattr(sink, "creation_lock"):  # the watch workers make a tracker's run one at a time
+                sink.creation_lock = lambda what: self.conn.lock(keys.tracker_lock(what), timeout=60,
+                                                                 blocking_timeout=120)
+            self.sinks[name] = sink
         return self.sinks[name]
 
     def close(self) -> None:

@@ -18,9 +18,13 @@ default, with backoff); once it gives up, an unreachable or failing server is :c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 import re
+import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from ..errors import ConfigError
@@ -36,6 +40,10 @@ def metric_key(metric: str) -> str:
     return key if posixpath.normpath(key) == key else PREFIX + re.sub(r"[^\w.\- ]", "_", metric)
 
 
+_PROCESS_LOCKS: dict[tuple[str, str], threading.Lock] = {}
+"""One lock per (experiment, watch) for the sinks of this process (see ``MlflowSink.creation_lock``)."""
+
+
 class MlflowSink(Sink):
     name = "mlflow"
 
@@ -46,6 +54,10 @@ class MlflowSink(Sink):
         self.client = MlflowClient(tracking_uri)  # None: MLFLOW_TRACKING_URI, resolved by MLflow itself
         self.experiment = experiment  # None: the watch's name
         self._runs: dict[tuple[str, str], str] = {}
+        # Finding or making a watch's run is one step at a time: in this process always, across the watch
+        # workers when the reporter gives a lock shared through Redis. Otherwise a worker could log into a
+        # run that a worker who made an older one at the same moment is about to delete.
+        self.creation_lock: Callable[[str], AbstractContextManager[Any]] | None = None
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         from mlflow.exceptions import MlflowException
@@ -85,6 +97,13 @@ class MlflowSink(Sink):
         if d.mlflow_run_id:
             return d.mlflow_run_id
         key = (self.experiment or d.watch, d.watch)
+        if key not in self._runs:
+            with _PROCESS_LOCKS.setdefault(key, threading.Lock()), (
+                    self.creation_lock(f"mlflow|{key[0]}|{key[1]}") if self.creation_lock else contextlib.nullcontext()):
+                return self._find_or_make_run(key, d, create)
+        return self._runs[key]
+
+    def _find_or_make_run(self, key: tuple[str, str], d: Delivery, create: bool) -> str | None:
         if key not in self._runs:
             exp_id = self._experiment_id(key[0])
             runs = self._watch_runs(exp_id, d.watch)
