@@ -27,7 +27,7 @@ from .records import ResultRecord, evaluator_name, parse
 from .scan import parse_step
 from .settings import Settings
 
-STATUSES = ("writing", "baseline", "queued", "running", "retrying", "ok", "failed", "missing", "unfinished")
+STATUSES = ("writing", "baseline", "queued", "running", "retrying", "ok", "failed", "missing", "skipped", "unfinished")
 """Every status a checkpoint row can have, in the order of its life."""
 
 _NUMBER = (int, float)

@@ -144,6 +144,12 @@ def watch() -> None:
               help="Which checkpoints are evaluated first")
 @click.option("--every", type=click.IntRange(min=1), metavar="N",
               help="Evaluate only checkpoints whose step is a multiple of N (and always the newest)")
+@click.option("--snapshot", type=click.Choice(["off", "link", "copy", "auto"]),
+              help="Pin each checkpoint (hard links, or a copy) before queueing it, so the trainer's rotation "
+                   "cannot delete it first [default: ASSAYER_SNAPSHOT, else off]")
+@click.option("--snapshot-dir", help="Where the snapshots go (a writable volume) [default: ASSAYER_SNAPSHOT_DIR]")
+@click.option("--when-full", type=click.Choice(["wait", "skip"]), default="wait", show_default=True,
+              help="The copy cache is full (ASSAYER_SNAPSHOT_MAX_GB): new checkpoints wait, or are recorded skipped")
 @click.option("--name", help="Watch name (default: the directory's name)")
 @click.option("--regex", help="Filter searched in each file's absolute path [default: common checkpoint extensions]")
 @click.option("--eval-existing", is_flag=True, help="Also evaluate checkpoints already there")
@@ -165,7 +171,8 @@ def watch() -> None:
 @click.option("--wandb-run-id", help="Log into this W&B run (the training run) [default: a run named after the watch]")
 @pass_ctx
 def watch_add(ctx: Context, directory: str, evaluator_refs: tuple[str, ...], pool_items: tuple[str, ...],
-              no_backfill: bool, order: str, every: int | None, name: str | None, regex: str | None,
+              no_backfill: bool, order: str, every: int | None, snapshot: str | None, snapshot_dir: str | None,
+              when_full: str, name: str | None, regex: str | None,
               eval_existing: bool, poll_interval: float | None, settle: float | None, layout: str,
               ready_markers: tuple[str, ...], follow_symlinks: bool, report_to: str | None,
               tensorboard_dir: str | None, mlflow_run_id: str | None, wandb_run_id: str | None) -> None:
@@ -176,7 +183,9 @@ def watch_add(ctx: Context, directory: str, evaluator_refs: tuple[str, ...], poo
     spec, warnings = watches.build_spec(directory, list(evaluator_refs), name, regex, eval_existing, poll_interval,
                                         settle, layout=layout, ready_markers=ready_markers,
                                         evaluator_paths=ctx.settings.evaluator_paths, follow_symlinks=follow_symlinks,
-                                        report=report, suite=watches.Suite(pool_items, not no_backfill, order, every))
+                                        report=report, suite=watches.Suite(pool_items, not no_backfill, order, every),
+                                        snapshot=watches.Snapshot(snapshot or ctx.settings.snapshot, snapshot_dir,
+                                                                  when_full))
     per_pool = {p: sum(1 for e in spec.evaluators if e.pool == p) for p in {e.pool for e in spec.evaluators}}
     crowded = sorted(p for p, n in per_pool.items() if n > ctx.settings.max_warm_evaluators)
     if crowded:

@@ -180,3 +180,6 @@ evaluated anyway (the run's last checkpoint); ``ASSAYER_NEWEST_AFTER``."""
 
 COPY_BATCH = 100
 """Result lines one round trip takes from a watch's copy backlog to append to its results file."""
+
+SNAPSHOT_MAX_GB = 50.0
+"""Bound of the snapshot cache's copies (``ASSAYER_SNAPSHOT_MAX_GB``); links cost nothing."""

@@ -33,6 +33,8 @@ class EvalContext:
     version: str
     layout: str = "file"
     """``file``, or the layout of a directory checkpoint (``hf``, ``dcp``, ``deepspeed``, ...)."""
+    original_path: str | None = None
+    """Where the trainer wrote the checkpoint, when ``checkpoint`` is a snapshot of it (``--snapshot``)."""
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Any
 
 from rq import get_current_job
 
-from . import defaults, keys, ledger, pools, records, results, watches
+from . import defaults, keys, ledger, pools, records, results, snapshots, watches
 from .dirs import version_of_path
 from .errors import AssayerError, EvaluationFailed
 from .evalhost import EvaluatorPool
@@ -149,9 +149,13 @@ def scan_one(rt: Runtime, spec: watches.WatchSpec, batch_start: float) -> tuple[
     report = scanner.scan(now, budget=defaults.SCAN_BUDGET)
     current = ledger.versions(spec)
     ready = report.ready if spec.every is None else _every(rt, spec, report.ready, now)
-    queued = ledger.enqueue_new(rt.conn, rt.settings, spec, ready, current=current) if ready else []
+    pinned = _pin(rt, spec, ready, current) if spec.snapshot != "off" and ready else Pinned()
+    ready = [c for c in ready if c.relpath not in pinned.waiting]
+    queued = ledger.enqueue_new(rt.conn, rt.settings, spec, ready, current=current, pins=pinned.pins,
+                                skipped=pinned.skipped) if ready else []
     for cand in report.ready:
-        scanner.mark_done(cand.relpath, cand.version)
+        if cand.relpath not in pinned.waiting:  # a checkpoint waiting for room in the snapshot cache is offered again
+            scanner.mark_done(cand.relpath, cand.version)
     queued += _backfill(rt, spec, current)
     error = "; ".join(report.errors[:3])
     if report.truncated:  # reported, not waited for: the other watches of the batch get their turn
@@ -164,10 +168,48 @@ def scan_one(rt: Runtime, spec: watches.WatchSpec, batch_start: float) -> tuple[
     waiting = _some([f"{rel}: {why}" for rel, why in sorted(report.waiting.items())])
     stalled = _some([f"{rel} ({report.waiting.get(rel) or 'incomplete'}, unchanged for {_age(age)})"
                      for rel, age in sorted(report.stalled.items(), key=lambda kv: -kv[1])])
+    if pinned.error:
+        error = f"{error}; {pinned.error}" if error else pinned.error
     state = {"last_scan": now, "files": report.files, "incomplete": len(report.pending), "error": error,
+             "snapshot_waiting": _some(sorted(pinned.waiting)) and f"{pinned.full}: waiting {_some(sorted(pinned.waiting))}",
              "waiting": waiting, "stalled": stalled,
              "writing": json.dumps(sorted(report.pending)[: defaults.WRITING_SHOWN])}  # the checkpoint page's rows
     return {"queued": len(queued), "incomplete": len(report.pending), "files": report.files}, next_scan, state
+
+
+@dataclass
+class Pinned:
+    """What pinning a scan's checkpoints gave: snapshots, checkpoints to record skipped or to offer again."""
+
+    pins: dict[str, snapshots.Pin] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    waiting: set[str] = field(default_factory=set)
+    full: str = ""
+    error: str = ""
+
+
+def _pin(rt: Runtime, spec: watches.WatchSpec, ready: list[Candidate], current: dict[str, str]) -> Pinned:
+    """Pin the checkpoints this scan would queue, before they are queued (``--snapshot``).
+
+    One that is gone already is queued unpinned (its evaluation ends ``missing``); when the cache
+    is full it waits (offered again next scan) or, with ``--when-full skip``, is recorded skipped.
+    """
+    out = Pinned()
+    for cand in ledger.needs(rt.conn, spec, ready, current):
+        try:
+            out.pins[cand.relpath] = snapshots.make(rt.conn, rt.settings, spec.name, cand.path, cand.relpath,
+                                                    cand.version, spec.snapshot, spec.snapshot_dir)
+        except FileNotFoundError:
+            continue  # deleted (or replaced) before it could be pinned: queued as it is, it ends missing
+        except snapshots.CacheFull as exc:
+            out.full = "snapshot cache full"
+            if spec.when_full == "skip":
+                out.skipped[cand.relpath] = str(exc)
+            else:
+                out.waiting.add(cand.relpath)
+        except (snapshots.SnapshotError, OSError) as exc:
+            out.error = f"snapshot: {exc}"  # queued unpinned: evaluated if the trainer keeps it long enough
+    return out
 
 
 def _every(rt: Runtime, spec: watches.WatchSpec, ready: list[Candidate], now: float) -> list[Candidate]:
@@ -263,7 +305,8 @@ def _state_changed(rt: Runtime, name: str, state: dict[str, Any]) -> bool:
 def evaluate(
     watch: str, checkpoint: str, relpath: str, version: str, evaluator: str, step: int | None, retries: int,
     layout: str = "file", epoch: int | None = None, mtime: float | None = None, evaluator_name: str | None = None,
-    evaluator_version: str | None = None, pool: str | None = None,
+    evaluator_version: str | None = None, pool: str | None = None, original_path: str | None = None,
+    pinned_version: str | None = None, pin: str | None = None, skipped: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate one checkpoint version with one evaluator in a warm evaluator process and store the outcome."""
     rt = runtime()
@@ -273,7 +316,8 @@ def evaluate(
     if job and results.has_final(rt.conn, watch, job_id):
         log.warning("job %s already has a final result; not evaluating %s again", job_id, relpath)
         return {"status": "duplicate"}
-    payload = {"watch": watch, "checkpoint": checkpoint, "relpath": relpath, "version": version, "step": step,
+    payload = {"watch": watch, "checkpoint": original_path or checkpoint, "relpath": relpath, "version": version,
+               "step": step,
                "evaluator": evaluator, "retries": retries, "layout": layout, "epoch": epoch, "mtime": mtime,
                "evaluator_name": evaluator_name, "evaluator_version": evaluator_version, "pool": pool}
     rec = records.new_attempt(job_id, payload, retries - retries_left + 1, rt.worker_name, records.utcnow())
@@ -283,16 +327,19 @@ def evaluate(
         results.record(rt.conn, rt.settings.results_path, records.finish(rec, "failed", True, str(exc)))
         log.error("%s: %s", relpath, exc)
         return {"status": "failed", "error": str(exc)}
-    missing = _missing_reason(checkpoint, version)
+    if skipped:  # --when-full skip: the snapshot cache had no room for it
+        results.record(rt.conn, rt.settings.results_path, records.finish(rec, "skipped", True, skipped))
+        return {"status": "skipped"}
+    missing = _missing_reason(checkpoint, pinned_version or version)
     if missing:
         return _missing(rt, rec, f"{missing} before it could be evaluated")
     superseded = _check_version(rt, job, payload, rec)
     if superseded is not None:
         return superseded
     context = {"watch": watch, "checkpoint": checkpoint, "step": step, "attempt": rec["attempt"],
-               "job_id": job_id, "version": version, "layout": layout}
+               "job_id": job_id, "version": version, "layout": layout, "original_path": original_path}
     outcome = rt.pool.evaluate(evaluator, checkpoint, context, rt.settings.eval_timeout or None, rt.beat)
-    changed = _missing_reason(checkpoint, version)
+    changed = _missing_reason(checkpoint, pinned_version or version)
     if changed:  # rewritten while being read: these metrics describe neither version
         return _missing(rt, rec, f"{changed} while it was being evaluated", duration=round(outcome.duration, 4))
     final = outcome.ok or retries_left <= 0 or not outcome.retryable
@@ -341,6 +388,7 @@ def _superseded(rt: Runtime, job: Any, payload: dict[str, Any], now_version: str
     name = records.evaluator_name(payload)
     queued: list[str] = []
     if spec is not None and any(e.name == name for e in spec.evaluators):
+        # The new job reads the original (a snapshot is made for new work only; this one's goes with its jobs).
         cand = Candidate(payload["checkpoint"], payload["relpath"], payload["version"], payload.get("step"),
                          payload.get("layout") or "file", payload.get("epoch"), payload.get("mtime"))
         queued = ledger.enqueue_new(rt.conn, rt.settings, spec, [cand], current={name: now_version}, only=[name],

@@ -100,3 +100,20 @@ def host_health(role: str, host: str) -> str:
 COPY_PENDING = P + "copy-pending"
 """Set: watches whose copy backlog may hold lines: added with each line, removed once it is empty, so the
 lines of a process killed before it appended them are found (see :mod:`assayer.results`)."""
+
+
+PINNED_WATCHES = P + "pinned-watches"
+"""Set: watches that have (or had) snapshots (see :mod:`assayer.snapshots`)."""
+
+SNAPSHOT_ROOTS = P + "snapshot-roots"
+"""Hash: watch name -> the directory its snapshots are in (kept after ``watch remove``, to clean it up)."""
+
+
+def pins(watch: str) -> str:
+    """Hash: snapshot directory name -> Pin JSON (what it pins, for which jobs)."""
+    return f"{P}pins:{watch}"
+
+
+def tracker_lock(what: str) -> str:
+    """String with TTL (a redis-py lock): held by the watch worker finding or making a tracker's run for ``what``."""
+    return f"{P}tracker-lock:{what}"

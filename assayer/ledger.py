@@ -18,12 +18,13 @@ from typing import Any
 import redis
 from rq import Queue, Retry
 
-from . import defaults, evaluator, keys, pools
+from . import defaults, evaluator, keys, pools, snapshots
 from .dirs import version_of_path
 from .evaluator import UNKNOWN_VERSION
 from .records import LedgerEntry, Slot
 from .scan import Candidate, parse_step
 from .settings import Settings
+from .snapshots import Pin
 from .watches import Evaluator, WatchSpec
 
 log = logging.getLogger("assayer.ledger")
@@ -39,10 +40,10 @@ def eval_queue(conn: Any, settings: Settings, pool: str = pools.DEFAULT, backfil
 
 
 def _new_job(queue: Queue, settings: Settings, spec: WatchSpec, cand: Candidate, job_id: str, ev: Evaluator,
-             ev_version: str) -> Any:
+             ev_version: str, pin: Pin | None = None, skipped: str | None = None) -> Any:
     payload = {
         "watch": spec.name,
-        "checkpoint": cand.path,
+        "checkpoint": pin.path if pin else cand.path,
         "relpath": cand.relpath,
         "version": cand.version,
         "evaluator": ev.ref,
@@ -55,6 +56,10 @@ def _new_job(queue: Queue, settings: Settings, spec: WatchSpec, cand: Candidate,
         "epoch": cand.epoch,
         "mtime": cand.mtime,
     }
+    if pin is not None:  # the evaluator reads the snapshot; results name the original
+        payload.update(original_path=cand.path, pinned_version=pin.pinned_version, pin=pin.name)
+    if skipped:
+        payload["skipped"] = skipped
     retry = Retry(max=settings.retries, interval=list(settings.retry_backoff)) if settings.retries else None
     shown = cand.relpath if len(spec.evaluators) == 1 else f"{cand.relpath} [{ev.name}]"
     return queue.create_job(
@@ -77,6 +82,7 @@ def versions(spec: WatchSpec) -> dict[str, str]:
 def enqueue_new(
     conn: Any, settings: Settings, spec: WatchSpec, candidates: Sequence[Candidate], force: bool = False,
     current: dict[str, str] | None = None, only: Sequence[str] | None = None, backfill: bool = False,
+    pins: dict[str, Pin] | None = None, skipped: dict[str, str] | None = None,
 ) -> list[str]:
     """Enqueue an eval job for each candidate and evaluator the ledger does not have at the current versions.
 
@@ -85,6 +91,10 @@ def enqueue_new(
     new work. With ``force`` (an explicit ``assayer evaluate``), enqueue even what the ledger has,
     under fresh job ids. Every (checkpoint version, evaluator, evaluator version) is queued once:
     the ledger and the queues change in one WATCH/MULTI transaction.
+
+    ``pins``: snapshots of candidates (by relpath): their jobs read the snapshot, and the pin is
+    recorded, holding those jobs, in the same transaction; a pin no job needed is removed.
+    ``skipped``: candidates (by relpath) whose jobs only record a final ``skipped`` result, and why.
     """
     current = current if current is not None else versions(spec)
     chosen = [ev for ev in spec.evaluators if only is None or ev.name in only]
@@ -94,13 +104,15 @@ def enqueue_new(
     enqueued: list[str] = []
     for start in range(0, len(order), defaults.ENQUEUE_BATCH):
         batch = order[start : start + defaults.ENQUEUE_BATCH]
-        enqueued += _enqueue_batch(conn, settings, spec, batch, force, current, chosen, backfill)
+        enqueued += _enqueue_batch(conn, settings, spec, batch, force, current, chosen, backfill, pins or {},
+                                   skipped or {})
     return enqueued
 
 
 def _enqueue_batch(
     conn: Any, settings: Settings, spec: WatchSpec, batch: Sequence[Candidate], force: bool,
-    current: dict[str, str], chosen: Sequence[Evaluator], backfill: bool,
+    current: dict[str, str], chosen: Sequence[Evaluator], backfill: bool, pins: dict[str, Pin],
+    skipped: dict[str, str],
 ) -> list[str]:
     ledger_key = keys.ledger(spec.name)
     salt = f"request-{time.time_ns()}" if force else ""
@@ -112,6 +124,7 @@ def _enqueue_batch(
                 pipe.watch(ledger_key, keys.WATCHES)
                 if not pipe.hexists(keys.WATCHES, spec.name):
                     pipe.unwatch()
+                    _discard_unused(pins, batch, set())
                     return []  # removed while we scanned
                 now = time.time()
                 raws = pipe.hmget(ledger_key, [c.relpath for c in batch])
@@ -125,6 +138,7 @@ def _enqueue_batch(
                         todo += [(cand, ev, job_id, current[ev.name]) for ev, job_id in planned[1]]
                 if not writes:
                     pipe.unwatch()
+                    _discard_unused(pins, batch, set())
                     return []
                 if backfill:  # one evaluator's jobs after another's: a worker keeps fewer evaluators warm than it serves
                     rank = {ev.name: i for i, ev in enumerate(chosen)}
@@ -137,15 +151,43 @@ def _enqueue_batch(
                     queue = queues.get((ev.pool, backfill)) or eval_queue(conn, settings, ev.pool, backfill)
                     queues[(ev.pool, backfill)] = queue
                     pipe.sadd(keys.pending(spec.name), job_id)
-                    queue.enqueue_job(_new_job(queue, settings, spec, cand, job_id, ev, ev_version), pipeline=pipe,
-                                      at_front=at_front)
+                    queue.enqueue_job(_new_job(queue, settings, spec, cand, job_id, ev, ev_version,
+                                               pins.get(cand.relpath), skipped.get(cand.relpath)),
+                                      pipeline=pipe, at_front=at_front)
+                used = set()
+                for relpath in {c.relpath for c, _, _, _ in todo} & set(pins):
+                    pin = pins[relpath]
+                    pin.jobs = [job_id for c, _, job_id, _ in todo if c.relpath == relpath]
+                    pipe.hset(keys.pins(spec.name), pin.name, pin.to_json())
+                    used.add(relpath)
                 pipe.execute()
+                _discard_unused(pins, batch, used)
                 for cand, ev, _, ev_version in todo:
                     log.info("queued %s: %s (step %s) for %s %s%s", spec.name, cand.relpath, cand.step, ev.name,
                              ev_version, " (backfill)" if backfill else "")
                 return [job_id for _, _, job_id, _ in todo]
             except redis.WatchError:
                 continue  # another worker touched the ledger: read it again
+
+
+def _discard_unused(pins: dict[str, Pin], batch: Sequence[Candidate], used: set[str]) -> None:
+    """Remove the snapshots of this batch that no job needed (another worker queued the version first)."""
+    for cand in batch:
+        pin = pins.get(cand.relpath)
+        if pin is not None and cand.relpath not in used:
+            snapshots.discard(pin)
+
+
+def needs(conn: Any, spec: WatchSpec, candidates: Sequence[Candidate], current: dict[str, str]) -> list[Candidate]:
+    """The candidates ``enqueue_new`` would queue something for now (what is worth pinning)."""
+    chosen = list(spec.evaluators)
+    found = entries(conn, spec.name, [c.relpath for c in candidates], spec.first)
+    out = []
+    for cand, entry in zip(candidates, found):
+        planned = _plan(spec, cand, entry, chosen, current, False, "", 0.0)
+        if planned is not None and planned[1]:
+            out.append(cand)
+    return out
 
 
 def matches(queued_for: str | None, version: str) -> bool:

@@ -96,7 +96,7 @@ class ResultRecord(TypedDict, total=False):
     jobs: list[str]  # only in a row of ``assayer results`` that merges several evaluators' results
 
 
-STATUSES = ("ok", "failed", "missing")
+STATUSES = ("ok", "failed", "missing", "skipped")
 """Statuses of a final record."""
 
 FIELDS = ("watch", "checkpoint", "step", "evaluator", "evaluator_version", "status", "metrics", "attempt", "duration",

@@ -58,6 +58,9 @@ class Settings:
     inotify: bool = True
     max_warm_evaluators: int = defaults.MAX_WARM_EVALUATORS  # also read from ASSAYER_MAX_WARM
     pools: tuple[str, ...] = ("default",)  # pools an eval worker serves: "gpu,default"
+    snapshot: str = "off"  # new watches' --snapshot: off, link, copy or auto
+    snapshot_dir: Path | None = None  # where snapshots go (default: $ASSAYER_HOME/snapshots)
+    snapshot_max_gb: float = defaults.SNAPSHOT_MAX_GB  # bound of the copies' cache (0: none)
     newest_after: float = defaults.NEWEST_AFTER  # --every: the newest checkpoint is evaluated after this long
     eval_max_calls: int = 0
     stall_after: float = defaults.STALL_AFTER
@@ -93,6 +96,8 @@ class Settings:
                 f"heartbeat interval {self.heartbeat_interval}s must be at most half the lease TTL {self.lease_ttl}s",
                 "raise ASSAYER_LEASE_TTL or lower ASSAYER_HEARTBEAT_INTERVAL",
             )
+        if self.snapshot not in ("off", "link", "copy", "auto"):
+            raise ConfigError(f"ASSAYER_SNAPSHOT={self.snapshot!r} is not a snapshot mode", "use off, link, copy or auto")
         if not self.retry_backoff:
             raise ConfigError("retry backoff is empty", "give seconds as a comma list, e.g. 10,60")
         self._refuse_placeholder_passwords()
@@ -116,6 +121,11 @@ class Settings:
         return f"{type(self).__name__}({', '.join(shown)})"
 
     # -- derived values -------------------------------------------------
+
+    @property
+    def snapshot_path(self) -> Path:
+        """Directory of the snapshots of watches without their own ``--snapshot-dir``."""
+        return self.snapshot_dir or self.home / "snapshots"
 
     @property
     def results_path(self) -> Path:
@@ -192,11 +202,11 @@ class Settings:
         return cls(**values)
 
 
-_FLOATS = {"newest_after", "delivery_lease", "stall_after", "eval_max_rss", "poll_interval", "settle", "eval_timeout",
-           "heartbeat_interval", "reap_interval", "full_scan_interval", "idle_poll_interval"}
+_FLOATS = {"snapshot_max_gb", "newest_after", "delivery_lease", "stall_after", "eval_max_rss", "poll_interval", "settle",
+           "eval_timeout", "heartbeat_interval", "reap_interval", "full_scan_interval", "idle_poll_interval"}
 _BOOLS = {"dashboard_allow_actions", "inotify"}
 _INTS = {"exporter_port", "retries", "lease_ttl", "max_warm_evaluators", "dashboard_port", "eval_max_calls"}
-_PATHS = {"home", "results_dir", "watches_file"}
+_PATHS = {"home", "results_dir", "watches_file", "snapshot_dir"}
 
 
 ALIASES = {"ASSAYER_MAX_WARM": "max_warm_evaluators"}

@@ -11,7 +11,7 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from . import deliveries, keys, pools, records, watches
+from . import deliveries, keys, pools, records, snapshots, watches
 from .records import LedgerEntry
 from .settings import Settings
 
@@ -42,6 +42,7 @@ def collect(conn: Any, settings: Settings) -> dict[str, Any]:
             "results_copy": _copy_state(conn, spec.name),
             "layout": spec.layout,
             "report_to": deliveries.summary(conn, spec.name, _sinks_of(conn, spec)),
+            "snapshots": snapshots.summary(conn, spec.name) if spec.snapshot != "off" else None,
         })
     eval_queues = pools.all_queues(conn, settings)
     for name in [settings.watch_queue, *eval_queues]:
@@ -67,7 +68,7 @@ def _outcomes(conn: Any, watch: str, now: float) -> dict[str, Any]:
     """Final outcomes by status, the jobs failing now (awaiting a retry), the last error, the oldest pending age."""
     finals = [records.parse(v) for v in conn.hvals(keys.results(watch))]
     failing = [records.parse(v) for v in conn.hvals(keys.failing(watch))]
-    counts = {status: sum(1 for r in finals if r.get("status") == status) for status in ("ok", "failed", "missing")}
+    counts = {status: sum(1 for r in finals if r.get("status") == status) for status in records.STATUSES}
     errors = sorted((r for r in finals + failing if r.get("status") == "failed" and r.get("error")),
                     key=lambda r: str(r.get("finished_at") or ""))
     last = errors[-1] if errors else None
@@ -140,8 +141,10 @@ def _render_watch(w: dict[str, Any]) -> list[str]:
     lines = [
         f"  {w['name']}{' (paused)' if w['paused'] else ''}: {w['directory']}  lag {lag} "
         f"({w['queued_or_running']} queued/running, {w['incomplete']} still being written), "
-        f"{outcomes['ok']} ok, {outcomes['failed']} failed, {outcomes['missing']} missing, {seen}"
+        f"{outcomes['ok']} ok, {outcomes['failed']} failed, {outcomes['missing']} missing, "
+        + (f"{outcomes['skipped']} skipped, " if outcomes.get("skipped") else "") + seen
     ]
+    snaps = w.get("snapshots")
     notes = [
         ("failing now", f"{w['failing']} (waiting to retry)" if w["failing"] else None),
         ("last evaluation error", f"{w['last_error']}  (assayer results --failed)" if w["last_error"] else None),
@@ -152,6 +155,8 @@ def _render_watch(w: dict[str, Any]) -> list[str]:
         ("last error", w["error"]),
         ("results file behind", f"{w['results_copy']} (Redis has them; it catches up once writable)"
          if w["results_copy"] else None),
+        ("snapshots", f"{snaps['pinned']} pinned, {snaps['bytes'] / 1024**2:.1f} MiB copied"
+         + (f"; {snaps['waiting']}" if snaps["waiting"] else "") if snaps else None),
     ]
     for sink, d in (w.get("report_to") or {}).items():
         failing = f", {d['failing']} failing: {d['last_error']}" if d["failing"] else ""

@@ -70,6 +70,9 @@ class WatchSpec:
     backfill: bool = True  # evaluate older checkpoints when an evaluator is added or its version changes
     order: str = "newest"  # which checkpoints go first: newest or oldest
     every: int | None = None  # evaluate only steps that are multiples of this (and always the newest)
+    snapshot: str = "off"  # pin each checkpoint before queueing it: off, link, copy or auto (assayer.snapshots)
+    snapshot_dir: str | None = None  # None: ASSAYER_SNAPSHOT_DIR
+    when_full: str = "wait"  # the snapshot cache is full: wait for room, or skip the checkpoint
     paused: bool = False
     created_at: float = field(default_factory=time.time)
 
@@ -111,13 +114,14 @@ class WatchSpec:
     def same_target(self, other: WatchSpec) -> bool:
         """True when ``other`` watches the same thing the same way (ignoring what it runs and where results go)."""
         skip = {"paused", "created_at", "eval_existing", "report_to", "tensorboard_dir", "mlflow_run_id",
-                "wandb_run_id", "evaluator", "evaluators", "backfill", "order", "every"}
+                "wandb_run_id", "evaluator", "evaluators", "backfill", "order", "every", "snapshot", "snapshot_dir",
+                "when_full"}
         return all(getattr(self, f.name) == getattr(other, f.name) for f in fields(self) if f.name not in skip)
 
     def reporting(self) -> tuple[Any, ...]:
         """What may change on a running watch: where results go and what it evaluates."""
         return (self.report_to, self.tensorboard_dir, self.mlflow_run_id, self.wandb_run_id, self.evaluators,
-                self.backfill, self.order, self.every)
+                self.backfill, self.order, self.every, self.snapshot, self.snapshot_dir, self.when_full)
 
     def scanner(self, settings: Settings) -> Scanner:
         """A scanner of this watch's directory with its filter, layout and settle time."""
@@ -146,6 +150,7 @@ def build_spec(
     follow_symlinks: bool = False,
     report: Report | None = None,
     suite: Suite | None = None,
+    snapshot: Snapshot | None = None,
 ) -> tuple[WatchSpec, list[str]]:
     """Check every part of a watch and return it with warnings; raise on the first bad part.
 
@@ -189,10 +194,32 @@ def build_spec(
     spec = WatchSpec(name, directory, checked[0].ref, regex, eval_existing, poll_interval, settle, layout, markers,
                      bool(follow_symlinks), evaluators=checked, backfill=suite.backfill, order=suite.order,
                      every=suite.every)
+    if snapshot is not None:
+        spec.snapshot, spec.snapshot_dir, spec.when_full = snapshot.check()
     if report is not None:
         spec.report_to, spec.tensorboard_dir = report.check(), report.tensorboard_dir
         spec.mlflow_run_id, spec.wandb_run_id = report.mlflow_run_id, report.wandb_run_id
     return spec, warnings
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """``--snapshot``, ``--snapshot-dir`` and ``--when-full`` (see :mod:`assayer.snapshots`)."""
+
+    mode: str = "off"
+    directory: str | None = None
+    when_full: str = "wait"
+
+    def check(self) -> tuple[str, str | None, str]:
+        if self.mode not in ("off", "link", "copy", "auto"):
+            raise WatchError(f"--snapshot {self.mode!r} is not a snapshot mode", "use off, link, copy or auto")
+        if self.when_full not in ("wait", "skip"):
+            raise WatchError(f"--when-full {self.when_full!r} is not known", "use wait or skip")
+        folder = os.path.abspath(os.path.expanduser(self.directory)) if self.directory else None
+        if folder and os.path.exists(folder) and not os.access(folder, os.W_OK | os.X_OK):
+            raise WatchError(f"snapshot directory {folder} is not writable by this user",
+                             "give a writable --snapshot-dir (a separate volume: the checkpoints stay read-only)")
+        return self.mode, folder, self.when_full
 
 
 @dataclass(frozen=True)
@@ -288,7 +315,8 @@ def load_file(path: Path) -> list[dict[str, Any]]:
         return []
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise ConfigError(f"watches file {path}: 'watches' must be a list of mappings", "see README, Watches file")
-    allowed = {"name", "directory", "evaluator", "evaluators", "pools", "backfill", "order", "every", "regex",
+    allowed = {"name", "directory", "evaluator", "evaluators", "pools", "backfill", "order", "every", "snapshot",
+               "snapshot_dir", "when_full", "regex",
                "eval_existing", "poll_interval", "settle", "layout", "ready_markers", "follow_symlinks", "report_to",
                "tensorboard_dir", "mlflow_run_id", "wandb_run_id"}
     for entry in entries:
@@ -416,6 +444,8 @@ def sync_file(conn: redis.Redis, settings: Settings) -> None:
                               entry.get("mlflow_run_id"), entry.get("wandb_run_id")),
                 suite=Suite(chosen, bool(entry.get("backfill", True)), entry.get("order") or "newest",
                             entry.get("every")),
+                snapshot=Snapshot(entry.get("snapshot") or settings.snapshot, entry.get("snapshot_dir"),
+                                  entry.get("when_full") or "wait"),
             )
             for warning in warnings:
                 log.warning("watch %s: %s", spec.name, warning)

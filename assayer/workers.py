@@ -32,7 +32,7 @@ from rq.registry import ScheduledJobRegistry, clean_registries
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
-from . import backup, defaults, deliveries, evaluator, jobs, keys, pools, results, rq_internals, watches
+from . import backup, defaults, deliveries, evaluator, jobs, keys, pools, results, rq_internals, snapshots, watches
 from .notify import Notifier
 from .settings import Settings
 
@@ -248,6 +248,7 @@ class WatchWorker(AssayerWorker):
         if now - self._last_sweep >= self.settings.reap_interval:
             self._last_sweep = now
             self.sweep()
+            snapshots.release_done(self.connection, self.settings)  # pins whose evaluations all ended
         # Claim what falls due before the next tick too: watches scanned together stay in step, one job per batch.
         names = self.connection.eval(CLAIM_DUE, 1, keys.DUE, now + self.tick, defaults.SCAN_LEASE, defaults.MAX_WATCHES_PER_SCAN)
         if names:
