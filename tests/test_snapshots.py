@@ -145,8 +145,8 @@ def test_a_full_cache_makes_new_checkpoints_wait_or_be_skipped_and_status_says_s
     (ckpts / "step-1.pt").write_bytes(torch_bytes(1))
     wait_for(lambda: conn.hlen(keys.pins("run")) == 1, 20, what="step-1 pinned")
     (ckpts / "step-2.pt").write_bytes(torch_bytes(2))  # no room: waits, unqueued
-    wait_for(lambda: (conn.hget(keys.watch_state("run"), "snapshot_waiting") or b"").startswith(b"snapshot cache full"),
-             20, what="status to say step-2 waits for room")
+    wait_for(lambda: keys.text(conn.hget(keys.watch_state("run"), "snapshot_waiting") or b"").startswith(
+        "snapshot cache full"), 20, what="status to say step-2 waits for room")
     status = invoke(settings, "status").stdout
     assert "snapshot cache full: waiting step-2.pt" in status and "1 pinned" in status
     assert conn.hlen(keys.pins("run")) == 1 and len(conn.hkeys(keys.ledger("run"))) == 1
