@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import json
 import struct
+from typing import BinaryIO
 
 ZIP_LOCAL = b"PK\x03\x04"
 ZIP_CENTRAL = b"PK\x01\x02"
@@ -47,7 +48,7 @@ def check_format(path: str, size: int) -> Format:
     return Format.UNKNOWN
 
 
-def _zip_state(fh, size: int) -> Format:  # type: ignore[no-untyped-def]
+def _zip_state(fh: BinaryIO, size: int) -> Format:
     tail_len = min(size, EOCD_SIZE + MAX_COMMENT)
     fh.seek(size - tail_len)
     tail = fh.read(tail_len)
@@ -63,7 +64,7 @@ def _zip_state(fh, size: int) -> Format:  # type: ignore[no-untyped-def]
     return Format.INCOMPLETE
 
 
-def _zip_directory_state(fh, eocd_at: int, entries: int, cd_size: int, cd_offset: int) -> Format:  # type: ignore[no-untyped-def]
+def _zip_directory_state(fh: BinaryIO, eocd_at: int, entries: int, cd_size: int, cd_offset: int) -> Format:
     directory_end = eocd_at
     locator = b""
     if eocd_at >= 20:
@@ -89,7 +90,7 @@ def _zip_directory_state(fh, eocd_at: int, entries: int, cd_size: int, cd_offset
     return Format.COMPLETE
 
 
-def _safetensors_state(fh, size: int, header_len: int) -> Format:  # type: ignore[no-untyped-def]
+def _safetensors_state(fh: BinaryIO, size: int, header_len: int) -> Format:
     if size < 8 + header_len:
         return Format.INCOMPLETE
     fh.seek(8)

@@ -293,3 +293,26 @@ def test_mlflow_profile_serves_on_loopback_from_the_assayer_image_without_redis_
     assert mounts(mlflow)["/mlflow"]["type"] == "volume"
     assert mlflow["user"] == "10001:10001" and mlflow["read_only"] is True
 
+
+
+@pytest.mark.parametrize("variant", ["default", "gpu"])
+def test_snapshots_are_a_volume_the_watch_writes_and_evaluators_only_read(variant: str) -> None:
+    cfg = config(variant, ASSAYER_SNAPSHOT="auto", ASSAYER_SNAPSHOT_MAX_GB="7")
+    services = cfg["services"]
+    assert "snapshots" in cfg["volumes"]
+    readers = ["eval", "eval-gpu"] if variant == "gpu" else ["eval"]
+    for name in ["watch", *readers]:
+        volumes = mounts(services[name])
+        snapshots = volumes["/snapshots"]
+        assert snapshots["type"] == "volume" and snapshots["source"] == "snapshots", name
+        # Only the watch worker makes and removes pins; the checkpoints stay read-only everywhere.
+        assert bool(snapshots.get("read_only")) == (name != "watch"), name
+        assert volumes["/checkpoints"]["read_only"], name
+        env = services[name]["environment"]
+        assert env["ASSAYER_SNAPSHOT_DIR"] == "/snapshots", name
+        assert (env["ASSAYER_SNAPSHOT"], env["ASSAYER_SNAPSHOT_MAX_GB"]) == ("auto", "7"), name
+
+
+def test_snapshots_are_off_by_default_in_the_bundle() -> None:
+    env = config("default")["services"]["watch"]["environment"]
+    assert (env["ASSAYER_SNAPSHOT"], env["ASSAYER_SNAPSHOT_MAX_GB"]) == ("off", "50")
