@@ -165,6 +165,24 @@ COMBINATIONS: list[tuple[str, dict[str, Any], tuple[str, ...], str]] = [
         (),
         "dashboard.ingress.enabled is true but the dashboard's NetworkPolicy admits no Ingress controller",
     ),
+    (
+        "snapshots-without-a-claim",
+        {"snapshots": {"enabled": True, "persistence": {"enabled": False}}},
+        (),
+        "an emptyDir cannot be shared: watch and eval are separate pods",
+    ),
+    (
+        "snapshots-claim-and-existing-claim",
+        {"snapshots": {"enabled": True, "existingClaim": "s"}},
+        (),
+        "snapshots.existingClaim and snapshots.persistence.enabled are both set",
+    ),
+    (
+        "snapshots-claim-one-node-only",
+        {"snapshots": {"enabled": True, "persistence": {"accessMode": "ReadWriteOnce"}}},
+        (),
+        "snapshots.persistence.accessMode is ReadWriteOnce but the watch pods write snapshots and the eval pods read them",
+    ),
 ]
 
 
@@ -200,6 +218,9 @@ def test_valid_neighbours_of_the_bad_combinations_render(helm: str) -> None:
     render(helm, {"dashboard": {"ingress": {"enabled": True}}, "networkPolicy": {
         "enabled": False, "dashboard": {"ingressController": {"namespace": ""}}}})
     render(helm, {"results": {"persistence": {"accessMode": "ReadWriteOnce"}}, "eval": {"replicas": 1}})
+    render(helm, {"snapshots": {"enabled": True, "existingClaim": "s", "persistence": {"enabled": False}}})
+    # Disabled snapshots need no claim.
+    render(helm, {"snapshots": {"persistence": {"enabled": False, "accessMode": "ReadWriteOnce"}}})
     render(
         helm,
         {
@@ -228,6 +249,10 @@ SCHEMA_ERRORS: list[tuple[str, dict[str, Any], str]] = [
     ("bad-retry-backoff", {"config": {"retryBackoff": "10s,60s"}}, "retryBackoff"),
     ("bad-log-level", {"config": {"logLevel": "LOUD"}}, "logLevel"),
     ("image-tag-as-number", {"redis": {"image": {"tag": 7.2}}}, "tag"),
+    ("bad-snapshot-mode", {"snapshots": {"mode": "hardlink"}}, "mode"),
+    ("negative-snapshot-bound", {"snapshots": {"maxGb": -1}}, "maxGb"),
+    ("relative-snapshot-mount-path", {"snapshots": {"mountPath": "snapshots"}}, "mountPath"),
+    ("snapshots-emptydir", {"snapshots": {"emptyDir": {"sizeLimit": "10Gi"}}}, "emptyDir"),
 ]
 
 

@@ -547,3 +547,38 @@ the settings of trackers that are set, and WANDB_API_KEY from a secretKeyRef, ne
   emptyDir: {}
 {{- end }}
 {{- end }}
+
+{{/* Name of the snapshot claim (existing or chart-made); empty when snapshots are off or have no claim. */}}
+{{- define "assayer.snapshots.claimName" -}}
+{{- $s := .Values.snapshots }}
+{{- if $s.enabled }}
+{{- if $s.existingClaim }}
+{{- $s.existingClaim }}
+{{- else if $s.persistence.enabled }}
+{{- printf "%s-snapshots" (include "assayer.fullname" .) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The snapshot volume (its claim), when snapshots are enabled. */}}
+{{- define "assayer.snapshots.volume" -}}
+{{- with include "assayer.snapshots.claimName" . }}
+- name: snapshots
+  persistentVolumeClaim:
+    claimName: {{ . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The snapshot mount: read-write in the watch pods, which make and release pins; read-only in the
+eval pods, which only read them (dict "ctx" . "readOnly" bool).
+*/}}
+{{- define "assayer.snapshots.volumeMount" -}}
+{{- if include "assayer.snapshots.claimName" .ctx }}
+- name: snapshots
+  mountPath: {{ .ctx.Values.snapshots.mountPath }}
+  {{- if .readOnly }}
+  readOnly: true
+  {{- end }}
+{{- end }}
+{{- end }}

@@ -59,6 +59,19 @@ in one failure, with the keys involved and what to do.
 {{- $errors = append $errors (printf "results.persistence.accessMode is %s but TensorBoard makes the watch pods write results beside the eval pods: use ReadWriteMany, or give each tensorboard watch a tensorboard_dir on a volume of watch.extraVolumes (and keep tensorboard out of trackers.reportTo)" $res.persistence.accessMode) }}
 {{- end }}
 
+{{- /* Snapshots: one claim, shared by the watch pods (writing) and the eval pods (reading). An
+emptyDir is no option: it belongs to one pod, and watch and eval are separate pods. */}}
+{{- $snap := $v.snapshots }}
+{{- if $snap.enabled }}
+{{- if and $snap.existingClaim $snap.persistence.enabled }}
+{{- $errors = append $errors "snapshots.existingClaim and snapshots.persistence.enabled are both set: set snapshots.persistence.enabled=false to use the existing claim" }}
+{{- else if not (or $snap.existingClaim $snap.persistence.enabled) }}
+{{- $errors = append $errors "snapshots.enabled needs a claim the watch and eval pods share: set snapshots.existingClaim or snapshots.persistence.enabled=true (an emptyDir cannot be shared: watch and eval are separate pods)" }}
+{{- else if and $snap.persistence.enabled (ne $snap.persistence.accessMode "ReadWriteMany") }}
+{{- $errors = append $errors (printf "snapshots.persistence.accessMode is %s but the watch pods write snapshots and the eval pods read them, on any node: use ReadWriteMany (or an existingClaim, if every watch and eval pod shares a node)" $snap.persistence.accessMode) }}
+{{- end }}
+{{- end }}
+
 {{- /* Evaluators: at most one source. */}}
 {{- $ev := $v.evaluators }}
 {{- $evSources := list }}
