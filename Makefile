@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: all help install lint format test chart e2e dist lock bench bench-watch bench-warm bench-page bench-suite demo clean
+.PHONY: all help install lint format test chart e2e dist lock bench bench-watch bench-warm bench-page bench-suite bench-rotation demo clean
 
 all: lint test
 
@@ -61,7 +61,7 @@ dist: install ## the wheel and the sdist in dist/, checked by twine
 lock: install ## docker/requirements.lock: the image's exact dependencies, with hashes (from pyproject.toml)
 	PYTHON=$(BIN)/python bash docker/lock.sh
 
-bench: bench-watch bench-warm bench-page bench-suite ## every benchmark; figures printed and written to bench/out/
+bench: bench-watch bench-warm bench-page bench-suite bench-rotation ## every benchmark; figures printed and written to bench/out/
 
 bench-watch: install
 	$(BIN)/python bench/watch_bench.py all
@@ -74,6 +74,9 @@ bench-warm: install
 
 bench-suite: install ## 1,000 evaluated checkpoints gain two evaluators: backfill enqueue and drain rates, Redis bytes per result
 	$(BIN)/python bench/suite_bench.py
+
+bench-rotation: install ## a real Trainer saving every 1 s with rotation, a 4 s evaluator: today vs --snapshot auto vs the callback
+	$(BIN)/python bench/rotation_bench.py
 
 demo: install ## local stack, a watch, a few epochs of training, results, plot, shutdown
 	$(BIN)/python examples/digits/demo.py
