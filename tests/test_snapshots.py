@@ -194,3 +194,37 @@ def test_debris_of_a_killed_pinning_and_of_a_removed_watch_is_cleaned_up(
     invoke(settings, "watch", "remove", "run")
     snapshots.release_done(conn, settings)
     assert not folder.exists() and conn.exists(keys.pins("run")) == 0  # no pin outlives its watch
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_watch_worker_mid_pin_leaks_nothing_and_evaluates_once(
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    log, ckpts = tmp_path / "evals.jsonl", tmp_path / "ckpts"
+    ckpts.mkdir()
+    spec, _ = watches.build_spec(str(ckpts), [evaluator(tmp_path)], name="run", ready_markers=["COMMITTED"],
+                                 snapshot=watches.Snapshot("copy"))
+    watches.register(conn, settings, spec)
+    step = ckpts / "step-1"
+    step.mkdir()
+    for i in range(3000):  # many members: the copy takes long enough to be caught in the middle
+        (step / f"shard-{i:05d}.bin").write_bytes(os.urandom(2048))
+    (step / "COMMITTED").write_text("")
+    env = {"SNAP_LOG": str(log)}
+    folder = snapshots.root(settings, "run")
+    watch = workers.start("watch", env)
+
+    def pinning() -> bool:
+        return folder.exists() and any(n.startswith(snapshots.TMP_PREFIX) for n in os.listdir(folder))
+
+    wait_for(pinning, 30, interval=0.005, what="the copy under way")
+    workers.kill9(watch)  # mid-copy: a half-made snapshot, no record, nothing queued
+    assert conn.hlen(keys.pins("run")) == 0 and conn.scard(keys.pending("run")) == 0
+    workers.start("watch", env)  # cleans the debris up, pins again, queues once
+    workers.start("eval", env)
+    wait_for(lambda: len(final_results(conn, "run")) == 1, 60, what="step-1 evaluated")
+    (rec,) = final_results(conn, "run")
+    assert rec["status"] == "ok" and rec["checkpoint"] == str(step)
+    wait_for(lambda: conn.hlen(keys.pins("run")) == 0 and os.listdir(folder) == [], 30,
+             what="the pin released and the killed worker's half copy removed")
+    assert len(log.read_text().splitlines()) == 1  # evaluated once
