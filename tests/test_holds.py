@@ -378,3 +378,20 @@ def test_a_trainer_keeps_every_checkpoint_while_redis_is_down(tmp_path: Path, ca
                  max_steps=3)
     assert [os.path.basename(p) for p in checkpoints(str(tmp_path / "out"))] == [f"checkpoint-{n}" for n in (1, 2, 3)]
     assert "keeping every checkpoint" in caplog.text
+
+
+def test_hf_trainers_own_rotation_with_snapshots_loses_no_evaluation(
+    conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
+) -> None:
+    """No callback: the Trainer deletes with save_total_limit=2, and ``--snapshot auto`` pinned each checkpoint."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    spec, _ = watches.build_spec(str(runs), evaluator_ref("slow"), name="run", snapshot=watches.Snapshot("auto"))
+    watches.register(conn, settings, spec)
+    workers.start("watch")
+    workers.start("eval", {"EVAL_SECONDS": "1"})  # slower than the Trainer saves: today most would end missing
+    train_hf(runs / "exp1", [], max_steps=6, save_total_limit=2)
+    wait_for(lambda: len(results_by_path(conn)) == 6, 60, what="all six checkpoints evaluated")
+    statuses = {rel: [r["status"] for r in recs] for rel, recs in results_by_path(conn).items()}
+    assert statuses == {f"exp1/checkpoint-{n}": ["ok"] for n in range(1, 7)}
+    assert sorted(os.listdir(runs / "exp1")) == ["checkpoint-5", "checkpoint-6"]  # the Trainer's rotation ran
