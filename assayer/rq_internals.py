@@ -30,6 +30,7 @@ Why each is needed:
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import redis
@@ -101,10 +102,17 @@ class StoppableWorker(SimpleWorker):
         super().prepare_job_execution(job, remove_from_intermediate_queue=True)
 
     def request_stop(self, signum: int, frame: Any) -> None:
-        # rq raises StopRequested from inside this signal handler; if the signal lands while the
-        # main thread is writing a log line, logging swallows it. The flag stops the loop anyway.
+        """A warm stop that only sets rq's flag; the dequeue loop and rq's work loop read it.
+
+        rq's own handler reads the worker's state from Redis and, when idle, raises StopRequested
+        from inside the signal handler: wherever the main thread is, in the middle of a BLMOVE
+        whose job Redis has just moved to the intermediate list, say. That job then waited for
+        rq's one-minute cleanup, and its watch for its scan lease. A second signal is a cold stop.
+        """
         self._stop_requested = True
-        super().request_stop(signum, frame)
+        self._shutdown_requested_date = now()
+        signal.signal(signal.SIGINT, self.request_force_stop)
+        signal.signal(signal.SIGTERM, self.request_force_stop)
 
     @property
     def stopping(self) -> bool:

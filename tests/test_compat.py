@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 from harness import ROOT, RedisServer, evaluator_ref, final_results, wait_for
+from rq import Worker
 from rq.registry import FinishedJobRegistry
 from writers import torch_bytes
 
@@ -43,6 +44,8 @@ def test_original_flags_start_workers_and_shutdown_stops_them(conn: redis.Redis,
         wait_for(lambda: sorted(FinishedJobRegistry("evaluation", connection=conn).get_job_ids()) == ids, 10,
                  what="both jobs finished in the queue named evaluation")
         assert FinishedJobRegistry(defaults.EVAL_QUEUE, connection=conn).get_job_ids() == []
+        # one eval worker may have done both while the other was still starting (under load): all three up first
+        wait_for(lambda: len(Worker.all(connection=conn)) == 3, 30, what="the three workers registered")
         stop = subprocess.run([sys.executable, "-m", "assayer.shutdown", "--redis_host", "127.0.0.1",
                                "--redis_port", str(redis_server.port), "--watch_queue_name", "watch",
                                "--eval_queue_name", "evaluation"], env=env, cwd=ROOT, capture_output=True, text=True)

@@ -66,12 +66,16 @@ def test_request_stop_sets_the_flag_the_dequeue_loop_reads(conn: redis.Redis) ->
     assert not worker.stopping
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with pytest.raises(StopRequested):  # rq's way out of an idle wait
-            worker.request_stop(signal.SIGINT, None)
+        worker.request_stop(signal.SIGINT, None)  # never raises: it may land in the middle of a Redis call
+        assert signal.getsignal(signal.SIGTERM) == worker.request_force_stop  # a second signal is a cold stop
     finally:
         for sig, handler in handlers.items():  # rq installs its force-stop handlers
             signal.signal(sig, handler)
     assert worker.stopping
+    started = time.monotonic()
+    with pytest.raises(StopRequested):  # the idle wait sees the flag and leaves, raising outside any Redis call
+        worker.dequeue_job_and_maintain_ttl(timeout=60)
+    assert time.monotonic() - started < defaults.STOP_POLL + 1
 
 
 def test_rq_runs_maintain_in_place_of_its_registry_cleaning(conn: redis.Redis) -> None:
