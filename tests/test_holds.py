@@ -389,8 +389,17 @@ def test_hf_trainers_own_rotation_with_snapshots_loses_no_evaluation(
     spec, _ = watches.build_spec(str(runs), evaluator_ref("slow"), name="run", snapshot=watches.Snapshot("auto"))
     watches.register(conn, settings, spec)
     workers.start("watch")
-    workers.start("eval", {"EVAL_SECONDS": "1"})  # slower than the Trainer saves: today most would end missing
-    train_hf(runs / "exp1", [], max_steps=6, save_total_limit=2)
+    workers.start("eval", {"EVAL_SECONDS": "3"})  # slower than the Trainer saves: today most would end missing
+    from transformers import TrainerCallback
+
+    class Pace(TrainerCallback):
+        """A save every 1.5 s, so each checkpoint lives about 3 s before the rotation deletes it: time for
+        the watch to see it complete (and pin it), not for the 3 s evaluation of the ones before it."""
+
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            time.sleep(1.5)
+
+    train_hf(runs / "exp1", [Pace()], max_steps=6, save_total_limit=2)
     wait_for(lambda: len(results_by_path(conn)) == 6, 60, what="all six checkpoints evaluated")
     statuses = {rel: [r["status"] for r in recs] for rel, recs in results_by_path(conn).items()}
     assert statuses == {f"exp1/checkpoint-{n}": ["ok"] for n in range(1, 7)}

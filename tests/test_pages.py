@@ -48,7 +48,7 @@ def test_the_api_lists_watches_and_checkpoints_by_step_with_the_failure_and_the_
     dash = start_dashboard()
     assert dash.request("/api/watches", auth=None).status == 401
     watches = _json(dash, "/api/watches")["watches"]
-    assert [(w["name"], w["outcomes"]) for w in watches] == [("run", {"ok": 3, "failed": 1, "missing": 0})]
+    assert [(w["name"], w["outcomes"]) for w in watches] == [("run", {"ok": 3, "failed": 1, "missing": 0, "skipped": 0})]
     view = _json(dash, "/api/watches/run/checkpoints")
     rows = view["checkpoints"]
     assert [(r["step"], r["status"]) for r in rows] == [(100, "ok"), (200, "ok"), (250, "failed"), (300, "ok")]
