@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from common import ping, wait
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -74,7 +75,7 @@ class Stack:
                                        "--appendonly", "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL)
         self.url = f"redis://127.0.0.1:{port}/0"
         self.conn = redis.Redis.from_url(self.url)
-        _wait(lambda: _ping(self.conn), 10, "redis-server to answer")
+        wait(lambda: ping(self.conn), 10, "redis-server to answer")
         self.settings = Settings(redis_url=self.url, home=tmp / "home")
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("ASSAYER_")}
         self.env.update(ASSAYER_REDIS_URL=self.url, ASSAYER_HOME=str(tmp / "home"), ASSAYER_LOG_LEVEL="WARNING",
@@ -87,7 +88,7 @@ class Stack:
                                 stderr=subprocess.STDOUT, cwd=ROOT)
         self.workers.append(proc)
         key = keys.health(role, socket.gethostname(), proc.pid)
-        _wait(lambda: self.conn.exists(key) or proc.poll() is not None, 60, f"{role} worker to start")
+        wait(lambda: self.conn.exists(key) or proc.poll() is not None, 60, f"{role} worker to start")
         if proc.poll() is not None:
             raise RuntimeError(f"{role} worker exited with {proc.returncode}; see {self.tmp / (role + '.log')}")
 
@@ -104,21 +105,6 @@ class Stack:
         self.redis.wait(10)
 
 
-def _ping(conn: redis.Redis) -> bool:
-    try:
-        return bool(conn.ping())
-    except redis.ConnectionError:
-        return False
-
-
-def _wait(cond: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def train(output_dir: Path, saves: int, save_every: float, save_total_limit: int | None,

@@ -34,10 +34,12 @@ import sys
 import tempfile
 import time
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import redis
+from common import ping, wait
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -82,7 +84,7 @@ class Stack:
                                        "--appendonly", "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL)
         self.url = f"redis://127.0.0.1:{port}/0"
         self.conn = redis.Redis.from_url(self.url)
-        _wait(lambda: _ping(self.conn), 10, "redis-server to answer")
+        wait(lambda: ping(self.conn), 10, "redis-server to answer")
         self.settings = Settings(redis_url=self.url, home=tmp / "home")
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("ASSAYER_")}
         self.env.update(ASSAYER_REDIS_URL=self.url, ASSAYER_HOME=str(tmp / "home"), ASSAYER_LOG_LEVEL="WARNING",
@@ -96,8 +98,8 @@ class Stack:
                                     stdout=log, stderr=subprocess.STDOUT)
             self.workers.append(proc)
         host = socket.gethostname()
-        for proc in self.workers:
-            _wait(lambda p=proc: self.conn.exists(f"assayer:health:eval:{host}:{p.pid}"), 60, "eval workers to start")
+        for key in [keys.health("eval", host, proc.pid) for proc in self.workers]:
+            wait(partial(self.conn.exists, key), 60, "eval workers to start")
 
     def stop_workers(self) -> None:
         for p in self.workers:
@@ -112,21 +114,6 @@ class Stack:
         self.redis.wait(10)
 
 
-def _ping(conn: redis.Redis) -> bool:
-    try:
-        return bool(conn.ping())
-    except redis.ConnectionError:
-        return False
-
-
-def _wait(cond: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def _candidates(root: Path, steps: range) -> list[Candidate]:
@@ -148,7 +135,7 @@ def _spec(stack: Stack, root: Path, names: str) -> watches.WatchSpec:
 def _drain(stack: Stack, total: int, job_ids: list[str], timeout: float) -> dict[str, Any]:
     """Wait until the watch has ``total`` final results; the rate over ``job_ids`` (first started -> last stored)."""
     results_key = keys.results(WATCH)
-    _wait(lambda: stack.conn.hlen(results_key) >= total, timeout, f"{total} final results")
+    wait(lambda: stack.conn.hlen(results_key) >= total, timeout, f"{total} final results")
     stored = time.time()
     recs = [json.loads(raw) for raw in stack.conn.hmget(results_key, job_ids) if raw]
     assert len(recs) == len(job_ids), f"{len(job_ids) - len(recs)} of the jobs have no final result"

@@ -28,12 +28,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import redis
+from common import ping, wait
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -60,7 +60,7 @@ class Stack:
                                        "--appendonly", "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL)
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.conn = redis.Redis.from_url(self.url)
-        _wait(lambda: _ping(self.conn), 10)
+        wait(lambda: ping(self.conn), 10)
         self.settings = Settings(redis_url=self.url, home=tmp / "home")
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("ASSAYER_")}
         self.env.update(ASSAYER_REDIS_URL=self.url, ASSAYER_HOME=str(tmp / "home"), ASSAYER_LOG_LEVEL="WARNING",
@@ -78,7 +78,7 @@ class Stack:
                                 stderr=subprocess.STDOUT)
         self.workers.append(proc)
         host = socket.gethostname()
-        _wait(lambda: self.conn.exists(keys.health(role, host, proc.pid)), 30)
+        wait(lambda: self.conn.exists(keys.health(role, host, proc.pid)), 30)
         return proc
 
     def close(self) -> None:
@@ -90,21 +90,6 @@ class Stack:
         self.redis.wait(10)
 
 
-def _ping(conn: redis.Redis) -> bool:
-    try:
-        return bool(conn.ping())
-    except redis.ConnectionError:
-        return False
-
-
-def _wait(cond: Callable[[], T], timeout: float) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise TimeoutError("benchmark setup timed out")
 
 
 def _torch_bytes(seed: int) -> bytes:
@@ -178,7 +163,7 @@ def bench_latency(tmp: Path, per_kind: int) -> dict[str, Any]:
             written = next(p for p in path.parent.iterdir() if p.stem == path.name)
             completed[str(written)] = (kind, done_at)
             time.sleep(random.Random(n).uniform(0.05, 0.6))  # random phase against the poll interval
-        _wait(lambda: len(_started(stack.conn, "latency")) >= len(completed), 60)
+        wait(lambda: len(_started(stack.conn, "latency")) >= len(completed), 60)
         started = _started(stack.conn, "latency")
         by_kind: dict[str, list[float]] = {}
         for written_path, (kind, done_at) in completed.items():
@@ -215,7 +200,7 @@ def bench_many(tmp: Path, n_watches: int = 100) -> dict[str, Any]:
             for i in range(n_watches):
                 got.update(_started(stack.conn, f"run{i:03d}"))
             return got if len(got) >= n_watches else {}
-        started = _wait(all_started, 60)
+        started = wait(all_started, 60)
         return {"watches": n_watches, "watch_workers": 1,
                 **_summary([started[p] - t for p, t in completed.items()])}
     finally:
@@ -247,7 +232,7 @@ def bench_idle(tmp: Path, seconds: float, n_watches: int = 100, dirs_per_watch: 
         watcher = stack.start("watch")
         def all_scanned() -> bool:
             return all(stack.conn.hget(keys.watch_state(f"run{w:03d}"), "last_scan") for w in range(n_watches))
-        _wait(all_scanned, 120)
+        wait(all_scanned, 120)
         time.sleep(stack.settings.full_scan_interval)  # past the first (cold) full scan of every watch
         w0, r0, t0 = _cpu_seconds(watcher.pid), _cpu_seconds(stack.redis.pid), time.monotonic()
         time.sleep(seconds)
@@ -265,7 +250,7 @@ def bench_idle(tmp: Path, seconds: float, n_watches: int = 100, dirs_per_watch: 
 def _measure_watch_worker(stack: Stack, names: list[str], seconds: float) -> dict[str, Any]:
     """CPU of the watch worker and redis-server over ``seconds``, once every watch had its first full scan."""
     watcher = stack.start("watch")
-    _wait(lambda: all(stack.conn.hget(keys.watch_state(n), "last_scan") for n in names), 300)
+    wait(lambda: all(stack.conn.hget(keys.watch_state(n), "last_scan") for n in names), 300)
     time.sleep(max(stack.settings.full_scan_interval, 12.0))  # past the first (cold) full scan, and quiet
     w0, r0, t0 = _cpu_seconds(watcher.pid), _cpu_seconds(stack.redis.pid), time.monotonic()
     time.sleep(seconds)
@@ -404,7 +389,7 @@ def bench_dirlatency(tmp: Path, per_kind: int) -> dict[str, Any]:
             for sub, _, _ in DIR_WRITERS.values():
                 got.update(_started(stack.conn, sub))
             return got if len(got) >= len(completed) else {}
-        got = _wait(started, 60)
+        got = wait(started, 60)
         by_kind: dict[str, list[float]] = {}
         for path, (kind, done_at) in completed.items():
             by_kind.setdefault(kind, []).append(got[path] - done_at)
