@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import redis
+import writers
 from harness import Workers, add_watch, burst, evaluator_ref, free_port, results_by_path, wait_for
 from writers import tiny_gpt2, write_atomically, zip_bytes
 
@@ -259,27 +260,8 @@ def train_hf(output_dir: Path, callbacks: list[Any], max_steps: int = 6, save_to
 
 
 def train_lightning(dirpath: Path, callbacks: list[Any], max_steps: int = 6, save_top_k: int = -1) -> None:
-    """Lightning on CPU, ModelCheckpoint writing ``epoch=E-step=S.ckpt`` every step."""
-    import lightning as L
-    import torch
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    class Tiny(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layer = torch.nn.Linear(4, 1)
-
-        def training_step(self, batch: list[torch.Tensor], _: int) -> torch.Tensor:
-            return torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1])
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
-    saver = ModelCheckpoint(dirpath=str(dirpath), every_n_train_steps=1, save_top_k=save_top_k)
-    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", callbacks=[saver, *callbacks], logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(dirpath.parent))
-    trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=4))
+    """Lightning on CPU, ModelCheckpoint writing ``epoch=E-step=S.ckpt`` every step into ``dirpath``."""
+    writers.train_lightning(dirpath.parent, max_steps, 1, callbacks=callbacks, save_top_k=save_top_k, dirpath=dirpath)
 
 
 def check_rotation(conn: redis.Redis, rotation: Rotation, relpaths: list[str], listing: Any, kept: int = 2) -> None:

@@ -7,8 +7,9 @@ import os
 import threading
 import time
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel
@@ -114,8 +115,10 @@ def save_dcp(directory: Path, seed: int = 0) -> None:
         save({"w": torch.arange(1000, dtype=torch.float32) + seed}, checkpoint_id=str(directory))
 
 
-def train_lightning(root: Path, max_steps: int = 6, every_n_train_steps: int = 2) -> Path:
-    """Lightning's ModelCheckpoint writes files ``epoch=E-step=S.ckpt``; returns their directory."""
+def train_lightning(root: Path, max_steps: int = 6, every_n_train_steps: int = 2, callbacks: Sequence[Any] = (),
+                    save_top_k: int = -1, dirpath: Path | None = None) -> Path:
+    """Lightning's ModelCheckpoint writes files ``epoch=E-step=S.ckpt`` (in ``dirpath``, default
+    ``root/checkpoints``), beside ``callbacks``; returns their directory."""
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -132,9 +135,9 @@ def train_lightning(root: Path, max_steps: int = 6, every_n_train_steps: int = 2
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
-    checkpoints = root / "checkpoints"
-    callback = ModelCheckpoint(dirpath=str(checkpoints), every_n_train_steps=every_n_train_steps, save_top_k=-1)
-    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", callbacks=[callback], logger=False,
+    checkpoints = dirpath or root / "checkpoints"
+    saver = ModelCheckpoint(dirpath=str(checkpoints), every_n_train_steps=every_n_train_steps, save_top_k=save_top_k)
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", callbacks=[saver, *callbacks], logger=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root))
     trainer.fit(Tiny(), torch.utils.data.DataLoader(data, batch_size=4))
     return checkpoints
