@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -150,7 +151,7 @@ def test_a_full_cache_makes_new_checkpoints_wait_or_be_skipped_and_status_says_s
     status = invoke(settings, "status").stdout
     assert "snapshot cache full: waiting step-2.pt" in status and "1 pinned" in status
     assert conn.hlen(keys.pins("run")) == 1 and len(conn.hkeys(keys.ledger("run"))) == 1
-    workers.start("eval", env)  # step-1 evaluated, its pin released: room for step-2
+    fast = workers.start("eval", env)  # step-1 evaluated, its pin released: room for step-2
     wait_for(lambda: len([r for r in final_results(conn, "run") if r["status"] == "ok"]) == 2, 60,
              what="both evaluated, step-2 once there was room")
 
@@ -158,6 +159,8 @@ def test_a_full_cache_makes_new_checkpoints_wait_or_be_skipped_and_status_says_s
     out = invoke(settings, "watch", "add", str(ckpts), "--name", "run", "-e", evaluator(tmp_path), "--snapshot",
                  "copy", "--when-full", "skip")
     assert out.returncode == 0, out.stderr
+    fast.send_signal(signal.SIGTERM)  # only a slow worker from here: step-3's pin holds while step-4 comes
+    fast.wait(30)
     slow_env = env | {"SNAP_SECONDS": "5"}
     workers.start("eval", slow_env)
     (ckpts / "step-3.pt").write_bytes(torch_bytes(3))
