@@ -123,11 +123,12 @@ def test_cleanup_intermediate_retries_a_job_a_dead_worker_took_but_never_started
 def test_enqueue_due_moves_only_jobs_whose_backoff_ended(conn: redis.Redis) -> None:
     queue = _queue(conn)
     registry = ScheduledJobRegistry(queue.name, conn, serializer=JSONSerializer)
-    due = queue.enqueue_in(timedelta(seconds=1), "os.getpid", retry=Retry(max=1))
+    # Backoffs far apart: a slow machine taking seconds between two lines changes nothing here.
+    due = queue.enqueue_in(timedelta(seconds=60), "os.getpid", retry=Retry(max=1))
     later = queue.enqueue_in(timedelta(seconds=600), "os.getpid")
     assert set(registry.get_job_ids()) == {due.id, later.id}
     assert rq_internals.enqueue_due(queue, time.time()) == []
-    assert rq_internals.enqueue_due(queue, time.time() + 2) == [due.id]
+    assert rq_internals.enqueue_due(queue, time.time() + 120) == [due.id]
     assert queue.get_job_ids() == [due.id]
     assert registry.get_job_ids() == [later.id]
     assert Job.fetch(due.id, connection=conn, serializer=JSONSerializer).get_status() == JobStatus.QUEUED
