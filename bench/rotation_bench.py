@@ -26,26 +26,18 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import common
 import redis
-from common import ping, wait
+from common import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from assayer import keys, watches  # noqa: E402
-from assayer.settings import Settings  # noqa: E402
-from assayer.snapshots import Pin  # noqa: E402
-from assayer.stack import redis_binary  # noqa: E402
+from assayer import keys, watches
+from assayer.snapshots import Pin
 
 OUT = ROOT / "bench" / "out"
 WATCH = "rot"
@@ -63,48 +55,11 @@ def evaluate(path):
 '''
 
 
-class Stack:
-    """A redis-server without persistence, one watch worker and one eval worker, in a temp dir."""
+class Stack(common.Stack):
+    """One watch and one eval worker evaluating with an evaluator of ``eval_seconds``."""
 
     def __init__(self, tmp: Path, eval_seconds: float) -> None:
-        self.tmp = tmp
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.redis = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                       "--appendonly", "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL)
-        self.url = f"redis://127.0.0.1:{port}/0"
-        self.conn = redis.Redis.from_url(self.url)
-        wait(lambda: ping(self.conn), 10, "redis-server to answer")
-        self.settings = Settings(redis_url=self.url, home=tmp / "home")
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("ASSAYER_")}
-        self.env.update(ASSAYER_REDIS_URL=self.url, ASSAYER_HOME=str(tmp / "home"), ASSAYER_LOG_LEVEL="WARNING",
-                        PYTHONPATH=str(ROOT), EVAL_SECONDS=str(eval_seconds))
-        self.workers: list[subprocess.Popen[bytes]] = []
-
-    def start(self, role: str) -> None:
-        log = open(self.tmp / f"{role}.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen([sys.executable, "-m", "assayer", "worker", role], env=self.env, stdout=log,
-                                stderr=subprocess.STDOUT, cwd=ROOT)
-        self.workers.append(proc)
-        key = keys.health(role, socket.gethostname(), proc.pid)
-        wait(lambda: self.conn.exists(key) or proc.poll() is not None, 60, f"{role} worker to start")
-        if proc.poll() is not None:
-            raise RuntimeError(f"{role} worker exited with {proc.returncode}; see {self.tmp / (role + '.log')}")
-
-    def close(self) -> None:
-        for p in self.workers:
-            p.send_signal(signal.SIGTERM)
-        for p in self.workers:
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self.redis.terminate()
-        self.redis.wait(10)
-
-
+        super().__init__(tmp, {"EVAL_SECONDS": str(eval_seconds)})
 
 
 def train(output_dir: Path, saves: int, save_every: float, save_total_limit: int | None,

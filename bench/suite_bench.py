@@ -25,30 +25,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime
-from functools import partial
 from pathlib import Path
 from typing import Any
 
+import common
 import redis
-from common import ping, wait
+from common import ROOT, machine, wait
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from assayer import keys, ledger, watches  # noqa: E402
-from assayer.dirs import version_of_path  # noqa: E402
-from assayer.scan import Candidate  # noqa: E402
-from assayer.settings import Settings  # noqa: E402
-from assayer.stack import redis_binary  # noqa: E402
+from assayer import keys, ledger, watches
+from assayer.dirs import version_of_path
+from assayer.scan import Candidate
 
 OUT = ROOT / "bench" / "out"
 WATCH = "suite"
@@ -72,48 +63,10 @@ KEY_KINDS = (("results hash", "assayer:results:"), ("attempts lists", "assayer:a
 """Key prefixes whose memory is reported, in order; anything else is counted as other."""
 
 
-class Stack:
-    """A redis-server without persistence and eval worker processes at default settings, in a temp dir."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.redis = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                       "--appendonly", "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL)
-        self.url = f"redis://127.0.0.1:{port}/0"
-        self.conn = redis.Redis.from_url(self.url)
-        wait(lambda: ping(self.conn), 10, "redis-server to answer")
-        self.settings = Settings(redis_url=self.url, home=tmp / "home")
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("ASSAYER_")}
-        self.env.update(ASSAYER_REDIS_URL=self.url, ASSAYER_HOME=str(tmp / "home"), ASSAYER_LOG_LEVEL="WARNING",
-                        PYTHONPATH=str(ROOT))
-        self.workers: list[subprocess.Popen[bytes]] = []
-
+class Stack(common.Stack):
     def start_eval(self, count: int, env: dict[str, str] | None = None) -> None:
         for _ in range(count):
-            log = open(self.tmp / f"eval-{len(self.workers)}.log", "wb")  # noqa: SIM115
-            proc = subprocess.Popen([sys.executable, "-m", "assayer", "worker", "eval"], env=self.env | (env or {}),
-                                    stdout=log, stderr=subprocess.STDOUT)
-            self.workers.append(proc)
-        host = socket.gethostname()
-        for key in [keys.health("eval", host, proc.pid) for proc in self.workers]:
-            wait(partial(self.conn.exists, key), 60, "eval workers to start")
-
-    def stop_workers(self) -> None:
-        for p in self.workers:
-            p.send_signal(signal.SIGTERM)
-        for p in self.workers:
-            p.wait(60)
-        self.workers = []
-
-    def close(self) -> None:
-        self.stop_workers()
-        self.redis.terminate()
-        self.redis.wait(10)
-
-
+            self.start("eval", env)
 
 
 def _candidates(root: Path, steps: range) -> list[Candidate]:
@@ -225,12 +178,6 @@ def _cold(stack: Stack, root: Path, spec: watches.WatchSpec, n: int, count: int)
         out[f"max_warm_{warm}"] = _drain(stack, done, ids, timeout=120 + 3 * count)
         stack.stop_workers()
     return out
-
-
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def main() -> None:

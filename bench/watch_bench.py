@@ -19,77 +19,29 @@ import argparse
 import io
 import json
 import os
-import platform
 import random
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+import common
 import redis
-from common import ping, wait
+from common import ROOT, machine, wait
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from assayer import keys, watches  # noqa: E402
-from assayer.settings import Settings  # noqa: E402
-from assayer.stack import redis_binary  # noqa: E402
+from assayer import keys, watches
 
 NOOP = f"{ROOT / 'bench' / 'evaluators.py'}:noop"
 OUT = ROOT / "bench" / "out"
 TICKS = os.sysconf("SC_CLK_TCK")
-T = TypeVar("T")
 
 
-class Stack:
-    """redis-server plus worker processes, default settings, in a temp dir."""
-
-    def __init__(self, tmp: Path, env: dict[str, str] | None = None) -> None:
-        self.tmp = tmp
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.redis = subprocess.Popen([redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                       "--appendonly", "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.conn = redis.Redis.from_url(self.url)
-        wait(lambda: ping(self.conn), 10)
-        self.settings = Settings(redis_url=self.url, home=tmp / "home")
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("ASSAYER_")}
-        self.env.update(ASSAYER_REDIS_URL=self.url, ASSAYER_HOME=str(tmp / "home"), ASSAYER_LOG_LEVEL="WARNING",
-                        PYTHONPATH=str(ROOT))
-        self.env.update(env or {})
-        self.workers: list[subprocess.Popen[bytes]] = []
-
+class Stack(common.Stack):
     def add_watch(self, directory: Path, name: str) -> None:
         spec, _ = watches.build_spec(str(directory), NOOP, name=name)
         watches.register(self.conn, self.settings, spec)
-
-    def start(self, role: str) -> subprocess.Popen[bytes]:
-        log = open(self.tmp / f"{role}-{len(self.workers)}.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen([sys.executable, "-m", "assayer", "worker", role], env=self.env, stdout=log,
-                                stderr=subprocess.STDOUT)
-        self.workers.append(proc)
-        host = socket.gethostname()
-        wait(lambda: self.conn.exists(keys.health(role, host, proc.pid)), 30)
-        return proc
-
-    def close(self) -> None:
-        for p in self.workers:
-            p.send_signal(signal.SIGTERM)
-        for p in self.workers:
-            p.wait(30)
-        self.redis.terminate()
-        self.redis.wait(10)
-
-
 
 
 def _torch_bytes(seed: int) -> bytes:
@@ -398,12 +350,6 @@ def bench_dirlatency(tmp: Path, per_kind: int) -> dict[str, Any]:
         return result
     finally:
         stack.close()
-
-
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def main() -> None:

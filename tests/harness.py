@@ -138,11 +138,9 @@ class RedisServer:
 
     def _state(self, client: redis.Redis) -> str | None:
         assert self.proc is not None
-        try:
+        with contextlib.suppress(redis.RedisError):  # not up yet, or something else answers on the port
             if int(client.info("server")["process_id"]) == self.proc.pid:
                 return "ours"
-        except redis.RedisError:  # not up yet, or something else answers on the port
-            pass
         if self.proc.poll() is not None:
             return "exited"
         return None
