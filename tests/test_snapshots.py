@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from harness import Workers, burst, final_results, invoke, wait_for
+from harness import RedisServer, Workers, burst, final_results, invoke, wait_for
 from writers import torch_bytes
 
 from assayer import jobs, keys, ledger, snapshots, watches
@@ -231,3 +231,39 @@ def test_kill_9_of_the_watch_worker_mid_pin_leaks_nothing_and_evaluates_once(
     wait_for(lambda: conn.hlen(keys.pins("run")) == 0 and os.listdir(folder) == [], 30,
              what="the pin released and the killed worker's half copy removed")
     assert len(log.read_text().splitlines()) == 1  # evaluated once
+
+
+@pytest.mark.slow
+def test_pins_survive_a_redis_restart_and_each_checkpoint_is_evaluated_once(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis")
+    settings = Settings(redis_url=server.url, home=tmp_path / "home", poll_interval=0.2, settle=0.5, lease_ttl=6,
+                        heartbeat_interval=1.0, reap_interval=0.5)
+    conn = redis.Redis.from_url(server.url)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    w = Workers(settings, logs)
+    log, ckpts = tmp_path / "evals.jsonl", tmp_path / "ckpts"
+    env = {"SNAP_LOG": str(log)}
+    try:
+        add(conn, settings, ckpts, [evaluator(tmp_path)], mode="copy")
+        w.start("watch", env)
+        for step in (1, 2, 3):
+            (ckpts / f"step-{step}.pt").write_bytes(torch_bytes(step))
+        wait_for(lambda: conn.hlen(keys.pins("run")) == 3, 20, what="three checkpoints pinned")
+        for step in (1, 2, 3):
+            (ckpts / f"step-{step}.pt").unlink()  # rotated away: only the pins hold them now
+        server.restart()  # AOF: the pins' records and their queued jobs come back
+        conn = redis.Redis.from_url(server.url)
+        assert conn.hlen(keys.pins("run")) == 3 and len(pinned_dirs(settings)) == 3
+        w.start("eval", env)
+        wait_for(lambda: len(final_results(conn, "run")) == 3, 60, what="the three evaluated from their pins")
+        assert all(r["status"] == "ok" for r in final_results(conn, "run"))
+        wait_for(lambda: conn.hlen(keys.pins("run")) == 0 and pinned_dirs(settings) == [], 30,
+                 what="every pin released, none leaked")
+        assert len(log.read_text().splitlines()) == 3  # nothing evaluated twice
+    except BaseException:
+        print(w.logs())
+        raise
+    finally:
+        w.stop_all()
+        server.stop()
