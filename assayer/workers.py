@@ -67,6 +67,7 @@ class AssayerWorker(rq_internals.StoppableWorker):
         self.born = time.time()
         self.runtime = jobs.Runtime(settings, connection, worker_name=name)
         self._ticker_stop = threading.Event()
+        self._registered = threading.Event()  # set once rq registered us: health is reported only from then on
         self._busy_job: Job | None = None
         self._shutdown_sent = False
         self.stop_requested = False  # by a signal or `assayer shutdown`: work() returning is then expected
@@ -74,6 +75,10 @@ class AssayerWorker(rq_internals.StoppableWorker):
     def request_stop(self, signum: int, frame: Any) -> None:
         self.stop_requested = True
         super().request_stop(signum, frame)
+
+    def register_birth(self) -> None:
+        super().register_birth()
+        self._registered.set()
 
     # -- background thread ------------------------------------------------------------------
 
@@ -92,6 +97,12 @@ class AssayerWorker(rq_internals.StoppableWorker):
 
     def _run_ticker(self) -> None:
         last_health = last_flag = 0.0
+        # A health key means "registered and working": `assayer up` and rq-dashboard count on it. Until
+        # work() has registered us, a tick would also take rq's missing key for a lost one and register
+        # us itself, and rq's own register_birth would then refuse to start ("an active worker named ...").
+        while not self._registered.is_set():
+            if self._ticker_stop.wait(self.tick):
+                return
         while not self._ticker_stop.wait(self.tick):
             try:
                 now = time.time()
@@ -250,7 +261,8 @@ class WatchWorker(AssayerWorker):
             self.sweep()
             snapshots.release_done(self.connection, self.settings)  # pins whose evaluations all ended
         # Claim what falls due before the next tick too: watches scanned together stay in step, one job per batch.
-        names = self.connection.eval(CLAIM_DUE, 1, keys.DUE, now + self.tick, defaults.SCAN_LEASE, defaults.MAX_WATCHES_PER_SCAN)
+        names = self.connection.eval(CLAIM_DUE, 1, keys.DUE, now + self.tick, self.settings.scan_lease,
+                                     defaults.MAX_WATCHES_PER_SCAN)
         if names:
             names = sorted(n.decode() for n in names)
             self.queues[0].enqueue(

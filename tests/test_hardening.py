@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -14,8 +15,9 @@ from harness import Workers, add_watch, attempts, final_results, hash_json, invo
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry
 from writers import torch_bytes
 
-from assayer import keys
+from assayer import keys, rq_internals
 from assayer.rq_internals import queue_key
+from assayer.workers import WatchWorker
 from assayer.settings import Settings
 
 
@@ -385,3 +387,22 @@ def test_kill_9_and_a_redis_restart_lose_no_pending_retry_and_no_backlogged_resu
     finally:
         w.stop_all()
         server.stop()
+
+
+def test_a_worker_reports_health_only_once_rq_has_registered_it(conn: redis.Redis, settings: Settings) -> None:
+    # `assayer up` and the test harness take a health key for "registered and working" (status counts rq's
+    # registry); a ticker that beat rq's register_birth also registered the worker itself, and rq's own
+    # register_birth then refused to start: "There exists an active worker named ...".
+    worker = WatchWorker(dataclasses.replace(settings, inotify=False), conn)
+    health = keys.health("watch", worker.host, os.getpid())
+    ticker = threading.Thread(target=worker._run_ticker, daemon=True)
+    ticker.start()
+    try:
+        time.sleep(10 * worker.tick)  # ten ticks, and work() has not registered the worker yet
+        assert not conn.exists(health) and not rq_internals.registered(conn, worker)
+        worker.register_birth()  # what rq's work() does first: it raises if the worker is registered already
+        wait_for(lambda: conn.exists(health), 10, what="the health key once the worker is registered")
+        assert rq_internals.registered(conn, worker)
+    finally:
+        worker._ticker_stop.set()
+        ticker.join(10)
