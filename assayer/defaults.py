@@ -44,7 +44,8 @@ REAP_INTERVAL = 3.0
 """Seconds between two sweeps for lost jobs (jobs of killed workers)."""
 
 SCAN_LEASE = 30
-"""Seconds a claimed watch stays claimed; a watch whose scan was lost is scanned again after this."""
+"""Seconds a claimed watch stays claimed; a watch whose scan was lost is scanned again after this
+(``ASSAYER_SCAN_LEASE``)."""
 
 STALL_AFTER = 600.0
 """Seconds a checkpoint may stay incomplete and unchanged before ``assayer status`` calls it stalled."""
@@ -70,7 +71,8 @@ NOTIFIED_IDLE_POLL = 30.0
 """Seconds between scans of a quiet watch whose directories inotify watches (a change wakes it at once)."""
 
 QUIET_AFTER = 10.0
-"""Seconds without any change after which a watch counts as quiet and is polled less often."""
+"""Seconds without any change after which a watch counts as quiet and is polled less often
+(``ASSAYER_QUIET_AFTER``)."""
 
 MIRROR_INTERVAL = 5.0
 """Seconds between two mirrors of watches and ledgers into the results directory (``assayer restore``)."""

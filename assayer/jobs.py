@@ -262,7 +262,7 @@ def _age(seconds: float) -> str:
 
 def _poll_interval(rt: Runtime, spec: watches.WatchSpec, scanner: Scanner, report: ScanReport, poll: float,
                    now: float) -> float:
-    """A watch that changed in the last QUIET_AFTER seconds is polled every ``poll``; a quiet one less often.
+    """A watch that changed in the last ``quiet_after`` seconds is polled every ``poll``; a quiet one less often.
 
     A quiet watch whose directories inotify watches is woken by any change, so it is polled only as
     a safety net; one on a network mount (or with inotify off) keeps ``idle_poll_interval``.
@@ -278,7 +278,7 @@ def _poll_interval(rt: Runtime, spec: watches.WatchSpec, scanner: Scanner, repor
         covered = rt.notifier.covers(spec.name)
     if report.changed or report.pending or report.ready or report.errors or report.truncated:
         rt.active_at[spec.name] = now
-    if now - rt.active_at.setdefault(spec.name, now) < defaults.QUIET_AFTER:
+    if now - rt.active_at.setdefault(spec.name, now) < rt.settings.quiet_after:
         return poll
     return max(poll, defaults.NOTIFIED_IDLE_POLL if covered else rt.settings.idle_poll_interval)
 

@@ -55,6 +55,8 @@ class Settings:
     reap_interval: float = defaults.REAP_INTERVAL
     full_scan_interval: float = defaults.FULL_SCAN_INTERVAL
     idle_poll_interval: float = defaults.IDLE_POLL_INTERVAL
+    quiet_after: float = defaults.QUIET_AFTER
+    scan_lease: int = defaults.SCAN_LEASE
     inotify: bool = True
     max_warm_evaluators: int = defaults.MAX_WARM_EVALUATORS  # also read from ASSAYER_MAX_WARM
     pools: tuple[str, ...] = ("default",)  # pools an eval worker serves: "gpu,default"
@@ -96,6 +98,9 @@ class Settings:
                 f"heartbeat interval {self.heartbeat_interval}s must be at most half the lease TTL {self.lease_ttl}s",
                 "raise ASSAYER_LEASE_TTL or lower ASSAYER_HEARTBEAT_INTERVAL",
             )
+        if self.scan_lease <= 0:
+            raise ConfigError(f"scan lease must be positive, got {self.scan_lease}",
+                              "set ASSAYER_SCAN_LEASE to seconds, e.g. 30 (a lost scan is taken up again after this)")
         if self.snapshot not in ("off", "link", "copy", "auto"):
             raise ConfigError(f"ASSAYER_SNAPSHOT={self.snapshot!r} is not a snapshot mode", "use off, link, copy or auto")
         if not self.retry_backoff:
@@ -203,9 +208,10 @@ class Settings:
 
 
 _FLOATS = {"snapshot_max_gb", "newest_after", "delivery_lease", "stall_after", "eval_max_rss", "poll_interval", "settle",
-           "eval_timeout", "heartbeat_interval", "reap_interval", "full_scan_interval", "idle_poll_interval"}
+           "eval_timeout", "heartbeat_interval", "reap_interval", "full_scan_interval", "idle_poll_interval",
+           "quiet_after"}
 _BOOLS = {"dashboard_allow_actions", "inotify"}
-_INTS = {"exporter_port", "retries", "lease_ttl", "max_warm_evaluators", "dashboard_port", "eval_max_calls"}
+_INTS = {"exporter_port", "retries", "lease_ttl", "max_warm_evaluators", "dashboard_port", "eval_max_calls", "scan_lease"}
 _PATHS = {"home", "results_dir", "watches_file", "snapshot_dir"}
 
 

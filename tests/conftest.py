@@ -64,9 +64,9 @@ def conn(redis_server: RedisServer) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def settings(redis_server: RedisServer, tmp_path: Path, conn: redis.Redis) -> Settings:
-    """Settings for fast tests: short poll, settle, lease and backoff."""
+    """Settings for fast tests: short poll, settle, leases and backoff."""
     return Settings(redis_url=redis_server.url, home=tmp_path / "home", poll_interval=0.2, settle=0.6,
-                    retry_backoff=(1,), lease_ttl=4, heartbeat_interval=1.0, reap_interval=0.5)
+                    retry_backoff=(1,), lease_ttl=4, heartbeat_interval=1.0, reap_interval=0.5, scan_lease=8)
 
 
 @pytest.fixture

@@ -164,6 +164,7 @@ def env_for(settings: Settings) -> dict[str, str]:
         "ASSAYER_RETRIES": str(settings.retries), "ASSAYER_RETRY_BACKOFF": ",".join(map(str, settings.retry_backoff)),
         "ASSAYER_LEASE_TTL": str(settings.lease_ttl), "ASSAYER_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval),
         "ASSAYER_REAP_INTERVAL": str(settings.reap_interval), "ASSAYER_EVAL_TIMEOUT": str(settings.eval_timeout),
+        "ASSAYER_SCAN_LEASE": str(settings.scan_lease), "ASSAYER_QUIET_AFTER": str(settings.quiet_after),
         "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
     })
     return env

@@ -20,7 +20,7 @@ from harness import ROOT, RedisServer, Workers, burst, env_for, evaluator_ref, f
 from pictures import assert_plotted
 from writers import torch_bytes
 
-from assayer import keys, results
+from assayer import defaults, keys, results
 from assayer.errors import ConfigError
 from assayer.rq_internals import queue_key
 from assayer.settings import Settings
@@ -195,6 +195,14 @@ def test_settings_from_env_merge_password_and_redact() -> None:
     assert s.retry_backoff == (5, 30) and s.eval_timeout == 7200
     with pytest.raises(ConfigError, match="ASSAYER_RETRIES='many'"):
         Settings.from_env({"ASSAYER_RETRIES": "many"})
+
+
+def test_the_scan_lease_and_the_quiet_time_are_settings() -> None:
+    s = Settings.from_env({"ASSAYER_SCAN_LEASE": "45", "ASSAYER_QUIET_AFTER": "2.5"})
+    assert (s.scan_lease, s.quiet_after) == (45, 2.5)
+    assert (Settings().scan_lease, Settings().quiet_after) == (defaults.SCAN_LEASE, defaults.QUIET_AFTER)
+    with pytest.raises(ConfigError, match=r"(?s)scan lease must be positive, got 0\b.*fix: set ASSAYER_SCAN_LEASE"):
+        Settings.from_env({"ASSAYER_SCAN_LEASE": "0"})
 
 
 def test_dashboard_requires_a_password_then_answers_401_and_200(

@@ -61,7 +61,7 @@ def _ppid(pid: str) -> int:
         return -1
 
 
-@pytest.mark.slow  # up to SCAN_LEASE (30 s): the killed worker's claim on the watch must run out
+@pytest.mark.slow  # up to the scan lease (8 s here): the killed worker's claim on the watch must run out
 def test_kill_9_of_the_watch_worker_then_watching_resumes(
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:

@@ -15,6 +15,9 @@ from assayer import defaults
 from assayer.notify import Notifier, network_filesystem
 from assayer.settings import Settings
 
+QUIET_AFTER = 3.0
+"""Seconds without a change before a watch counts as quiet in these tests (10 s by default)."""
+
 
 def test_a_change_in_a_watched_directory_wakes_its_watches_and_only_theirs(tmp_path: Path) -> None:
     woken: list[set[str]] = []
@@ -93,10 +96,10 @@ def test_a_quiet_watch_is_polled_rarely_yet_a_new_checkpoint_wakes_it_at_once(
 ) -> None:
     run = tmp_path / "run"
     add_watch(conn, settings, run)
-    workers.start("watch")
+    workers.start("watch", {"ASSAYER_QUIET_AFTER": str(QUIET_AFTER)})
     workers.start("eval")
     assert scans_during(conn, 3) >= 5  # active: every poll interval (0.2 s here)
-    time.sleep(defaults.QUIET_AFTER)
+    time.sleep(QUIET_AFTER)
     assert scans_during(conn, 6) <= 1  # quiet and notified: every 30 s
     save_dcp(run / "step-1")
     rec = wait_for(lambda: final_results(conn, "run"), 5, what="the change to wake the quiet watch")[0]
@@ -109,7 +112,7 @@ def test_without_notification_a_quiet_watch_keeps_the_idle_poll_interval(
 ) -> None:
     run = tmp_path / "run"
     add_watch(conn, settings, run)
-    workers.start("watch", {"ASSAYER_INOTIFY": "false"})
-    time.sleep(defaults.QUIET_AFTER + 1)
+    workers.start("watch", {"ASSAYER_INOTIFY": "false", "ASSAYER_QUIET_AFTER": str(QUIET_AFTER)})
+    time.sleep(QUIET_AFTER + 1)
     scans = scans_during(conn, 3 * settings.idle_poll_interval)
     assert 1 <= scans <= 4  # every idle_poll_interval (2 s), not every poll interval (0.2 s: 30 scans)
