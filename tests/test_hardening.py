@@ -17,8 +17,8 @@ from writers import torch_bytes
 
 from assayer import keys, rq_internals
 from assayer.rq_internals import queue_key
-from assayer.workers import WatchWorker
 from assayer.settings import Settings
+from assayer.workers import WatchWorker
 
 
 def alive(pid: int) -> bool:
