@@ -393,12 +393,22 @@ def test_a_worker_reports_health_only_once_rq_has_registered_it(conn: redis.Redi
     # `assayer up` and the test harness take a health key for "registered and working" (status counts rq's
     # registry); a ticker that beat rq's register_birth also registered the worker itself, and rq's own
     # register_birth then refused to start: "There exists an active worker named ...".
+    class Ticks(threading.Event):
+        """The ticker's stop event, counting the ticks it waited."""
+
+        count = 0
+
+        def wait(self, timeout: float | None = None) -> bool:
+            self.count += 1
+            return super().wait(timeout)
+
     worker = WatchWorker(dataclasses.replace(settings, inotify=False), conn)
     health = keys.health("watch", worker.host, os.getpid())
+    ticks = worker._ticker_stop = Ticks()
     ticker = threading.Thread(target=worker._run_ticker, daemon=True)
     ticker.start()
     try:
-        time.sleep(10 * worker.tick)  # ten ticks, and work() has not registered the worker yet
+        wait_for(lambda: ticks.count > 10, 10, what="ten ticks before work() registered the worker")
         assert not conn.exists(health) and not rq_internals.registered(conn, worker)
         worker.register_birth()  # what rq's work() does first: it raises if the worker is registered already
         wait_for(lambda: conn.exists(health), 10, what="the health key once the worker is registered")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import redis
-from harness import Workers, final_results, invoke, wait_for
+from harness import Workers, final_results, invoke, wait_for, wait_for_scans
+from rq import Worker
 from writers import torch_bytes
 
 from assayer import checkpoints, keys, pools, watches
@@ -86,9 +87,9 @@ def test_two_evaluators_then_one_edited_runs_exactly_the_missing_evaluations(
     wait_for(lambda: len(finals_by(conn)) == 9, 40, what="acc's new version on the 3 checkpoints")
     (ckpts / "step-4.pt").write_bytes(torch_bytes(4))
     wait_for(lambda: len(finals_by(conn)) == 11, 40, what="step-4 by both evaluators")
+    wait_for_scans(conn, "run", 3)  # three scans saw every checkpoint since: what they queue is queued now
     wait_for(lambda: settled(conn, settings), 20, what="nothing left queued")
-    time.sleep(2)  # a few more scans: nothing else may be queued
-    assert settled(conn, settings) and len(finals_by(conn)) == 11
+    assert len(finals_by(conn)) == 11
 
     done = runs(log)
     assert all(count == 1 for count in done.values()), done  # nothing twice
@@ -154,8 +155,8 @@ def test_an_evaluator_added_to_a_running_watch_backfills_unless_opted_out(
     assert out.returncode == 0, out.stderr
     (ckpts / "step-4.pt").write_bytes(torch_bytes(4))
     wait_for(lambda: len(finals_by(conn)) == 9, 30, what="step-4 by all three")
-    time.sleep(2)
-    assert settled(conn, settings)
+    wait_for_scans(conn, "run", 3)
+    wait_for(lambda: settled(conn, settings), 20, what="nothing left queued")
     assert sorted(p for (e, p, _) in finals_by(conn) if e == "extra") == ["step-4.pt"]
     # ... and on request, exactly the missing ones (`assayer evaluate --evaluator`).
     out = invoke(settings, "evaluate", "--watch", "run", "--evaluator", "extra")
@@ -207,7 +208,9 @@ def test_a_gpu_pool_evaluator_never_runs_on_a_default_pool_worker(
     wait_for(lambda: len(finals_by(conn)) == 3, 30, what="loss on the default-pool worker")
     gpu_queue = queue_key(pools.queue(settings, "gpu"))
     wait_for(lambda: conn.llen(gpu_queue) == 3, 10, what="mmlu's jobs waiting in the gpu queue")
-    time.sleep(2)  # the default worker had every chance to take them
+    (default,) = [w for w in Worker.all(connection=conn) if w.pid == cpu.pid]
+    wait_for(lambda: default.get_state() == "idle", 10, what="the default worker back at its empty queues")
+    assert not any("gpu" in q for q in default.queue_names())  # it never even looks at the gpu queue
     assert conn.llen(gpu_queue) == 3 and {e for (e, _, _) in finals_by(conn)} == {"loss"}
     gpu = workers.start("eval", env | {"ASSAYER_POOLS": "gpu"})
     wait_for(lambda: len(finals_by(conn)) == 6, 30, what="mmlu on the gpu worker")
@@ -244,8 +247,8 @@ def test_kill_9_during_a_backfill_loses_nothing_and_duplicates_nothing(
     workers.start("watch", env)  # a cold watch worker backfills again: the ledger queues nothing twice
     workers.start("eval", env)
     wait_for(lambda: len(finals_by(conn)) == 12, 60, what="acc on all 6 checkpoints")
+    wait_for_scans(conn, "run", 3)
     wait_for(lambda: settled(conn, settings), 30, what="nothing left queued")
-    time.sleep(2)
     finals = finals_by(conn)
     assert len(finals) == 12 and all(count == 1 for count in finals.values()), finals
     assert sorted(p for (e, p, _) in finals if e == "acc") == [f"step-{i}.pt" for i in range(1, 7)]
