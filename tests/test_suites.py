@@ -209,7 +209,8 @@ def test_a_gpu_pool_evaluator_never_runs_on_a_default_pool_worker(
     gpu_queue = queue_key(pools.queue(settings, "gpu"))
     wait_for(lambda: conn.llen(gpu_queue) == 3, 10, what="mmlu's jobs waiting in the gpu queue")
     (default,) = [w for w in Worker.all(connection=conn) if w.pid == cpu.pid]
-    wait_for(lambda: default.get_state() == "idle", 10, what="the default worker back at its empty queues")
+    # rq writes the state into the worker's hash (get_state() is what this copy read when it was fetched)
+    wait_for(lambda: conn.hget(default.key, "state") == b"idle", 10, what="the default worker back at its empty queues")
     assert not any("gpu" in q for q in default.queue_names())  # it never even looks at the gpu queue
     assert conn.llen(gpu_queue) == 3 and {e for (e, _, _) in finals_by(conn)} == {"loss"}
     gpu = workers.start("eval", env | {"ASSAYER_POOLS": "gpu"})
