@@ -97,9 +97,9 @@ class AssayerWorker(rq_internals.StoppableWorker):
 
     def _run_ticker(self) -> None:
         last_health = last_flag = 0.0
-        # A health key means "registered and working": `assayer up` and rq-dashboard count on it. Until
-        # work() has registered us, a tick would also take rq's missing key for a lost one and register
-        # us itself, and rq's own register_birth would then refuse to start ("an active worker named ...").
+        # A health key means "registered and working": `assayer up` waits for them, and status counts rq's
+        # registry. Until work() has registered us, a tick would also take rq's missing key for a lost one and
+        # register us itself, and rq's own register_birth would then refuse to start ("an active worker named ...").
         while not self._registered.is_set():
             if self._ticker_stop.wait(self.tick):
                 return

@@ -89,6 +89,7 @@ def test_actions_on_the_pages_need_the_flag_and_the_token(
     headers = {"Cookie": f"_csrf_token={token}", "X-CSRFToken": token, "Accept": "application/json"}
     assert allowed.request("/api/watches/run/pause", "POST", headers=headers).status == 200
     assert _json(allowed, "/api/watches")["watches"][0]["paused"] is True
+
     def step200_jobs() -> set[str]:  # one final result per job
         return {r["job_id"] for r in final_results(conn, "run") if r["relpath"] == "model-step200.pt"}
 
