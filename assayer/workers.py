@@ -100,10 +100,12 @@ class AssayerWorker(rq_internals.StoppableWorker):
         # A health key means "registered and working": `assayer up` waits for them, and status counts rq's
         # registry. Until work() has registered us, a tick would also take rq's missing key for a lost one and
         # register us itself, and rq's own register_birth would then refuse to start ("an active worker named ...").
-        while not self._registered.is_set():
-            if self._ticker_stop.wait(self.tick):
+        while not self._registered.wait(self.tick):  # returns as soon as it is set
+            if self._ticker_stop.is_set():
                 return
-        while not self._ticker_stop.wait(self.tick):
+        wait = 0.0  # the first tick at once: `assayer up` and the tests wait for that health key
+        while not self._ticker_stop.wait(wait):
+            wait = self.tick
             try:
                 now = time.time()
                 if now - last_flag >= defaults.SHUTDOWN_CHECK_INTERVAL:

@@ -394,7 +394,7 @@ def test_a_worker_reports_health_only_once_rq_has_registered_it(conn: redis.Redi
     # registry); a ticker that beat rq's register_birth also registered the worker itself, and rq's own
     # register_birth then refused to start: "There exists an active worker named ...".
     class Ticks(threading.Event):
-        """The ticker's stop event, counting the ticks it waited."""
+        """The worker's registration event, counting the ticks the ticker waited on it."""
 
         count = 0
 
@@ -404,7 +404,7 @@ def test_a_worker_reports_health_only_once_rq_has_registered_it(conn: redis.Redi
 
     worker = WatchWorker(dataclasses.replace(settings, inotify=False), conn)
     health = keys.health("watch", worker.host, os.getpid())
-    ticks = worker._ticker_stop = Ticks()
+    ticks = worker._registered = Ticks()
     ticker = threading.Thread(target=worker._run_ticker, daemon=True)
     ticker.start()
     try:
@@ -416,3 +416,4 @@ def test_a_worker_reports_health_only_once_rq_has_registered_it(conn: redis.Redi
     finally:
         worker._ticker_stop.set()
         ticker.join(10)
+        assert not ticker.is_alive()

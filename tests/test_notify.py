@@ -96,8 +96,8 @@ def test_a_quiet_watch_is_polled_rarely_yet_a_new_checkpoint_wakes_it_at_once(
 ) -> None:
     run = tmp_path / "run"
     add_watch(conn, settings, run)
+    workers.start("eval")  # first: a watch is active for QUIET_AFTER (3 s) from the watch worker's first scan
     workers.start("watch", {"ASSAYER_QUIET_AFTER": str(QUIET_AFTER)})
-    workers.start("eval")
     assert scans_during(conn, 3) >= 5  # active: every poll interval (0.2 s here)
     time.sleep(QUIET_AFTER)
     assert scans_during(conn, 6) <= 1  # quiet and notified: every 30 s

@@ -55,11 +55,13 @@ class MlflowServer:
 
     def start(self) -> None:
         mlflow, pidfile = Path(sys.executable).with_name("mlflow"), self.dir / "mlflow-server.pid"
+        # MLflow 3's job execution (seven huey consumer processes, 20 s of CPU) serves its GenAI jobs, not tracking.
+        env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         subprocess.run(
             [sys.executable, "-c", LAUNCH, str(pidfile), str(self.log),
              str(mlflow), "server", "--backend-store-uri", f"sqlite:///{self.dir / 'mlflow.db'}",
              "--default-artifact-root", (self.dir / "artifacts").as_uri(), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"], check=True, timeout=60)
+             "--port", str(self.port), "--workers", "1"], check=True, timeout=60, env=env)
         self.pid = int(pidfile.read_text())
         wait_for(self._ready, 180, interval=0.2, what=f"mlflow server on port {self.port} (log: {self.log})")
 
