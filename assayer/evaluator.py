@@ -9,6 +9,7 @@ import importlib.util
 import inspect
 import os
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -200,6 +201,11 @@ def validate(ref: str, base_dir: str | None = None) -> str:
 # -- versions ----------------------------------------------------------------------------------
 
 _VERSIONS: dict[tuple[str, str], tuple[tuple[int, int, int], str]] = {}
+_PARSE = threading.Lock()
+"""One ``ast.parse`` at a time per process. CPython keeps the AST constructor's recursion depth in
+shared state, so two threads parsing at once can fail with "SystemError: AST constructor recursion
+depth mismatch" (python/cpython#106905); the ledger's callers run in threads (the dashboard's
+actions, a Trainer callback, the tests' concurrent offers)."""
 
 UNKNOWN_VERSION = "unknown"
 """The version of an evaluator whose source this process cannot read (not mounted beside a watch
@@ -252,7 +258,8 @@ def version_of(ref: EvaluatorRef | str) -> str:
 def _declared(source: bytes, func: str) -> str | None:
     """A module-level ``func.version = "x"`` wins over the module's ``__version__ = "x"``."""
     try:
-        tree = ast.parse(source)
+        with _PARSE:
+            tree = ast.parse(source)
     except (SyntaxError, ValueError):
         return None
     module_version = fn_version = None

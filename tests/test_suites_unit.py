@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,42 @@ def test_a_declared_function_version_beats_the_module_version_which_beats_the_so
     numbered = write_evaluator(tmp_path / "numbered.py", "def run(path):", "    return {}", "run.version = 3")
     assert evaluator.version_of(f"{numbered}:run") == "3"
     assert evaluator.version_of(f"{tmp_path / 'gone.py'}:run") == "unknown"
+
+
+def test_versions_asked_from_many_threads_parse_one_source_at_a_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # CPython keeps the AST constructor's recursion depth in shared state: two threads in ast.parse at
+    # once can fail with "SystemError: AST constructor recursion depth mismatch" (python/cpython#106905),
+    # as the ledger's concurrent offers did once in a full run. Each parse here lingers, so that
+    # without the lock the eight threads would be inside ast.parse together.
+    import ast
+
+    inside, most = 0, 0
+    count = threading.Lock()
+    parse = ast.parse
+
+    def lingering_parse(source: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal inside, most
+        with count:
+            inside += 1
+            most = max(most, inside)
+        try:
+            time.sleep(0.05)
+            return parse(source, *args, **kwargs)
+        finally:
+            with count:
+                inside -= 1
+
+    monkeypatch.setattr(ast, "parse", lingering_parse)
+    refs = [f"{write_evaluator(tmp_path / f'e{i}.py', 'def run(path):', f'    return {{{i}: 1}}')}:run" for i in range(8)]
+    got: dict[str, str] = {}
+    threads = [threading.Thread(target=lambda r=ref: got.__setitem__(r, evaluator.version_of(r))) for ref in refs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(got) == 8 and all(v.startswith("src-") for v in got.values())
+    assert most == 1
 
 
 def test_editing_an_undeclared_evaluator_changes_its_version_and_a_declared_one_keeps_it(tmp_path: Path) -> None:
