@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: all help install lint format test chart e2e dist lock bench bench-watch bench-warm bench-page bench-suite bench-rotation demo clean
+.PHONY: all help install lint format test chart e2e dist lock bench bench-watch bench-warm bench-page bench-suite bench-rotation bench-tests demo clean
 
 all: lint test
 
@@ -78,6 +78,9 @@ bench-suite: install ## 1,000 evaluated checkpoints gain two evaluators: backfil
 
 bench-rotation: install ## a real Trainer saving every 1 s with rotation, a 4 s evaluator: today vs --snapshot auto vs the callback
 	$(BIN)/python bench/rotation_bench.py
+
+bench-tests: install ## where make test's time goes: its wall time, the machine's CPU, and that CPU by kind of process
+	$(BIN)/python bench/tests_bench.py
 
 demo: install ## local stack, a watch, a few epochs of training, results, plot, shutdown
 	$(BIN)/python examples/digits/demo.py
