@@ -204,8 +204,8 @@ _VERSIONS: dict[tuple[str, str], tuple[tuple[int, int, int], str]] = {}
 _PARSE = threading.Lock()
 """One ``ast.parse`` at a time per process. CPython keeps the AST constructor's recursion depth in
 shared state, so two threads parsing at once can fail with "SystemError: AST constructor recursion
-depth mismatch" (python/cpython#106905); the ledger's callers run in threads (the dashboard's
-actions, a Trainer callback, the tests' concurrent offers)."""
+depth mismatch" (python/cpython#106905); the ledger asks from threads too (the dashboard's
+re-evaluate action, under a threaded server)."""
 
 UNKNOWN_VERSION = "unknown"
 """The version of an evaluator whose source this process cannot read (not mounted beside a watch
