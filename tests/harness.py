@@ -15,8 +15,9 @@ import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
-import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import Any
 
 import pytest
 import redis
+import zygote
 from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 
 from assayer import defaults, keys
@@ -156,6 +158,23 @@ class RedisServer:
         self.start()
 
 
+def tcp_ends(pid: int) -> set[str]:
+    """The local ends (``ip:port``, as Redis's CLIENT LIST shows its peers) of process ``pid``'s IPv4 TCP sockets."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:["):-1])
+    ends = set()
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[9] in inodes:
+            ip, port = fields[1].split(":")
+            ends.add(f"{socket.inet_ntoa(struct.pack('<I', int(ip, 16)))}:{int(port, 16)}")
+    return ends
+
+
 def env_for(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ASSAYER_")}
     env.update({
@@ -177,8 +196,17 @@ def run_cli(settings: Settings, *args: str, env: dict[str, str] | None = None,
     For what only a process shows: exit codes set by signals, logging as configured at start, a
     server that must listen. Everything else runs in process, with :func:`invoke` (much cheaper).
     """
-    return subprocess.run([sys.executable, "-m", "assayer", *args], env=env or env_for(settings), cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    with tempfile.TemporaryDirectory(prefix="assayer-cli-") as tmp:
+        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        proc = zygote.spawn(list(args), env or env_for(settings), ROOT, out, err)
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        return subprocess.CompletedProcess(proc.args, code, out.read_text(errors="replace"),
+                                           err.read_text(errors="replace"))
 
 
 @dataclass(frozen=True)
@@ -218,13 +246,11 @@ class Workers:
     def __init__(self, settings: Settings, logdir: Path) -> None:
         self.settings = settings
         self.logdir = logdir
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.procs: list[zygote.Forked] = []
 
-    def start(self, role: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(self, role: str, extra_env: dict[str, str] | None = None) -> zygote.Forked:
         env = env_for(self.settings) | (extra_env or {})
-        with open(self.logdir / f"{role}-{len(self.procs)}.log", "wb") as log:  # the child keeps its own descriptor
-            proc = subprocess.Popen([sys.executable, "-m", "assayer", "worker", role], env=env, stdout=log,
-                                    stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = zygote.spawn(["worker", role], env, ROOT, self.logdir / f"{role}-{len(self.procs)}.log")
         self.procs.append(proc)
         with redis.Redis.from_url(self.settings.redis_url) as conn:
             wait_for(lambda: conn.exists(keys.health(role, socket.gethostname(), proc.pid)) or proc.poll(),
@@ -232,7 +258,7 @@ class Workers:
         assert proc.poll() is None, f"{role} worker {proc.pid} exited with {proc.returncode}:\n{self.logs()}"
         return proc
 
-    def kill9(self, proc: subprocess.Popen[bytes]) -> None:
+    def kill9(self, proc: zygote.Forked) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
 

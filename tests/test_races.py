@@ -25,6 +25,7 @@ from harness import (
     results_by_path,
     run_cli,
     settled,
+    tcp_ends,
     wait_for,
 )
 from trackers import tensorboard_scalars
@@ -218,7 +219,12 @@ def test_an_eval_worker_killed_after_copying_a_line_and_before_trimming_it_doubl
         conn.client_pause(30_000, all=False)  # from now on writes wait (reads go on): the worker's trim will
     try:  # the lock released: the worker reads the backlog, appends b's line, and waits to trim it
         wait_for(lambda: len(file_lines(copy)) == 2, 20, what="b.pt's line appended")
+        ends = tcp_ends(doomed.pid)
         workers.kill9(doomed)
+        # Redis runs a paused command the moment it unpauses, even one from a client whose socket it has
+        # not yet seen close: unpause only once it dropped every connection of the killed worker.
+        wait_for(lambda: not ends & {c["addr"] for c in conn.client_list()}, 10,
+                 what="Redis to drop the killed worker's connections")
     finally:
         conn.client_unpause()
     assert conn.llen(keys.copy_backlog("run")) == 1  # in the file and still in the backlog

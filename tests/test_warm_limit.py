@@ -9,7 +9,6 @@ one child for every checkpoint. When the worker stops, no evaluator process outl
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import pytest
 import redis
 from harness import Workers, final_results, wait_for
 from writers import zip_bytes
+from zygote import Forked
 
 from assayer import ledger, watches
 from assayer.settings import Settings
@@ -44,7 +44,7 @@ CHECKPOINTS = 3
 
 
 def evaluate_in_turn(conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path,
-                     env: dict[str, str]) -> tuple[list[dict[str, Any]], subprocess.Popen[bytes]]:
+                     env: dict[str, str]) -> tuple[list[dict[str, Any]], Forked]:
     """Three checkpoints x evaluators ``first`` and ``second``, queued so that they alternate, run by
     one real eval worker with ``env``; returns the final results in the order they ran, and the worker."""
     (tmp_path / "evals.py").write_text(EVALUATORS)
@@ -80,7 +80,7 @@ def _stat(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[1])
 
 
-def evaluator_children(worker: subprocess.Popen[bytes]) -> set[int]:
+def evaluator_children(worker: Forked) -> set[int]:
     """The worker's evaluator processes now, and theirs (zombies included: a child not reaped shows up here)."""
     parents = {}
     for entry in os.listdir("/proc"):
