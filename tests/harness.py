@@ -19,7 +19,7 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,16 +189,12 @@ def env_for(settings: Settings) -> dict[str, str]:
     return env
 
 
-def run_cli(settings: Settings, *args: str, env: dict[str, str] | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """``assayer ARGS`` in a real process, with the environment of ``settings``.
-
-    For what only a process shows: exit codes set by signals, logging as configured at start, a
-    server that must listen. Everything else runs in process, with :func:`invoke` (much cheaper).
-    """
+def run_assayer(args: Sequence[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``python -m assayer ARGS`` in a real process (forked by :mod:`zygote`), as ``subprocess.run`` with
+    ``capture_output=True, text=True`` would run it in ROOT."""
     with tempfile.TemporaryDirectory(prefix="assayer-cli-") as tmp:
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-        proc = zygote.spawn(list(args), env or env_for(settings), ROOT, out, err)
+        proc = zygote.spawn(list(args), env, ROOT, out, err)
         try:
             code = proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -207,6 +203,16 @@ def run_cli(settings: Settings, *args: str, env: dict[str, str] | None = None,
             raise
         return subprocess.CompletedProcess(proc.args, code, out.read_text(errors="replace"),
                                            err.read_text(errors="replace"))
+
+
+def run_cli(settings: Settings, *args: str, env: dict[str, str] | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``assayer ARGS`` in a real process, with the environment of ``settings``.
+
+    For what only a process shows: exit codes set by signals, logging as configured at start, a
+    server that must listen. Everything else runs in process, with :func:`invoke` (much cheaper).
+    """
+    return run_assayer(args, env or env_for(settings), timeout)
 
 
 @dataclass(frozen=True)

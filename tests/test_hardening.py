@@ -104,10 +104,8 @@ def test_evaluator_processes_are_recycled_after_max_calls_and_above_max_rss(
 def test_a_catastrophic_regex_neither_hangs_watch_add_nor_starves_the_other_watches(
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
-    import subprocess
-    import sys
 
-    from harness import ROOT, env_for, evaluator_ref
+    from harness import env_for, evaluator_ref, run_assayer
 
     hostile, other = tmp_path / "hostile", tmp_path / "other"
     deep = hostile / ("a" * 200) / ("a" * 200)
@@ -115,9 +113,8 @@ def test_a_catastrophic_regex_neither_hangs_watch_add_nor_starves_the_other_watc
     for i in range(200):
         (deep / ("a" * 150 + f"{i:03d}b")).write_bytes(b"x")
     started = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "assayer", "watch", "add", str(hostile), "-e", evaluator_ref("record"),
-                          "--regex", "(a+)+$", "--eval-existing", "--name", "hostile"],
-                         env=env_for(settings), capture_output=True, text=True, cwd=ROOT, timeout=60)
+    out = run_assayer(["watch", "add", str(hostile), "-e", evaluator_ref("record"), "--regex", "(a+)+$",
+                       "--eval-existing", "--name", "hostile"], env_for(settings), timeout=60)
     assert out.returncode == 0, out.stderr
     assert time.monotonic() - started < 30  # Python's re would backtrack for ages on each of these paths
     add_watch(conn, settings, other, name="other")

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import ROOT, free_port
+from harness import ROOT, free_port, run_assayer
 
 from assayer.errors import ConfigError
 from assayer.settings import PLACEHOLDER_PASSWORDS, Settings, redact_url
@@ -70,8 +68,7 @@ def test_every_role_refuses_the_placeholder_passwords_with_a_fix(
     env.update(ASSAYER_HOME=str(tmp_path / "home"), ASSAYER_REDIS_URL=f"redis://127.0.0.1:{port}/0",
                PYTHONPATH=str(ROOT))
     env[variable] = value.format(port=port, tmp=tmp_path)
-    out = subprocess.run([sys.executable, "-m", "assayer", *args], env=env, cwd=ROOT, capture_output=True,
-                         text=True, timeout=60)
+    out = run_assayer(args, env, timeout=60)
     assert out.returncode == 2, out.stdout + out.stderr
     assert f"error: {message} the placeholder" in out.stderr
     fix = variable.removesuffix("_FILE")

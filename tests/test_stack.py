@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +16,7 @@ from urllib.parse import quote
 
 import pytest
 import redis
-from harness import ROOT, RedisServer, evaluator_ref, free_port, wait_for
+from harness import ROOT, RedisServer, evaluator_ref, free_port, run_assayer, wait_for
 from writers import torch_bytes
 
 from assayer import keys
@@ -40,8 +39,7 @@ def short_tmp(request: pytest.FixtureRequest) -> Iterator[Path]:
 
 
 def assayer(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "assayer", *args], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    return run_assayer(args, env, timeout)
 
 
 def dashboard_status(port: str, password: str | None) -> int:

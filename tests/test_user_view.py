@@ -198,7 +198,7 @@ def test_stacks_sharing_a_home_keep_their_results_apart(tmp_path: Path) -> None:
 
 
 def test_a_taken_port_names_the_process_that_holds_it(settings: Settings) -> None:
-    from harness import free_port
+    from harness import free_port, run_assayer
 
     port = free_port()
     squatter = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
@@ -212,8 +212,7 @@ def test_a_taken_port_names_the_process_that_holds_it(settings: Settings) -> Non
 
         wait_for(listens, 10, what="the squatter to listen")
         env = env_for(settings) | {"ASSAYER_DASHBOARD_PORT": str(port), "ASSAYER_DASHBOARD_PASSWORD": "pw-for-test"}
-        out = subprocess.run([sys.executable, "-m", "assayer", "dashboard"], env=env, capture_output=True, text=True,
-                             cwd=ROOT, timeout=60)
+        out = run_assayer(["dashboard"], env, timeout=60)
         assert out.returncode == 4
         assert f"port {port} for rq-dashboard is taken by pid {squatter.pid}" in out.stderr
         assert "http.server" in out.stderr and "fix: " in out.stderr
