@@ -47,6 +47,7 @@ def _serve(requests: int, replies: int) -> dict[str, Any]:
         os.set_blocking(fd, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so SIGCHLD writes to the wakeup fd
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C in the terminal: pytest ends, then so does this (EOF)
     out = os.fdopen(replies, "w", buffering=1)
     sel = selectors.DefaultSelector()
     sel.register(requests, selectors.EVENT_READ)
@@ -71,6 +72,7 @@ def _serve(requests: int, replies: int) -> dict[str, Any]:
                     sel.close()
                     signal.set_wakeup_fd(-1)
                     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a fresh interpreter
                     for fd in (wake_r, wake_w, requests, replies):
                         os.close(fd)
                     return req  # type: ignore[no-any-return]
@@ -128,6 +130,8 @@ class Forked:
     def poll(self) -> int | None:
         if self.returncode is None:
             self.returncode = self._zygote.status(self.pid)
+            if self.returncode is None and self._zygote.gone:
+                raise RuntimeError(f"the zygote that forked pid {self.pid} exited: nobody can tell how {self.pid} ends")
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
@@ -164,6 +168,7 @@ class Zygote:
         self._ids = itertools.count()
         self._forked: dict[int, int] = {}
         self._ended: dict[int, int] = {}
+        self.gone = False
         self._reader = threading.Thread(target=self._read, name="zygote-replies", daemon=True)
         self._reader.start()
 
@@ -178,7 +183,7 @@ class Zygote:
                     self._ended[reply["pid"]] = reply["status"]
                 self.changed.notify_all()
         with self.changed:
-            self._forked[-1] = -1  # the zygote is gone: wake whoever waits on it
+            self.gone = True  # wake whoever waits on it
             self.changed.notify_all()
 
     def status(self, pid: int) -> int | None:
@@ -194,9 +199,9 @@ class Zygote:
                                               "stdout": str(stdout),
                                               "stderr": None if stderr is None else str(stderr)}).encode() + b"\n")
             self.proc.stdin.flush()
-            if not self.changed.wait_for(lambda: req_id in self._forked or -1 in self._forked, timeout):
+            if not self.changed.wait_for(lambda: req_id in self._forked or self.gone, timeout):
                 raise RuntimeError(f"the zygote forked nothing in {timeout} s")
-            if -1 in self._forked:
+            if req_id not in self._forked:
                 raise RuntimeError(f"the zygote exited with {self.proc.wait()}")
             return Forked(self, self._forked.pop(req_id), ["python", "-m", "assayer", *args])
 
