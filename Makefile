@@ -38,7 +38,7 @@ lint: install ## ruff and strict mypy (assayer, the tests, the benchmarks)
 
 test: install ## every test but the chart's (make chart) and the Docker end-to-end one (make e2e): real Redis, real workers
 	@# -n 6: the tests mostly wait on processes and Redis, so more workers than cores pay (each has its own Redis):
-	@# on 2 cores 205 s with -n 4, 162 s with -n 6, 158 s with -n 8 for a third more CPU;
+	@# on 2 cores 143 s with -n 6, 149 s with -n 8 and 154-167 s with -n 10, each worker importing torch and more;
 	@# one test at a time per worker, slow ones first (tests/conftest.py), so no worker ends long after the others
 	$(BIN)/pytest -m "not e2e and not chart" -n 6 --maxschedchunk 1 $(PYTEST_ARGS)
 

@@ -247,7 +247,7 @@ def invoke(settings: Settings, *args: str, env: dict[str, str] | None = None) ->
 
 
 class Workers:
-    """Real ``assayer worker`` processes, each with its own log file."""
+    """Real ``assayer worker`` processes (forked by :mod:`zygote`), each with its own log file."""
 
     def __init__(self, settings: Settings, logdir: Path) -> None:
         self.settings = settings
