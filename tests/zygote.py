@@ -73,7 +73,8 @@ def _serve(requests: int, replies: int) -> dict[str, Any]:
                     signal.set_wakeup_fd(-1)
                     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                     signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a fresh interpreter
-                    for fd in (wake_r, wake_w, requests, replies):
+                    out.close()  # the replies pipe: closed through its file object, which would close it again later
+                    for fd in (wake_r, wake_w, requests):
                         os.close(fd)
                     return req  # type: ignore[no-any-return]
                 children.add(pid)
