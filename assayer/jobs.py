@@ -197,8 +197,10 @@ def _pin(rt: Runtime, spec: watches.WatchSpec, ready: list[Candidate], current: 
     out = Pinned()
     for cand in ledger.needs(rt.conn, spec, ready, current):
         try:
+            # this scan's pins are recorded with its jobs, after the loop: count their bytes here
             out.pins[cand.relpath] = snapshots.make(rt.conn, rt.settings, spec.name, cand.path, cand.relpath,
-                                                    cand.version, spec.snapshot, spec.snapshot_dir)
+                                                    cand.version, spec.snapshot, spec.snapshot_dir,
+                                                    unrecorded=sum(pin.size for pin in out.pins.values()))
         except FileNotFoundError:
             continue  # deleted (or replaced) before it could be pinned: queued as it is, it ends missing
         except snapshots.CacheFull as exc:

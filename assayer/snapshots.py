@@ -103,8 +103,12 @@ def _size(path: str) -> int:
 
 
 def make(conn: redis.Redis, settings: Settings, watch: str, original: str, relpath: str, version: str, mode: str,
-         snapshot_dir: str | None = None) -> Pin:
-    """Pin one checkpoint version; raises FileNotFoundError when it is gone, CacheFull, or SnapshotError."""
+         snapshot_dir: str | None = None, unrecorded: int = 0) -> Pin:
+    """Pin one checkpoint version; raises FileNotFoundError when it is gone, CacheFull, or SnapshotError.
+
+    ``unrecorded``: bytes the caller copied into the cache and has not recorded in Redis yet (the pins
+    of the same scan), which count against ASSAYER_SNAPSHOT_MAX_GB as the recorded ones do.
+    """
     if version_of_path(original) != version:
         raise FileNotFoundError(errno.ENOENT, "replaced or deleted before it could be pinned", original)
     folder = root(settings, watch, snapshot_dir)
@@ -133,8 +137,9 @@ def make(conn: redis.Redis, settings: Settings, watch: str, original: str, relpa
         if used == "copy":
             size = _size(original)
             limit = int(settings.snapshot_max_gb * 1024**3)
-            if limit and used_bytes(conn) + size > limit:
-                raise CacheFull(f"the snapshot cache holds {used_bytes(conn) / 1024**3:.2f} GB; {relpath} needs "
+            held = used_bytes(conn) + unrecorded
+            if limit and held + size > limit:
+                raise CacheFull(f"the snapshot cache holds {held / 1024**3:.2f} GB; {relpath} needs "
                                 f"{size / 1024**3:.2f} GB more than ASSAYER_SNAPSHOT_MAX_GB={settings.snapshot_max_gb:g}",
                                 "raise ASSAYER_SNAPSHOT_MAX_GB, add eval workers, or use --snapshot link")
             _copy(original, str(tmp / leaf))
