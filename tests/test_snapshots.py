@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -135,6 +136,29 @@ def test_a_checkpoint_deleted_before_pinning_ends_missing_and_pins_nothing(
     assert rec["status"] == "missing" and conn.hlen(keys.pins("run")) == 0 and pinned_dirs(settings) == []
 
 
+def test_checkpoints_pinned_by_one_scan_count_together_against_the_cache_limit(
+    conn: redis.Redis, settings: Settings, tmp_path: Path
+) -> None:
+    """Two checkpoints found by the same scan: the second is refused when both would pass the limit."""
+    from assayer.dirs import version_of_path
+    from assayer.scan import Candidate
+
+    ckpts = tmp_path / "ckpts"
+    spec = add(conn, settings, ckpts, [evaluator(tmp_path)], mode="copy", when_full="skip")
+    ready = []
+    for n in (1, 2):
+        (ckpts / f"step-{n}.pt").write_bytes(torch_bytes(n))
+        path = str(ckpts / f"step-{n}.pt")
+        ready.append(Candidate(path, f"step-{n}.pt", version_of_path(path), n))
+    size = (ckpts / "step-1.pt").stat().st_size
+    limited = dataclasses.replace(settings, snapshot_max_gb=1.5 * size / 1024**3)
+    pinned = jobs._pin(jobs.Runtime(limited, conn), spec, ready, ledger.versions(spec))
+    assert list(pinned.pins) == ["step-1.pt"] and list(pinned.skipped) == ["step-2.pt"]
+    assert "ASSAYER_SNAPSHOT_MAX_GB" in pinned.skipped["step-2.pt"]
+    for pin in pinned.pins.values():
+        snapshots.discard(pin)
+
+
 def test_a_full_cache_makes_new_checkpoints_wait_or_be_skipped_and_status_says_so(
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
@@ -163,6 +187,8 @@ def test_a_full_cache_makes_new_checkpoints_wait_or_be_skipped_and_status_says_s
     fast.wait(30)
     slow_env = env | {"SNAP_SECONDS": "5"}
     workers.start("eval", slow_env)
+    # The watch releases a pin at its next sweep after the evaluation: until then step-2's would pass for step-3's.
+    wait_for(lambda: conn.hlen(keys.pins("run")) == 0, 20, what="step-1's and step-2's pins released")
     (ckpts / "step-3.pt").write_bytes(torch_bytes(3))
     wait_for(lambda: conn.hlen(keys.pins("run")) == 1, 20, what="step-3 pinned")
     (ckpts / "step-4.pt").write_bytes(torch_bytes(4))
