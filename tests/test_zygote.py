@@ -11,7 +11,7 @@ from pathlib import Path
 
 import redis
 import zygote
-from harness import ROOT, env_for, wait_for
+from harness import ROOT, env_for, run_assayer, wait_for
 
 from assayer import keys
 from assayer.settings import Settings
@@ -22,16 +22,10 @@ def fresh(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[s
                           timeout=60)
 
 
-def forked(args: list[str], env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    out, err = tmp_path / f"{args[0]}.out", tmp_path / f"{args[0]}.err"
-    proc = zygote.spawn(args, env, ROOT, out, err)
-    return subprocess.CompletedProcess(args, proc.wait(60), out.read_text(), err.read_text())
-
-
 def test_a_forked_command_prints_and_exits_as_a_fresh_interpreter_does(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ASSAYER_")} | {"ASSAYER_HOME": str(tmp_path)}
     for args in (["--version"], ["no-such-command"], ["watch", "add", str(tmp_path / "missing"), "-e", "m.fn"]):
-        a, b = fresh(args, env), forked(args, env, tmp_path)
+        a, b = fresh(args, env), run_assayer(args, env, timeout=60)
         assert (b.returncode, b.stdout, b.stderr) == (a.returncode, a.stdout, a.stderr), args
     assert [fresh(args, env).returncode for args in (["--version"], ["no-such-command"])] == [0, 2]
 
