@@ -73,6 +73,11 @@ _RECORD_ATTEMPT = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
   return 0
 end
+for _, stored in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+  if cjson.decode(stored)['attempt'] == tonumber(ARGV[5]) then
+    return 2
+  end
+end
 redis.call('RPUSH', KEYS[2], ARGV[2])
 if ARGV[3] == 'failed' then
   redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
@@ -83,7 +88,8 @@ return 1
 """
 """An attempt that is not final, its failing mark (shown at once in status and results, until a final result)
 and its file line, in one step; never after its job's final result (a worker killed after storing that one is
-found lost by the sweep, and what it did was done)."""
+found lost by the sweep, and what it did was done), and never twice: a worker killed after storing a failed
+attempt but before rq's own bookkeeping of it is found lost too, and its attempt is not "lost" (returns 2)."""
 
 _TAKE = """
 local first, count = ARGV[2], tonumber(ARGV[3])
@@ -121,11 +127,14 @@ def record(conn: Any, results_dir: Path, rec: ResultRecord, report_to: Sequence[
             log.warning("job %s already has a final result; discarding this late attempt", rec["job_id"])
             return False
     else:
-        stored = bool(conn.eval(_RECORD_ATTEMPT, 5, keys.results(watch), keys.attempts(rec["job_id"]),
-                                keys.failing(watch), keys.copy_backlog(watch), keys.COPY_PENDING,
-                                rec["job_id"], line, str(rec.get("status")), watch))
-        if not stored:  # e.g. "the worker was lost" for a job whose worker was killed after storing its result
+        outcome = conn.eval(_RECORD_ATTEMPT, 5, keys.results(watch), keys.attempts(rec["job_id"]),
+                            keys.failing(watch), keys.copy_backlog(watch), keys.COPY_PENDING,
+                            rec["job_id"], line, str(rec.get("status")), watch, int(rec["attempt"]))
+        if outcome == 0:  # e.g. "the worker was lost" for a job whose worker was killed after storing its result
             log.warning("job %s already has a final result; discarding attempt %s", rec["job_id"], rec.get("attempt"))
+            return False
+        if outcome == 2:  # the same: killed after storing this failed attempt, before rq had scheduled its retry
+            log.info("job %s: attempt %s is already recorded; not recording it again", rec["job_id"], rec["attempt"])
             return False
     catch_up(conn, results_dir, watch)
     return stored

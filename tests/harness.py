@@ -334,8 +334,9 @@ def quiet(conn: redis.Redis, watch: str = "run", scans: int = 3, timeout: float 
     wait_for(lambda: settled(conn, watch), timeout, what=f"every evaluation of watch {watch} to end")
 
 
-def burst(settings: Settings, conn: redis.Redis, role: str = "eval") -> bool:
-    """Run an Assayer worker of ``role`` in this process until its queue is empty (rq's burst mode).
+def burst(settings: Settings, conn: redis.Redis, role: str = "eval", worker_class: type[Any] | None = None) -> bool:
+    """Run an Assayer worker of ``role`` (or of ``worker_class``) in this process until its queue is empty (rq's
+    burst mode).
 
     For tests about what an evaluation leaves behind (results, status, the CLI's answers). Kill -9,
     warm shutdown, timeouts and Redis restarts keep real processes (:class:`Workers`). rq installs
@@ -347,12 +348,21 @@ def burst(settings: Settings, conn: redis.Redis, role: str = "eval") -> bool:
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
     timer, started = signal.getitimer(signal.ITIMER_REAL), time.monotonic()
     try:
-        return WORKERS[role](settings, conn).work(burst=True)
+        return bool((worker_class or WORKERS[role])(settings, conn).work(burst=True))
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
         if timer[0] > 0:
             signal.setitimer(signal.ITIMER_REAL, max(timer[0] - (time.monotonic() - started), 0.001), timer[1])
+
+
+def scan_now(conn: redis.Redis, settings: Settings, name: str = "run", only: list[str] | None = None) -> list[str]:
+    """What a scan of the watch queues, in this process: every complete checkpoint the ledger lacks (``only``:
+    these evaluators). Returns the new job ids."""
+    from assayer import ledger, watches
+
+    spec = watches.require(conn, name)
+    return ledger.enqueue_new(conn, settings, spec, spec.scanner(settings).scan(time.time() + 3600).ready, only=only)
 
 
 def final_results(conn: redis.Redis, watch: str) -> list[dict[str, Any]]:

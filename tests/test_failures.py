@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
-from harness import RedisServer, Workers, add_watch, attempts, final_results, invoke, quiet, wait_for
-from rq.registry import FailedJobRegistry, ScheduledJobRegistry
+from harness import RedisServer, Workers, add_watch, attempts, burst, final_results, invoke, quiet, scan_now, wait_for
+from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from writers import torch_bytes, zip_bytes
 
 from assayer import keys, watches
 from assayer.rq_internals import queue_key
 from assayer.settings import Settings
+from assayer.workers import EvalWorker
 
 
 def markers(path: Path) -> list[str]:
@@ -47,6 +50,44 @@ def test_kill_9_of_an_eval_worker_mid_eval_then_the_job_completes_once(
     quiet(conn)
     assert len(final_results(conn, "run")) == 1 and len(attempts(conn, rec["job_id"])) == 2
     assert wait_for(lambda: not _alive_evalhosts(victim.pid), 10, what="the killed worker's evaluator to exit")
+
+
+class _Killed(BaseException):
+    """Stands for a kill -9: raised where it lands, the worker does nothing more."""
+
+
+class _KilledBeforeRqsBookkeeping(EvalWorker):
+    """An eval worker killed once it has stored a failed attempt, before rq has scheduled the retry and taken
+    the job out of its started registry (rq writes the retry's schedule before the rest, so a kill in there
+    also leaves the job in both registries)."""
+
+    def handle_job_failure(self, job: Any, queue: Any, started_job_registry: Any = None, exc_string: str = "") -> None:
+        raise _Killed
+
+
+def test_a_worker_killed_after_storing_a_failed_attempt_leaves_that_attempt_once(
+    conn: redis.Redis, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep finds the job lost and retries it, but its attempt was stored: no second record of attempt 1."""
+    monkeypatch.setenv("FLAKY_DIR", str(tmp_path))  # the evaluator process inherits it
+    ckpts = tmp_path / "ckpts"
+    add_watch(conn, settings, ckpts, "flaky")
+    (ckpts / "a.pt").write_bytes(torch_bytes())
+    [job_id] = scan_now(conn, settings)
+    burst(settings, conn, worker_class=_KilledBeforeRqsBookkeeping)  # rq logs the "kill" and the worker ends there
+    assert [(a["attempt"], a["status"]) for a in attempts(conn, job_id)] == [(1, "failed")]
+    started = StartedJobRegistry(settings.eval_queue, connection=conn)
+    [execution] = started.get_job_and_execution_ids(cleanup=False)  # (job id, execution id): the member is "job:execution"
+    conn.zadd(started.key, {":".join(execution): 1})  # its lease ran out: the next sweep finds it lost
+    burst(settings, conn)  # sweeps first: the retry is scheduled, after its backoff
+    assert conn.zcard(started.key) == 0 and conn.zscore(ScheduledJobRegistry(settings.eval_queue, connection=conn).key,
+                                                        job_id) is not None
+    assert [(a["attempt"], a["status"]) for a in attempts(conn, job_id)] == [(1, "failed")]
+    wait_for(lambda: burst(settings, conn) and final_results(conn, "run"), 20, interval=0.3,
+             what="the retry to run once its backoff ended")
+    assert [(a["attempt"], a["status"]) for a in attempts(conn, job_id)] == [(1, "failed"), (2, "ok")]
+    copy = [json.loads(line) for line in (settings.results_path / "run.jsonl").read_text().splitlines()]
+    assert [(r["attempt"], r["status"]) for r in copy] == [(1, "failed"), (2, "ok")]
 
 
 def _alive_evalhosts(parent_pid: int) -> list[str]:

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import redis
 import writers
-from harness import Workers, add_watch, burst, evaluator_ref, free_port, results_by_path, wait_for
+from harness import Workers, add_watch, burst, evaluator_ref, free_port, results_by_path, scan_now, wait_for
 from writers import tiny_gpt2, write_atomically, zip_bytes
 
-from assayer import holds, ledger, watches
+from assayer import holds, watches
 from assayer.errors import AssayerError, ConfigError, RedisUnavailable
 from assayer.integrations import Rotation
 from assayer.settings import Settings
@@ -29,12 +29,6 @@ def write(path: Path, seed: int = 0) -> Path:
     """A complete checkpoint (a whole zip archive), renamed into place."""
     write_atomically(path, zip_bytes(seed))
     return path
-
-
-def queue(conn: redis.Redis, settings: Settings, name: str = "run", only: list[str] | None = None) -> list[str]:
-    """What a scan of the watch queues: every complete checkpoint the ledger lacks (``only``: these evaluators)."""
-    spec = watches.require(conn, name)
-    return ledger.enqueue_new(conn, settings, spec, spec.scanner(settings).scan(time.time() + 3600).ready, only=only)
 
 
 def add_suite(conn: redis.Redis, settings: Settings, directory: Path, evaluators: list[str],
@@ -72,7 +66,7 @@ def test_a_new_checkpoint_is_kept_until_its_evaluation_ended(conn: redis.Redis, 
     ckpt = write(tmp_path / "run" / "step_1.pt")
     hold = holds.why(ckpt, conn=conn)
     assert not hold.deletable and hold.rule == "unqueued" and (hold.watch, hold.checkpoint) == ("run", "step_1.pt")
-    queue(conn, settings)
+    scan_now(conn, settings)
     hold = holds.why(ckpt, conn=conn)
     assert not hold.deletable and hold.rule == "evaluating" and hold.pending == ("record",) and not hold.done
     burst(settings, conn)
@@ -85,7 +79,7 @@ def test_a_rewritten_checkpoint_is_kept_for_its_new_version(conn: redis.Redis, s
                                                            tmp_path: Path) -> None:
     add_watch(conn, settings, tmp_path / "run")
     ckpt = write(tmp_path / "run" / "last.ckpt")
-    queue(conn, settings)
+    scan_now(conn, settings)
     burst(settings, conn)
     assert holds.may_delete(ckpt, conn=conn)
     os.utime(ckpt, (1, 1))  # rewritten in place: a version the watch has not queued yet
@@ -108,7 +102,7 @@ def test_a_paused_watch_lets_unqueued_checkpoints_go_but_not_queued_ones(conn: r
                                                                          tmp_path: Path) -> None:
     add_watch(conn, settings, tmp_path / "run")
     queued = write(tmp_path / "run" / "step_1.pt")
-    queue(conn, settings)
+    scan_now(conn, settings)
     later = write(tmp_path / "run" / "step_2.pt", 2)
     watches.set_paused(conn, "run", True)
     assert holds.why(later, conn=conn).rule == "paused" and holds.may_delete(later, conn=conn)
@@ -122,18 +116,18 @@ def test_every_evaluator_needs_a_final_result_of_any_status(conn: redis.Redis, s
                                                             tmp_path: Path) -> None:
     add_suite(conn, settings, tmp_path / "run", ["acc=record", "judge=boom"])
     ckpt = write(tmp_path / "run" / "step_1.pt")
-    queue(conn, settings, only=["acc"])
+    scan_now(conn, settings, only=["acc"])
     burst(settings, conn)
     hold = holds.why(ckpt, conn=conn)  # judge has no job yet: the watch backfills it
     assert not hold.deletable and hold.done == {"acc": "ok"} and hold.pending == ("judge",)
-    queue(conn, settings)
+    scan_now(conn, settings)
     assert holds.why(ckpt, conn=conn).pending == ("judge",)
     burst(settings, conn)
     hold = holds.why(ckpt, conn=conn)
     assert hold.deletable and hold.done == {"acc": "ok", "judge": "failed"}
 
     moved = write(tmp_path / "run" / "step_2.pt", 2)
-    queue(conn, settings)
+    scan_now(conn, settings)
     os.rename(moved, tmp_path / "aside.pt")  # gone while queued: both evaluations end missing
     burst(settings, conn)
     os.rename(tmp_path / "aside.pt", moved)  # back, the same inode, size and mtime: the same version
@@ -145,7 +139,7 @@ def test_without_backfill_an_evaluator_added_later_is_not_waited_for(conn: redis
                                                                     tmp_path: Path) -> None:
     add_suite(conn, settings, tmp_path / "run", ["acc=record", "judge=boom"], watches.Suite(backfill=False))
     ckpt = write(tmp_path / "run" / "step_1.pt")
-    queue(conn, settings, only=["acc"])
+    scan_now(conn, settings, only=["acc"])
     burst(settings, conn)
     hold = holds.why(ckpt, conn=conn)
     assert hold.deletable and hold.done == {"acc": "ok"}
@@ -172,7 +166,7 @@ def test_a_folder_is_kept_while_a_checkpoint_inside_is_and_deletable_filters_a_l
     run = tmp_path / "run"
     add_watch(conn, settings, run)
     first = write(run / "sub" / "step_1.pt", 1)
-    queue(conn, settings)
+    scan_now(conn, settings)
     burst(settings, conn)
     second = write(run / "sub" / "step_2.pt", 2)
     hold = holds.why(run / "sub", conn=conn)
@@ -185,7 +179,7 @@ def test_wait_returns_once_a_real_worker_evaluated_the_checkpoint(conn: redis.Re
                                                                   workers: Workers, tmp_path: Path) -> None:
     add_watch(conn, settings, tmp_path / "run")
     ckpt = write(tmp_path / "run" / "step_1.pt")
-    queue(conn, settings)
+    scan_now(conn, settings)
     early = holds.wait(ckpt, 0.3, conn=conn, interval=0.1)  # no worker yet: the timeout answers, still held
     assert not early.deletable and early.rule == "evaluating"
     workers.start("eval")
@@ -216,7 +210,7 @@ def test_after_max_wait_an_unevaluated_checkpoint_is_deleted_with_a_warning(
 ) -> None:
     add_watch(conn, settings, tmp_path / "run")
     ckpts = [write(tmp_path / "run" / f"step_{i}.pt", i) for i in range(1, 4)]
-    queue(conn, settings)  # queued, and no worker evaluates them
+    scan_now(conn, settings)  # queued, and no worker evaluates them
     rotation = Rotation(keep_last=2, max_wait_s=0.5, conn=conn)
     paths = [str(p) for p in ckpts]
     assert rotation.prune(paths) == [] and list(rotation.kept) == [paths[0]]
