@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 from harness import Workers, add_watch, attempts, final_results, hash_json, invoke, quiet, wait_for
-from rq.registry import FailedJobRegistry, ScheduledJobRegistry
+from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from writers import torch_bytes
 
 from assayer import keys, rq_internals
@@ -357,11 +357,14 @@ def test_kill_9_and_a_redis_restart_lose_no_pending_retry_and_no_backlogged_resu
         first = w.start("eval", {"FLAKY_DIR": str(tmp_path)})
         for name in ("a.pt", "b.pt"):
             (ckpts / name).write_bytes(torch_bytes(len(name) + ord(name[0])))
-        # Both retries scheduled: rq is done with both jobs, so the kill lands on an idle worker.
+        # Both retries scheduled and both jobs out of the started registry: rq is done with both, so the kill lands
+        # on an idle worker (rq writes a retry's schedule before the rest of its bookkeeping; a kill in between is
+        # test_failures.py::test_a_worker_killed_after_storing_a_failed_attempt_leaves_that_attempt_once).
         scheduled = ScheduledJobRegistry(settings.eval_queue, connection=conn).key
+        started = StartedJobRegistry(settings.eval_queue, connection=conn).key
         wait_for(lambda: conn.hlen(keys.failing("run")) == 2 and conn.llen(keys.copy_backlog("run")) == 2
-                 and conn.zcard(scheduled) == 2, 20,
-                 what="two attempts failing, two lines backlogged, two retries scheduled")
+                 and conn.zcard(scheduled) == 2 and conn.zcard(started) == 0, 20,
+                 what="two attempts failing, two lines backlogged, two retries scheduled, none started")
         w.kill9(first)
         server.restart()  # AOF: the failing attempts, the backlog, the scheduled retries and the epoch come back
         conn = redis.Redis.from_url(server.url)
