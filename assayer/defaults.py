@@ -123,8 +123,9 @@ EVAL_TICK = 0.5
 SHUTDOWN_CHECK_INTERVAL = 0.5
 """Seconds between two looks at the shutdown flag by a worker's background thread."""
 
-STOP_POLL = 2
-"""Seconds an idle worker waits for a job before it looks at its stop flag again."""
+STOP_POLL = 0.5
+"""Seconds an idle worker waits for a job before it looks at its stop flag again: an idle worker stops within
+this long (``assayer down``, ``docker compose stop``, a pod's termination); each wait also beats its heartbeat."""
 
 MAX_WATCHES_PER_SCAN = 100
 """Watches scanned by one scan job."""

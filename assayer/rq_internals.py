@@ -123,7 +123,10 @@ class StoppableWorker(SimpleWorker):
         if timeout is None or max_idle_time is not None:
             return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
         while not self._stop_requested:
-            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time=defaults.STOP_POLL)
+            # rq annotates max_idle_time as int; a fraction works: it bounds one BLMOVE's timeout, which Redis takes
+            # in fractions of a second (tests/test_rq_internals.py times the stop)
+            result = super().dequeue_job_and_maintain_ttl(
+                timeout, max_idle_time=defaults.STOP_POLL)  # type: ignore[arg-type]
             if result is not None:
                 return result
         raise StopRequested()

@@ -10,6 +10,7 @@ import threading
 import time
 from datetime import timedelta
 from importlib.metadata import version
+from typing import Any
 
 import pytest
 import redis
@@ -45,13 +46,26 @@ def test_queue_key_is_the_list_rq_pushes_jobs_onto(conn: redis.Redis) -> None:
     assert conn.llen(rq_internals.queue_key("evals")) == 1
 
 
-def test_an_idle_worker_stops_at_its_next_short_wait_not_after_worker_ttl(conn: redis.Redis) -> None:
-    worker = _Recorder([_queue(conn)], connection=conn, serializer=JSONSerializer, worker_ttl=600)
-    done = threading.Event()
+@pytest.mark.parametrize("queues", [1, 2], ids=["one queue (watch)", "several queues (eval: new work, backfill)"])
+def test_an_idle_worker_stops_at_its_next_short_wait_not_after_worker_ttl(
+    conn: redis.Redis, monkeypatch: pytest.MonkeyPatch, queues: int
+) -> None:
+    worker = _Recorder([_queue(conn, f"q{i}") for i in range(queues)], connection=conn, serializer=JSONSerializer,
+                       worker_ttl=600)
+    waits: list[tuple[float, float]] = []  # (when it started, its timeout)
+    blmove = conn.blmove
+
+    def timed_blmove(first: str, second: str, timeout: float, *args: Any) -> Any:
+        waits.append((time.monotonic(), float(timeout)))
+        return blmove(first, second, timeout, *args)  # type: ignore[arg-type]  # redis-py says int; Redis takes 0.5
+
+    monkeypatch.setattr(conn, "blmove", timed_blmove)
+    done, stopped_at = threading.Event(), []
 
     def stop_soon() -> None:
         wait_for(lambda: worker.get_state() == "idle", 10, what="the worker to wait for a job")
         worker._stop_requested = True  # what request_stop sets when the signal's exception is swallowed
+        stopped_at.append(time.monotonic())
         done.set()
 
     threading.Thread(target=stop_soon, daemon=True).start()
@@ -59,6 +73,10 @@ def test_an_idle_worker_stops_at_its_next_short_wait_not_after_worker_ttl(conn: 
     worker.work(with_scheduler=False)  # must return, not block for worker_ttl (600 s)
     assert done.is_set()
     assert time.monotonic() - started < defaults.STOP_POLL * 3 + 5
+    # Each blocking wait is one short slice and the flag is looked at after each: no more than the wait under
+    # way when it was set (or one starting just then) begins after it, so the worker stops within STOP_POLL.
+    assert waits and max(timeout for _, timeout in waits) <= defaults.STOP_POLL
+    assert len([at for at, _ in waits if at > stopped_at[0]]) <= 1
 
 
 def test_request_stop_sets_the_flag_the_dequeue_loop_reads(conn: redis.Redis) -> None:
