@@ -124,6 +124,7 @@ def test_a_catastrophic_regex_neither_hangs_watch_add_nor_starves_the_other_watc
     wait_for(lambda: final_results(conn, "other"), 10, what="the other watch's checkpoint evaluated")
 
 
+@pytest.mark.slow
 def test_workers_register_again_after_redis_lost_their_keys_and_show_their_job(
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:

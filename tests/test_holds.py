@@ -356,6 +356,7 @@ def test_a_trainer_keeps_every_checkpoint_while_redis_is_down(tmp_path: Path, ca
     assert "keeping every checkpoint" in caplog.text
 
 
+@pytest.mark.slow
 def test_hf_trainers_own_rotation_with_snapshots_loses_no_evaluation(
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:

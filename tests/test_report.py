@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import redis
 from harness import Workers, add_watch, run_cli, wait_for
 from trackers import MlflowServer, TcpProxy, tensorboard_scalars, wandb_history
@@ -63,6 +64,7 @@ def test_results_reach_tensorboard_at_their_steps_once_each_even_out_of_order(
 
 # The run's one mlflow server (conftest.py) is shared with tests/test_sinks.py: the watches here have names of their own.
 
+@pytest.mark.slow
 def test_a_tracker_down_during_evaluation_gets_each_result_once_when_it_is_back(
         conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path, mlflow_proxy: TcpProxy) -> None:
     ckpts, name = tmp_path / "ckpts", "tracker-down"
@@ -87,6 +89,7 @@ def test_a_tracker_down_during_evaluation_gets_each_result_once_when_it_is_back(
     assert _status(settings)["mlflow"] == {"delivered": 2, "pending": 0, "failing": 0, "last_error": None}
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_watch_worker_mid_delivery_loses_no_point_and_doubles_none(
         conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path, mlflow_server: MlflowServer) -> None:
     ckpts, name = tmp_path / "ckpts", "killed-mid-delivery"

@@ -93,6 +93,7 @@ def test_link_across_filesystems_falls_back_to_copy_in_auto_and_is_refused_in_li
         shutil.rmtree(other, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_a_rotated_checkpoint_is_evaluated_from_its_snapshot_and_the_pin_released_after_the_last_evaluator(
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:
@@ -159,6 +160,7 @@ def test_checkpoints_pinned_by_one_scan_count_together_against_the_cache_limit(
         snapshots.discard(pin)
 
 
+@pytest.mark.slow
 def test_a_full_cache_makes_new_checkpoints_wait_or_be_skipped_and_status_says_so(
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:

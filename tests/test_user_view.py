@@ -221,6 +221,7 @@ def test_a_taken_port_names_the_process_that_holds_it(settings: Settings) -> Non
         squatter.wait(10)
 
 
+@pytest.mark.slow
 def test_status_shows_what_a_busy_worker_evaluates_and_the_oldest_queued_checkpoint(
     conn: redis.Redis, settings: Settings, workers: Workers, tmp_path: Path
 ) -> None:

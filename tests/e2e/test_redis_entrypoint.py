@@ -39,6 +39,7 @@ def pings(client: redis.Redis) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_redis_takes_any_password_and_shows_it_on_no_command_line(tmp_path: Path) -> None:
     port = free_port()
     proc = entrypoint(tmp_path, ODD, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path), "--save", "")
