@@ -75,7 +75,7 @@ def workers(settings: Settings, tmp_path: Path, request: pytest.FixtureRequest) 
     logdir.mkdir()
     w = Workers(settings, logdir)
     yield w
-    w.stop_all()
+    w.kill_all()
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed:
         print(w.logs())

@@ -279,6 +279,19 @@ class Workers:
                 proc.kill()
                 proc.wait()
 
+    def kill_all(self) -> None:
+        """Cleanup after a test: kill -9 what is left (its evaluator processes die with it, PR_SET_PDEATHSIG).
+
+        A warm stop of an idle eval worker takes up to half a second, and longer under load, after every test.
+        The warm stop itself is what :meth:`stop_all` and the shutdown tests (test_failures, test_compat,
+        test_stack, test_warm_limit) exercise; kill -9 is what test_failures and test_races exercise.
+        """
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in self.procs:
+            proc.wait(10)
+
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in sorted(self.logdir.glob("*.log")))
 

@@ -170,7 +170,7 @@ def test_redis_restart_with_aof_loses_nothing_and_doubles_nothing(tmp_path: Path
         print(w.logs())
         raise
     finally:
-        w.stop_all()
+        w.kill_all()
         server.stop()
 
 

@@ -386,7 +386,7 @@ def test_kill_9_and_a_redis_restart_lose_no_pending_retry_and_no_backlogged_resu
         print(w.logs())
         raise
     finally:
-        w.stop_all()
+        w.kill_all()
         server.stop()
 
 

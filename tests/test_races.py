@@ -307,5 +307,5 @@ def test_redis_killed_and_restarted_while_deliveries_are_pending_delivers_each_r
         print(w.logs())
         raise
     finally:
-        w.stop_all()
+        w.kill_all()
         server.stop()

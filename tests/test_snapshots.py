@@ -293,5 +293,5 @@ def test_pins_survive_a_redis_restart_and_each_checkpoint_is_evaluated_once(tmp_
         print(w.logs())
         raise
     finally:
-        w.stop_all()
+        w.kill_all()
         server.stop()
