@@ -23,7 +23,7 @@ from assayer.settings import Settings
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server = RedisServer(tmp_path_factory.mktemp("redis"), aof=False)  # never restarted: tests that are have their own
     yield server
     server.stop()
 
