@@ -201,12 +201,12 @@ class EvaluatorPool:
             self._procs.popitem()[1].close()
 
 
-def _ref_mtime(ref: str) -> float | None:
+def _ref_mtime(ref: str) -> int | None:
     from .evaluator import parse_ref
 
     path = parse_ref(ref).file
     try:
-        return os.stat(path).st_mtime if path else None
+        return os.stat(path).st_mtime_ns if path else None  # a float of seconds loses the last few hundred ns
     except OSError:
         return None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib
+import importlib.machinery
 import importlib.util
 import inspect
 import os
@@ -102,21 +103,23 @@ def is_allowed(ref: str, roots: tuple[str, ...] | list[str]) -> bool:
     return True
 
 
-def _import_file(path: str) -> ModuleType:
-    if not os.path.isfile(path):
-        raise EvaluatorError(
-            f"evaluator file {path} does not exist",
-            "check the path; in containers it must be a path inside the container (e.g. /evaluators/...)",
-        )
-    name = "assayer_evaluator_" + hashlib.sha1(path.encode()).hexdigest()[:12]
-    spec = importlib.util.spec_from_file_location(name, path)
+class _FromSource(importlib.machinery.SourceFileLoader):
+    """Compiles the evaluator's module from its source at every import, never from a cached ``.pyc``.
+
+    Python trusts a ``.pyc`` whose source has the same size and the same mtime in whole seconds. An
+    evaluator rewritten within the second of its last import, to the same size (a version tag or a
+    constant changed), would run its old code under the new version Assayer hashed from the source.
+    """
+
+    def get_code(self, fullname: str) -> Any:
+        return self.source_to_code(self.get_data(self.path), self.path)
+
+
+def _exec_from_source(name: str, path: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path, loader=_FromSource(name, path))
     if spec is None or spec.loader is None:
         raise EvaluatorError(f"cannot import {path} as Python", "the evaluator must be a .py file")
     module = importlib.util.module_from_spec(spec)
-    # The evaluator's own directory comes first so it can import its sibling modules.
-    folder = os.path.dirname(path)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
@@ -124,6 +127,31 @@ def _import_file(path: str) -> ModuleType:
         sys.modules.pop(name, None)
         raise
     return module
+
+
+def _import_file(path: str) -> ModuleType:
+    if not os.path.isfile(path):
+        raise EvaluatorError(
+            f"evaluator file {path} does not exist",
+            "check the path; in containers it must be a path inside the container (e.g. /evaluators/...)",
+        )
+    name = "assayer_evaluator_" + hashlib.sha1(path.encode()).hexdigest()[:12]
+    # The evaluator's own directory comes first so it can import its sibling modules.
+    folder = os.path.dirname(path)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return _exec_from_source(name, path)
+
+
+def _import_module(name: str) -> ModuleType:
+    """``importlib.import_module``, but the named module itself (the file its version is hashed from) is
+    compiled from its source (see :class:`_FromSource`); its packages and what it imports load as usual."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)  # imports the parent packages
+    if spec is None or not isinstance(spec.loader, importlib.machinery.SourceFileLoader) or not spec.origin:
+        return importlib.import_module(name)  # a compiled extension, a namespace or a zip: as Python does
+    return _exec_from_source(name, spec.origin)
 
 
 def load(ref: EvaluatorRef | str) -> Callable[..., Any]:
@@ -136,7 +164,7 @@ def load(ref: EvaluatorRef | str) -> Callable[..., Any]:
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
         try:
-            module = importlib.import_module(parsed.module)
+            module = _import_module(parsed.module)
         except ModuleNotFoundError as exc:
             if exc.name and parsed.module.startswith(exc.name):
                 raise EvaluatorError(

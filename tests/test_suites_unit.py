@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -171,6 +172,33 @@ def test_a_module_reference_is_versioned_from_its_source_without_importing_it(
     assert "suite_pkg_7f3.evals" not in sys.modules  # a watch worker never runs evaluator code
     assert evaluator.version_of("suite_pkg_7f3.nowhere.fn") == "unknown"
     sys.modules.pop("suite_pkg_7f3", None)  # its parent package was imported to find it: not left for other tests
+
+
+@pytest.mark.parametrize("kind", ["file", "module"])
+def test_an_evaluator_rewritten_within_the_second_to_the_same_size_runs_its_new_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """Python would take the first version's .pyc for current (same size, same mtime in whole seconds)."""
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)  # as Python runs unless told otherwise: .pyc written
+    package = tmp_path / "lib" / f"suite_pkg_{kind}_a91"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    source = package / "evals.py"
+    ref = f"{source}:run" if kind == "file" else f"suite_pkg_{kind}_a91.evals.run"
+    monkeypatch.syspath_prepend(str(tmp_path / "lib"))
+    try:
+        source.write_text("def run(path):\n    return {'tag': 'v1'}\n")
+        assert evaluator.load(ref)("x") == {"tag": "v1"}
+        first = source.stat()
+        source.write_text("def run(path):\n    return {'tag': 'v2'}\n")
+        os.utime(source, ns=(first.st_atime_ns, first.st_mtime_ns + 1))  # the same second, one nanosecond on
+        assert source.stat().st_size == first.st_size
+        assert evaluator.version_of(ref) == "src-" + hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+        sys.modules.pop(f"suite_pkg_{kind}_a91.evals", None)  # a fresh evaluator process
+        assert evaluator.load(ref)("x") == {"tag": "v2"}
+    finally:
+        for name in [n for n in sys.modules if n.startswith(f"suite_pkg_{kind}_a91")]:
+            del sys.modules[name]
 
 
 # -- evaluators and suites -------------------------------------------------------------------------
