@@ -23,9 +23,10 @@ Why each is needed:
   from the worker (``with_scheduler=True``), which a warm eval worker holding an evaluator
   process should not fork. It uses ``ScheduledJobRegistry`` and ``Queue.enqueue_job`` (public).
 * :func:`maintenance_lock`, :func:`cleanup_intermediate`, :func:`registered`, :func:`unregister`:
-  rq's own lock key for registry cleaning, its intermediate (being-dequeued) list, and its
-  worker registration set, so Assayer's sweep never runs beside rq's and a reaped worker leaves
-  rq-dashboard as rq itself would remove it.
+  rq's own lock key for registry cleaning, its intermediate (being-dequeued) list and first-seen
+  keys, and its worker registration set, so Assayer's sweep never runs beside rq's, a job stranded
+  mid-dequeue is queued again within a lease, and a reaped worker leaves rq-dashboard as rq itself
+  would remove it.
 """
 
 from __future__ import annotations
@@ -151,13 +152,38 @@ def maintenance_lock(queue: Queue) -> str:
     return str(queue.registry_cleaning_key)
 
 
-def cleanup_intermediate(worker: BaseWorker, queue: Queue) -> None:
-    """Fail (so retry, if it has retries) a job a dead worker took off ``queue`` but never started.
+_REQUEUE_STRANDED = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  redis.call('LPUSH', KEYS[2], ARGV[1])
+end
+redis.call('DEL', KEYS[3])
+"""
 
-    rq moves a job to its intermediate list while dequeueing; one stranded there over a minute
-    (seen on two cleanups) is handed to ``handle_job_failure``.
+
+def cleanup_intermediate(queue: Queue, stranded_after: float) -> list[str]:
+    """Put back at the head of ``queue`` each job a worker took off it but never started; return their ids.
+
+    rq moves a job to the queue's intermediate list while dequeueing, and a live worker takes it out
+    again as it starts the job, milliseconds later. One still there, and not started, ``stranded_after``
+    seconds after a sweep first saw it was taken by a worker that died or lost Redis in between: a
+    Redis restart drops the reply of a dequeue that Redis had already made. rq's own cleanup waits a
+    minute and fails the job (a retry spent on an attempt that never ran); this one re-queues it, at the
+    front, unspent. rq's first-seen key is the one the cleanup of either notes the time in.
     """
-    queue.intermediate_queue.cleanup(worker, queue)
+    intermediate = queue.intermediate_queue
+    started = set(queue.started_job_registry.get_job_ids(cleanup=False))
+    moved = []
+    for job_id in intermediate.get_job_ids():
+        if job_id in started:
+            continue
+        first_seen = intermediate.get_first_seen(job_id)
+        if first_seen is None:
+            intermediate.set_first_seen(job_id)
+        elif (now() - first_seen).total_seconds() >= stranded_after:
+            queue.connection.eval(_REQUEUE_STRANDED, 3, intermediate.key, queue.key,
+                                  intermediate.get_first_seen_key(job_id), job_id)
+            moved.append(job_id)
+    return moved
 
 
 def registered(conn: redis.Redis, worker: BaseWorker) -> bool:

@@ -186,7 +186,9 @@ class AssayerWorker(rq_internals.StoppableWorker):
             try:
                 # rq's own registry cleaning, with our handler for a lost job (re-queue, record the attempt)
                 clean_registries(queue, exception_handlers=[on_lost])
-                rq_internals.cleanup_intermediate(self, queue)
+                for job_id in rq_internals.cleanup_intermediate(queue, stranded_after=self.settings.lease_ttl):
+                    log.warning("job %s was taken off %s by a worker that never started it (it died, or lost "
+                                "Redis mid-dequeue); queued again", job_id, name)
                 if name != self.settings.watch_queue:
                     rq_internals.enqueue_due(queue, time.time())
                 reap_dead_workers(self.connection, self.settings, name, "watch" if name == self.settings.watch_queue else "eval")

@@ -125,17 +125,23 @@ def test_registered_and_unregister_follow_rqs_own_worker_registry(conn: redis.Re
     assert Worker.all(connection=conn) == [] and Worker.all(queue=queue) == []
 
 
-def test_cleanup_intermediate_retries_a_job_a_dead_worker_took_but_never_started(conn: redis.Redis) -> None:
+def test_cleanup_intermediate_requeues_at_the_front_unspent_a_job_taken_but_never_started(conn: redis.Redis) -> None:
     queue = _queue(conn)
     job = queue.enqueue("os.getpid", retry=Retry(max=1))
-    conn.lmove(queue.key, queue.intermediate_queue.key, "RIGHT", "LEFT")  # what a dequeue does first
-    dead = Worker([queue], connection=conn, serializer=JSONSerializer, name="dead")
-    rq_internals.cleanup_intermediate(dead, queue)  # first sighting: rq only notes the time
-    assert conn.llen(queue.key) == 0 and queue.intermediate_queue.get_job_ids() == [job.id]
-    conn.set(queue.intermediate_queue.get_first_seen_key(job.id), time.time() - 120)  # stranded over a minute
-    rq_internals.cleanup_intermediate(dead, queue)
-    assert queue.intermediate_queue.get_job_ids() == []
-    assert [keys.text(j) for j in conn.lrange(queue.key, 0, -1)] == [job.id]  # its retry, queued again
+    running = queue.enqueue("os.getpid")
+    conn.lmove(queue.key, queue.intermediate_queue.key, "LEFT", "RIGHT")  # what a dequeue does first (rq's lmove)
+    conn.lmove(queue.key, queue.intermediate_queue.key, "LEFT", "RIGHT")
+    conn.zadd(queue.started_job_registry.key, {f"{running.id}:exec-1": time.time() + 60})  # its worker started it
+    later = queue.enqueue("os.getpid")
+    assert rq_internals.cleanup_intermediate(queue, stranded_after=5) == []  # first sighting: the time is noted
+    assert rq_internals.cleanup_intermediate(queue, stranded_after=5) == []  # a live worker may be starting it
+    conn.set(queue.intermediate_queue.get_first_seen_key(job.id), time.time() - 6)
+    conn.set(queue.intermediate_queue.get_first_seen_key(running.id), time.time() - 6)
+    assert rq_internals.cleanup_intermediate(queue, stranded_after=5) == [job.id]
+    assert queue.intermediate_queue.get_job_ids() == [running.id]  # a started job is its worker's
+    assert [keys.text(j) for j in conn.lrange(queue.key, 0, -1)] == [job.id, later.id]  # first in line again
+    assert Job.fetch(job.id, connection=conn, serializer=JSONSerializer).retries_left == 1  # no attempt spent
+    assert not conn.exists(queue.intermediate_queue.get_first_seen_key(job.id))
 
 
 def test_enqueue_due_moves_only_jobs_whose_backoff_ended(conn: redis.Redis) -> None:
