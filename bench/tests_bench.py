@@ -96,8 +96,9 @@ def main(args: list[str]) -> int:
     sampler = Sampler()
     busy, started = busy_seconds(), time.monotonic()
     sampler.start()
+    # as `make test` runs it: with Python's bytecode cache, whatever this shell's PYTHONDONTWRITEBYTECODE says
     proc = subprocess.run([sys.executable, "-m", "pytest", *(args or DEFAULT_ARGS), "-q", "-p", "no:cacheprovider"],
-                          cwd=ROOT, capture_output=True, text=True)
+                          cwd=ROOT, capture_output=True, text=True, env=os.environ | {"PYTHONDONTWRITEBYTECODE": ""})
     wall, busy = time.monotonic() - started, busy_seconds() - busy
     sampler.stop.set()
     sampler.join()
