@@ -38,7 +38,7 @@ lint: install ## ruff and strict mypy (assayer, the tests, the benchmarks)
 
 test: install ## every test but the chart's (make chart) and the Docker end-to-end one (make e2e): real Redis, real workers
 	@# -n 6: the tests mostly wait on processes and Redis, so more workers than cores pay (each has its own Redis):
-	@# on 2 cores 143 s with -n 6, 149 s with -n 8 and 154-167 s with -n 10, each worker importing torch and more;
+	@# on 2 cores 83 s with -n 6 or -n 7 and 98 s with -n 8, each worker importing torch and more;
 	@# one test at a time per worker, slow ones first (tests/conftest.py), so no worker ends long after the others
 	@# PYTHONDONTWRITEBYTECODE emptied: each worker would otherwise rewrite and compile every test module again
 	@# (1.8 s of CPU each, 0.7 s with the cached rewrite), and every process it starts compile Assayer's modules
