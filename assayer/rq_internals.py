@@ -171,9 +171,12 @@ def cleanup_intermediate(queue: Queue, stranded_after: float) -> list[str]:
     front, unspent. rq's first-seen key is the one the cleanup of either notes the time in.
     """
     intermediate = queue.intermediate_queue
+    taken = intermediate.get_job_ids()
+    if not taken:  # the usual case, every sweep: no read of the started registry
+        return []
     started = set(queue.started_job_registry.get_job_ids(cleanup=False))
     moved = []
-    for job_id in intermediate.get_job_ids():
+    for job_id in taken:
         if job_id in started:
             continue
         first_seen = intermediate.get_first_seen(job_id)
